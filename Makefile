@@ -1,0 +1,45 @@
+# Every install step lives here, so a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= $(if $(FEDBUS_DATA),$(FEDBUS_DATA),../shared/data/pneumoniamnist.npz)
+OUT    ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps demo test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: these are the releases that lie on the build machines' disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[ml,dev]'
+	touch $@
+
+# Mosquitto (the real MQTT broker) and systemd-analyze (unit checks) come from Debian.
+system-deps:
+	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto \
+	    || ! command -v systemd-analyze >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends mosquitto systemd; \
+	fi
+
+demo: setup
+	$(VENV)/bin/fedbus demo --envoys 5 --rounds 20 --data $(DATA) --out $(OUT)
+
+test: setup system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

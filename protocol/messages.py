@@ -1,0 +1,150 @@
+"""Typed messages and the frame envelope.
+
+Every frame on the bus is one `Envelope`, MessagePack-encoded. Its `body` is a tagged union: the
+tag field `type` names the message, so one validating decode yields a typed struct or an error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Union
+
+import msgspec
+
+from protocol.secagg.messages import SECAGG_MESSAGES, SecAggParams
+from protocol.tensors import Tensor
+from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
+
+PROTOCOL_VERSION = 1
+
+Weights = dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor]
+
+
+class Message(msgspec.Struct, tag_field="type", tag=True, forbid_unknown_fields=True, frozen=True):
+    """Base of every message body; the subclass name is its wire `type`."""
+
+
+class Presence(Message):
+    """Heartbeat of a node: who is online, and what it is doing."""
+
+    online: bool
+    role: Annotated[str, msgspec.Meta(pattern="^(envoy|director)$")]
+    heartbeat_s: float
+    stage: ShortText = ""
+
+
+class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)]
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)]
+    lr: Annotated[float, msgspec.Meta(gt=0, le=10)]
+    momentum: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    kl_beta: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    augment: bool = True
+
+
+class RoundStart(Message):
+    weights: Weights
+    selected: list[NodeId]
+    plan: TrainPlan
+    deadlines: dict[ShortText, Annotated[float, msgspec.Meta(gt=0)]]
+    secagg: SecAggParams | None = None
+
+
+class PlainUpdate(Message):
+    """An unmasked update: only sent when secure aggregation is explicitly switched off."""
+
+    delta: Weights
+    num_samples: Count
+    train_loss: float
+
+
+class EvaluateRequest(Message):
+    weights: Weights
+    bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
+
+
+class EvaluateResult(Message):
+    """Per-class histograms of the pneumonia score on the envoy's validation split.
+
+    Histograms, not per-image scores, so the director learns the ROC and nothing per patient.
+    """
+
+    num_samples: Count
+    loss_sum: float
+    hist_negative: list[Count]
+    hist_positive: list[Count]
+
+
+class RoundEnd(Message):
+    status: Annotated[str, msgspec.Meta(pattern="^(completed|aborted)$")]
+    reason: ShortText = ""
+
+
+class Shutdown(Message):
+    reason: ShortText = ""
+
+
+class StatusRequest(Message):
+    reply_to: NodeId
+
+
+class EnvoyStatus(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    online: bool
+    last_seen_s: float
+    stage: ShortText = ""
+
+
+class StatusReply(Message):
+    round: Round
+    stage: ShortText
+    rounds_total: Round
+    envoys: dict[NodeId, EnvoyStatus]
+
+
+CORE_MESSAGES: tuple[type, ...] = (
+    Presence,
+    RoundStart,
+    PlainUpdate,
+    EvaluateRequest,
+    EvaluateResult,
+    RoundEnd,
+    Shutdown,
+    StatusRequest,
+    StatusReply,
+)
+ALL_MESSAGES: tuple[type, ...] = CORE_MESSAGES + tuple(SECAGG_MESSAGES)
+Body = Union[ALL_MESSAGES]  # noqa: UP007  (built from a tuple, so it cannot use `|`)
+
+
+class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    version: int
+    federation: FederationId
+    round: Round
+    sender: NodeId
+    recipient: NodeId
+    msg_id: MessageId
+    body: Body  # type: ignore[valid-type]
+    signature: Annotated[bytes, msgspec.Meta(max_length=128)] = b""
+
+    @property
+    def type(self) -> str:
+        return type(self.body).__name__
+
+
+def new_message_id() -> bytes:
+    return os.urandom(16)
+
+
+def envelope(
+    *, federation: str, round: int, sender: str, recipient: str, body: Message
+) -> Envelope:
+    return Envelope(
+        version=PROTOCOL_VERSION,
+        federation=federation,
+        round=round,
+        sender=sender,
+        recipient=recipient,
+        msg_id=new_message_id(),
+        body=body,
+    )
