@@ -11,6 +11,7 @@ from typing import Annotated, Union
 
 import msgspec
 
+from protocol.base import Message
 from protocol.secagg.messages import SECAGG_MESSAGES, SecAggParams
 from protocol.tensors import Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
@@ -18,10 +19,6 @@ from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortT
 PROTOCOL_VERSION = 1
 
 Weights = dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor]
-
-
-class Message(msgspec.Struct, tag_field="type", tag=True, forbid_unknown_fields=True, frozen=True):
-    """Base of every message body; the subclass name is its wire `type`."""
 
 
 class Presence(Message):
