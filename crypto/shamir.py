@@ -1,0 +1,264 @@
+"""Shamir t-of-n secret sharing of 32-byte secrets, vectorised with numpy.
+
+Field and encoding
+------------------
+We work in GF(p) with the Mersenne prime p = 2^31 - 1. A 32-byte secret is read as a
+256-bit little-endian integer and cut into L = 9 limbs of 30 bits (the last one holds the
+top 16 bits). Every limb is < 2^30 < p, so the map secret -> limbs is injective, and each
+limb is shared with its own independent, uniformly random polynomial of degree t - 1 over
+GF(p). A share for x is the 9 polynomial values at x, 9 little-endian uint32 = 36 bytes.
+
+Why it is correct and why it hides the secret: for each limb this is textbook Shamir over a
+prime field (x in 1..p-1, distinct), so any t shares determine the limb by Lagrange
+interpolation at 0, and any t - 1 shares are uniformly distributed whatever the limb is
+(the t - 1 random coefficients are in bijection with the t - 1 share values). Limbs use
+independent coefficients, so that holds for the whole vector of limbs, i.e. the secret.
+
+Why this field: every product of two field elements is < 2^62, so numpy int64 arithmetic
+needs no big integers and no overflow tricks: multiply, reduce mod p, and a sum of t reduced
+terms stays below 2^63 for any t < 2^32. That makes `split_many` and `combine_many` plain
+array expressions over (secrets x shares x limbs), which is what the SecAgg server needs when
+it rebuilds thousands of keys at once. The Lagrange coefficients at 0 depend only on the set
+of x-coordinates, so `combine_many` computes them once per distinct set.
+
+Reconstruction from shares that do not come from one sharing (tampered, or fewer than t
+genuine ones) almost never yields limbs that fit the encoding (30 bits per limb, 16 in the
+last), and is then refused with CryptoError; with `verify=True` extra shares beyond t are
+also checked to lie on the same polynomial.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ._util import require_bytes
+from .errors import CryptoError
+
+__all__ = [
+    "LIMBS",
+    "LIMB_BITS",
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "combine",
+    "combine_many",
+    "lagrange_coefficients",
+    "split",
+    "split_many",
+]
+
+PRIME = 2**31 - 1
+SECRET_BYTES = 32
+LIMB_BITS = 30
+LIMBS = -(-SECRET_BYTES * 8 // LIMB_BITS)  # 9
+SHARE_BYTES = 4 * LIMBS  # 36
+_PAD_BITS = LIMBS * LIMB_BITS - SECRET_BYTES * 8  # 14 bits that must be zero on decode
+_LIMB_WEIGHTS = (1 << np.arange(LIMB_BITS, dtype=np.int64)).astype(np.int64)
+
+Randbytes = Callable[[int], bytes]
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def _secrets_to_limbs(secrets: Sequence[bytes]) -> np.ndarray:
+    """(m, 32) bytes -> (m, LIMBS) int64 limbs, each < 2^30."""
+    raw = b"".join(require_bytes(s, SECRET_BYTES, f"secrets[{i}]") for i, s in enumerate(secrets))
+    arr = np.frombuffer(raw, dtype=np.uint8).reshape(len(secrets), SECRET_BYTES)
+    bits = np.unpackbits(arr, axis=1, bitorder="little")
+    bits = np.concatenate([bits, np.zeros((len(secrets), _PAD_BITS), dtype=np.uint8)], axis=1)
+    return bits.reshape(len(secrets), LIMBS, LIMB_BITS).astype(np.int64) @ _LIMB_WEIGHTS
+
+
+def _limbs_to_secrets(limbs: np.ndarray) -> list[bytes]:
+    """(m, LIMBS) field elements -> 32-byte secrets; CryptoError if a limb is out of range."""
+    bits = (limbs[:, :, None] >> np.arange(LIMB_BITS, dtype=np.int64)) & 1
+    bits = bits.reshape(limbs.shape[0], LIMBS * LIMB_BITS).astype(np.uint8)
+    bad = (limbs >= (1 << LIMB_BITS)).any(axis=1) | bits[:, SECRET_BYTES * 8 :].any(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise CryptoError(
+            f"shares: secret {first} reconstructs to a value outside the encoding "
+            "(shares tampered, mixed between secrets, or fewer than threshold are genuine)"
+        )
+    packed = np.packbits(bits[:, : SECRET_BYTES * 8], axis=1, bitorder="little")
+    return [row.tobytes() for row in packed]
+
+
+# -- randomness -------------------------------------------------------------------------------
+
+
+def _random_field_elements(shape: tuple[int, ...], randbytes: Randbytes) -> np.ndarray:
+    """Uniform elements of GF(p): 31 random bits each, rejecting the single value p."""
+    count = int(np.prod(shape))
+    out = np.empty(count, dtype=np.int64)
+    todo = np.arange(count)
+    while todo.size:
+        raw = require_bytes(randbytes(4 * todo.size), 4 * todo.size, "randbytes")
+        vals = np.frombuffer(raw, dtype="<u4").astype(np.int64) & PRIME
+        out[todo] = vals
+        todo = todo[vals == PRIME]  # probability 2^-31 per element
+    return out.reshape(shape)
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def _check_threshold(threshold: int, n: int) -> int:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | np.integer):
+        raise CryptoError(f"threshold: expected int, got {type(threshold).__name__}")
+    if not 1 <= threshold <= n:
+        raise CryptoError(f"threshold: {threshold} must be in 1..{n} (number of shares)")
+    return int(threshold)
+
+
+def _check_xs(xs: Sequence[int]) -> np.ndarray:
+    out = []
+    for x in xs:
+        if isinstance(x, bool) or not isinstance(x, int | np.integer):
+            raise CryptoError(f"xs: {x!r} is not an int")
+        if not 1 <= int(x) < PRIME:
+            raise CryptoError(f"xs: {x} outside 1..{PRIME - 1}")
+        out.append(int(x))
+    if len(set(out)) != len(out):
+        raise CryptoError("xs: x-coordinates must be distinct")
+    return np.array(out, dtype=np.int64)
+
+
+# -- Lagrange ---------------------------------------------------------------------------------
+
+
+def lagrange_coefficients(xs: Sequence[int], at: int = 0) -> np.ndarray:
+    """lambda_j = prod_{m != j} (at - x_m) / (x_j - x_m) mod p, as int64 (one per x)."""
+    x = _check_xs(xs)
+    t = x.size
+    num = np.ones(t, dtype=np.int64)
+    den = np.ones(t, dtype=np.int64)
+    for m in range(t):
+        factor_num = np.full(t, (at - int(x[m])) % PRIME, dtype=np.int64)
+        factor_den = (x - x[m]) % PRIME
+        factor_num[m] = 1
+        factor_den[m] = 1
+        num = num * factor_num % PRIME
+        den = den * factor_den % PRIME
+    inv = np.array([pow(int(d), PRIME - 2, PRIME) for d in den], dtype=np.int64)
+    return num * inv % PRIME
+
+
+# -- split ------------------------------------------------------------------------------------
+
+
+def split_many(
+    secrets: Sequence[bytes],
+    *,
+    threshold: int,
+    xs: Sequence[int],
+    randbytes: Randbytes = os.urandom,
+) -> list[list[bytes]]:
+    """Share every secret t-of-n: result[i][j] is the share of secrets[i] for xs[j]."""
+    x = _check_xs(xs)
+    t = _check_threshold(threshold, x.size)
+    m = len(secrets)
+    if m == 0:
+        return []
+    limbs = _secrets_to_limbs(secrets)  # (m, L)
+    coeffs = _random_field_elements((t - 1, m, LIMBS), randbytes)
+    # Horner over all secrets, xs and limbs at once: values < 2^31, so acc * x < 2^62.
+    acc = np.broadcast_to(limbs[:, None, :], (m, x.size, LIMBS)).copy()
+    if t > 1:
+        acc[...] = coeffs[t - 2][:, None, :]
+        xcol = x[None, :, None]
+        for k in range(t - 3, -2, -1):
+            term = limbs if k < 0 else coeffs[k]
+            acc *= xcol
+            acc += term[:, None, :]
+            acc %= PRIME
+    raw = acc.astype("<u4").tobytes()
+    return [
+        [
+            raw[(i * x.size + j) * SHARE_BYTES : (i * x.size + j + 1) * SHARE_BYTES]
+            for j in range(x.size)
+        ]
+        for i in range(m)
+    ]
+
+
+def split(
+    secret: bytes, *, threshold: int, xs: Sequence[int], randbytes: Randbytes = os.urandom
+) -> list[bytes]:
+    """Shares of one 32-byte secret, one per x in `xs` (same order)."""
+    return split_many([secret], threshold=threshold, xs=xs, randbytes=randbytes)[0]
+
+
+# -- combine ----------------------------------------------------------------------------------
+
+
+def _parse_share(share: bytes, where: str) -> bytes:
+    return require_bytes(share, SHARE_BYTES, where)
+
+
+def combine_many(
+    shares: Sequence[Mapping[int, bytes]], *, threshold: int, verify: bool = False
+) -> list[bytes]:
+    """Reconstruct each secret from its {x: share} mapping (at least `threshold` entries).
+
+    The `threshold` shares with the smallest x are interpolated. Secrets whose chosen x-sets
+    coincide (the usual case: the same survivors answered for every dropout) share one set of
+    Lagrange coefficients and one vectorised product. With `verify=True`, every share beyond
+    the threshold must lie on the interpolated polynomial, or CryptoError is raised.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int | np.integer) or threshold < 1:
+        raise CryptoError(f"threshold: {threshold!r} must be an int >= 1")
+    t = int(threshold)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, mapping in enumerate(shares):
+        if len(mapping) < t:
+            raise CryptoError(f"shares[{i}]: {len(mapping)} shares, threshold is {t}")
+        keys = sorted(_check_xs(list(mapping.keys())).tolist())
+        groups.setdefault(tuple(keys[:t]), []).append(i)
+
+    out: list[bytes | None] = [None] * len(shares)
+    for chosen, members in groups.items():
+        raw = b"".join(
+            _parse_share(shares[i][x], f"shares[{i}][{x}]") for i in members for x in chosen
+        )
+        vals = np.frombuffer(raw, dtype="<u4").astype(np.int64).reshape(len(members), t, LIMBS)
+        if (vals >= PRIME).any():
+            bad = members[int(np.flatnonzero((vals >= PRIME).any(axis=(1, 2)))[0])]
+            raise CryptoError(f"shares[{bad}]: a share holds a value >= the field prime")
+        lam = lagrange_coefficients(chosen, 0)
+        secret_limbs = (vals * lam[None, :, None] % PRIME).sum(axis=1) % PRIME
+        if verify:
+            _verify_extra(shares, members, chosen, vals)
+        for i, s in zip(members, _limbs_to_secrets(secret_limbs), strict=True):
+            out[i] = s
+    return out  # type: ignore[return-value]
+
+
+def _verify_extra(
+    shares: Sequence[Mapping[int, bytes]],
+    members: list[int],
+    chosen: tuple[int, ...],
+    vals: np.ndarray,
+) -> None:
+    """Check that each share outside `chosen` equals the polynomial through `chosen`."""
+    cache: dict[int, np.ndarray] = {}
+    chosen_set = set(chosen)
+    for row, i in enumerate(members):
+        for x in shares[i]:
+            if x in chosen_set:
+                continue
+            if x not in cache:
+                cache[x] = lagrange_coefficients(chosen, x)
+            expect = (vals[row] * cache[x][:, None] % PRIME).sum(axis=0) % PRIME
+            got = np.frombuffer(_parse_share(shares[i][x], f"shares[{i}][{x}]"), dtype="<u4")
+            if not np.array_equal(expect, got.astype(np.int64)):
+                raise CryptoError(f"shares[{i}][{x}]: inconsistent with the other shares")
+
+
+def combine(shares: Mapping[int, bytes], *, threshold: int, verify: bool = False) -> bytes:
+    """The 32-byte secret from at least `threshold` shares {x: share}."""
+    return combine_many([shares], threshold=threshold, verify=verify)[0]
