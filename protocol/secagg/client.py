@@ -1,0 +1,421 @@
+"""The SecAgg client (an envoy's side of one round), as a sans-IO state machine.
+
+`start()` returns the AdvertiseKeys message; each `receive(sender, body)` returns the messages
+to send next. Nothing here reads a socket or a clock: the node layer moves the messages and
+decides when a peer is late. Randomness only comes from the injected `randbytes`.
+
+Rules that keep an input secret even from a malicious director:
+* the client reveals, per peer, either the self-mask share (peer survived) or the mask-key
+  share (peer dropped out), never both: an Unmask request whose survivor and dropout lists
+  overlap is refused, and so is one whose survivors differ from the set it signed;
+* in malicious mode a peer's keys are used only under a valid Ed25519 signature, and a share
+  of peer u is only revealed when at least t members of u's closed neighbourhood signed the
+  very survivor set of the request (honest clients sign one set per round, so with
+  2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t signatures);
+* pairwise masks come from the PRG seeded with the whole 32-byte agreement output.
+
+Messages for another stage or round, from anybody but the server, or repeated, are refused
+without a state change (and recorded in `refusals`). An inconsistency that only a cheating
+server can cause (a bad signature, a ciphertext that fails authentication, too few peers to
+reach the threshold) aborts the client: it then answers nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import msgspec
+import numpy as np
+import structlog
+
+from crypto import aead, agreement, shamir, signing
+from crypto.errors import CryptoError
+from crypto.prg import MaskAccumulator
+from protocol.secagg.common import (
+    ABORTED,
+    ADVERTISE_KEYS,
+    CONSISTENCY,
+    DEFAULT_SERVER_ID,
+    DONE,
+    MASKED_INPUT,
+    SHARE_KEYS,
+    UNMASK,
+    Outgoing,
+    Refusal,
+    keys_signing_payload,
+    pair_info,
+    survivors_signing_payload,
+)
+from protocol.secagg.graph import build_graph
+from protocol.secagg.messages import (
+    AdvertisedKeys,
+    SecAggAbort,
+    SecAggAdvertiseKeys,
+    SecAggConsistencyRequest,
+    SecAggConsistencySignature,
+    SecAggForwardedShares,
+    SecAggKeyRoster,
+    SecAggMaskedInput,
+    SecAggParams,
+    SecAggShareKeys,
+    SecAggUnmaskRequest,
+    SecAggUnmaskResponse,
+    SharePlaintext,
+)
+from protocol.tensors import from_numpy
+
+log = structlog.get_logger("fedbus.secagg.client")
+
+_SHARE_PURPOSE = "secagg/share_keys"
+_ENC_INFO = "secagg/c"
+_MASK_INFO = "secagg/s"
+_plain_encoder = msgspec.msgpack.Encoder()
+_plain_decoder = msgspec.msgpack.Decoder(SharePlaintext)
+
+
+class SecAggClientError(ValueError):
+    """Invalid construction arguments or input (a programming error, not a peer's fault)."""
+
+
+class SecAggClient:
+    def __init__(
+        self,
+        node_id: str,
+        round: int,
+        params: SecAggParams,
+        participants: Sequence[str],
+        signing_key: bytes | None = None,
+        peer_signing_keys: Mapping[str, bytes] | None = None,
+        randbytes: Callable[[int], bytes] = os.urandom,
+        *,
+        server_id: str = DEFAULT_SERVER_ID,
+    ) -> None:
+        if node_id not in participants:
+            raise SecAggClientError(f"node_id: {node_id!r} is not among the participants")
+        if params.t > len(participants):
+            raise SecAggClientError(
+                f"params.t: threshold {params.t} exceeds the {len(participants)} participants"
+            )
+        if params.malicious:
+            if signing_key is None:
+                raise SecAggClientError("signing_key: required in malicious mode")
+            missing = [p for p in participants if p not in (peer_signing_keys or {})]
+            if missing:
+                raise SecAggClientError(
+                    f"peer_signing_keys: missing for {len(missing)} participants, e.g. {missing[0]!r}"
+                )
+        self.node_id = node_id
+        self.round = round
+        self.params = params
+        self.server_id = server_id
+        self.graph = build_graph(
+            participants, kind=params.graph, k=params.k, round=round, graph_seed=params.graph_seed
+        )
+        self._signing_key = signing_key
+        self._peer_signing_keys = dict(peer_signing_keys or {})
+        self._randbytes = randbytes
+        self.stage = ADVERTISE_KEYS
+        self.abort_reason = ""
+        self.refusals: list[Refusal] = []
+        self._started = False
+        self._input: np.ndarray | None = None
+        self._c = agreement.generate_agreement_keypair(randbytes)
+        self._s = agreement.generate_agreement_keypair(randbytes)
+        self._b = randbytes(32)
+        self._roster: dict[str, AdvertisedKeys] = {}
+        # peer -> (x, s_share, b_share) of that peer's secrets held here (self included).
+        self._held: dict[str, tuple[bytes, bytes]] = {}
+        self._partners: list[str] = []  # neighbours this client masked with
+        self._signed_survivors: frozenset[str] | None = None
+        self._sig_cache: dict[str, bool] = {}
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def aborted(self) -> bool:
+        return self.stage == ABORTED
+
+    @property
+    def done(self) -> bool:
+        return self.stage in (DONE, ABORTED)
+
+    def start(self) -> list[Outgoing]:
+        """AdvertiseKeys: the two public keys, signed in malicious mode. Idempotent."""
+        if self._started or self.stage != ADVERTISE_KEYS:
+            return []
+        self._started = True
+        signature = b""
+        if self.params.malicious:
+            assert self._signing_key is not None
+            signature = signing.sign(
+                self._signing_key,
+                keys_signing_payload(self.round, self.node_id, self._c.public, self._s.public),
+            )
+        keys = AdvertisedKeys(c_public=self._c.public, s_public=self._s.public, signature=signature)
+        return [Outgoing(self.server_id, SecAggAdvertiseKeys(round=self.round, keys=keys))]
+
+    def set_input(self, vector: np.ndarray) -> list[Outgoing]:
+        """The quantised update (uint32). Returns MaskedInput if the shares already arrived.
+
+        May be called before start() or at any time before MaskedInput; the node must send
+        whatever this returns.
+        """
+        arr = np.asarray(vector)
+        if arr.dtype != np.uint32 or arr.ndim != 1:
+            raise SecAggClientError(f"vector: need a 1-D uint32 array, got {arr.dtype} {arr.shape}")
+        if self._input is not None:
+            raise SecAggClientError("vector: the input of this round is already set")
+        self._input = arr
+        if self.stage == MASKED_INPUT:
+            return self._masked_input()
+        return []
+
+    def receive(self, sender: str, body: object) -> list[Outgoing]:
+        if self.done:
+            return self._refuse(sender, body, f"client is {self.stage}")
+        if sender != self.server_id:
+            return self._refuse(sender, body, "only the server drives the protocol")
+        if getattr(body, "round", None) != self.round:
+            return self._refuse(
+                sender, body, f"round {getattr(body, 'round', None)} != {self.round}"
+            )
+        if isinstance(body, SecAggAbort):
+            self._abort(f"server aborted: {body.reason}")
+            return []
+        handler = {
+            SecAggKeyRoster: (SHARE_KEYS, self._on_roster),
+            SecAggForwardedShares: (MASKED_INPUT, self._on_shares),
+            SecAggConsistencyRequest: (CONSISTENCY, self._on_consistency),
+            SecAggUnmaskRequest: (UNMASK, self._on_unmask),
+        }.get(type(body))
+        if handler is None:
+            return self._refuse(sender, body, "not a message for a client")
+        stage, fn = handler
+        if stage != self._expected_stage(type(body)):
+            return self._refuse(sender, body, f"client is at stage {self.stage}")
+        return fn(body)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _expected_stage(self, kind: type) -> str:
+        # Which stage a message type is valid in; the client's `stage` is the stage whose
+        # message it is waiting for.
+        if kind is SecAggKeyRoster:
+            return SHARE_KEYS if self.stage == ADVERTISE_KEYS and self._started else ""
+        if kind is SecAggForwardedShares:
+            return MASKED_INPUT if self.stage == SHARE_KEYS else ""
+        if kind is SecAggConsistencyRequest:
+            ok = self.params.malicious and self.stage == CONSISTENCY
+            return CONSISTENCY if ok else ""
+        if kind is SecAggUnmaskRequest:
+            return UNMASK if self.stage == UNMASK else ""
+        return ""
+
+    def _on_roster(self, body: SecAggKeyRoster) -> list[Outgoing]:
+        mine = body.keys.get(self.node_id)
+        if mine is None:
+            # The server excluded this client (e.g. its neighbourhood was too thin).
+            self._abort("not admitted to the round")
+            return []
+        if mine.c_public != self._c.public or mine.s_public != self._s.public:
+            self._abort("roster carries other keys under this client's id")
+            return []
+        seen: set[bytes] = set()
+        for keys in body.keys.values():
+            if keys.c_public in seen or keys.s_public in seen or keys.c_public == keys.s_public:
+                self._abort("roster repeats a public key")
+                return []
+            seen.add(keys.c_public)
+            seen.add(keys.s_public)
+        peers = sorted(v for v in self.graph.neighbours(self.node_id) if v in body.keys)
+        if len(peers) + 1 < self.params.t:
+            self._abort(f"only {len(peers) + 1} of the threshold {self.params.t} share holders")
+            return []
+        for v in peers:
+            keys = body.keys[v]
+            if self.params.malicious:
+                try:
+                    signing.verify(
+                        self._peer_signing_keys[v],
+                        keys_signing_payload(self.round, v, keys.c_public, keys.s_public),
+                        keys.signature,
+                    )
+                except CryptoError:
+                    self._abort(f"keys of {v} carry an invalid signature")
+                    return []
+            self._roster[v] = keys
+        self._roster[self.node_id] = mine
+        holders = [self.node_id, *peers]
+        xs = [self.graph.x(v) for v in holders]
+        s_shares, b_shares = shamir.split_many(
+            [self._s.private, self._b], threshold=self.params.t, xs=xs
+        )
+        ciphertexts: dict[str, bytes] = {}
+        try:
+            for v, s_share, b_share in zip(holders, s_shares, b_shares, strict=True):
+                if v == self.node_id:
+                    self._held[v] = (s_share, b_share)
+                    continue
+                key = agreement.agree(
+                    self._c.private,
+                    self._roster[v].c_public,
+                    info=pair_info(_ENC_INFO, self.round, self.node_id, v),
+                )
+                plaintext = _plain_encoder.encode(SharePlaintext(s_share=s_share, b_share=b_share))
+                ad = aead.associated_data(self.round, self.node_id, v, _SHARE_PURPOSE)
+                ciphertexts[v] = aead.encrypt(key, plaintext, ad, randbytes=self._randbytes)
+        except CryptoError as exc:
+            self._abort(f"share encryption failed: {exc}")
+            return []
+        self.stage = SHARE_KEYS
+        return [
+            Outgoing(self.server_id, SecAggShareKeys(round=self.round, ciphertexts=ciphertexts))
+        ]
+
+    def _on_shares(self, body: SecAggForwardedShares) -> list[Outgoing]:
+        if any(u not in self._roster or u == self.node_id for u in body.ciphertexts):
+            self._abort("forwarded shares from a peer outside this client's neighbourhood")
+            return []
+        if len(body.ciphertexts) + 1 < self.params.t:
+            self._abort(
+                f"only {len(body.ciphertexts) + 1} share holders left, threshold {self.params.t}"
+            )
+            return []
+        held: dict[str, tuple[bytes, bytes]] = {}
+        for u, ciphertext in body.ciphertexts.items():
+            try:
+                key = agreement.agree(
+                    self._c.private,
+                    self._roster[u].c_public,
+                    info=pair_info(_ENC_INFO, self.round, u, self.node_id),
+                )
+                ad = aead.associated_data(self.round, u, self.node_id, _SHARE_PURPOSE)
+                plain = _plain_decoder.decode(aead.decrypt(key, ciphertext, ad))
+            except (CryptoError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._abort(f"shares from {u} do not decrypt: {exc}")
+                return []
+            held[u] = (plain.s_share, plain.b_share)
+        self._held.update(held)
+        self._partners = sorted(body.ciphertexts)
+        self.stage = MASKED_INPUT
+        if self._input is None:
+            return []  # set_input() will send MaskedInput
+        return self._masked_input()
+
+    def _masked_input(self) -> list[Outgoing]:
+        assert self._input is not None
+        plus: list[bytes] = [self._b]
+        minus: list[bytes] = []
+        try:
+            for v in self._partners:
+                seed = agreement.agree(
+                    self._s.private,
+                    self._roster[v].s_public,
+                    info=pair_info(_MASK_INFO, self.round, self.node_id, v),
+                )
+                (plus if self.graph.sign(self.node_id, v) > 0 else minus).append(seed)
+        except CryptoError as exc:
+            self._abort(f"mask key agreement failed: {exc}")
+            return []
+        acc = MaskAccumulator(self._input.size, initial=self._input)
+        acc.apply(add=plus, subtract=minus)
+        self._input = None  # the plain update is not needed any more
+        self.stage = CONSISTENCY if self.params.malicious else UNMASK
+        masked = from_numpy(acc.value)
+        return [Outgoing(self.server_id, SecAggMaskedInput(round=self.round, masked=masked))]
+
+    def _on_consistency(self, body: SecAggConsistencyRequest) -> list[Outgoing]:
+        survivors = frozenset(body.survivors)
+        problem = self._check_survivors(survivors, len(body.survivors))
+        if problem:
+            return self._refuse(self.server_id, body, problem)
+        assert self._signing_key is not None
+        signature = signing.sign(
+            self._signing_key, survivors_signing_payload(self.round, survivors)
+        )
+        self._signed_survivors = survivors
+        self.stage = UNMASK
+        return [
+            Outgoing(
+                self.server_id, SecAggConsistencySignature(round=self.round, signature=signature)
+            )
+        ]
+
+    def _check_survivors(self, survivors: frozenset[str], listed: int) -> str:
+        if len(survivors) != listed:
+            return "survivor list repeats a node"
+        if self.node_id not in survivors:
+            return "this client is not among the survivors"
+        if len(survivors) < self.params.t:
+            return f"{len(survivors)} survivors, below the threshold {self.params.t}"
+        if not survivors <= self.graph.index.keys():
+            return "survivor list names a non-participant"
+        return ""
+
+    def _on_unmask(self, body: SecAggUnmaskRequest) -> list[Outgoing]:
+        survivors = frozenset(body.survivors)
+        dropouts = frozenset(body.dropouts)
+        if survivors & dropouts:
+            # The rule the whole construction rests on: never both shares of one peer.
+            return self._refuse(self.server_id, body, "survivors and dropouts overlap")
+        if len(dropouts) != len(body.dropouts):
+            return self._refuse(self.server_id, body, "dropout list repeats a node")
+        problem = self._check_survivors(survivors, len(body.survivors))
+        if problem:
+            return self._refuse(self.server_id, body, problem)
+        if self.params.malicious and survivors != self._signed_survivors:
+            return self._refuse(self.server_id, body, "survivors differ from the set signed")
+        reveal_b = [u for u in self._held if u in survivors]
+        reveal_s = [u for u in self._held if u in dropouts and u != self.node_id]
+        if self.params.malicious:
+            for u in (*reveal_b, *reveal_s):
+                if not self._enough_signatures(u, survivors, body.signatures):
+                    return self._refuse(
+                        self.server_id, body, f"fewer than t valid signatures around {u}"
+                    )
+        self.stage = DONE
+        response = SecAggUnmaskResponse(
+            round=self.round,
+            self_mask_shares={u: self._held[u][1] for u in reveal_b},
+            key_shares={u: self._held[u][0] for u in reveal_s},
+        )
+        self._held.clear()
+        return [Outgoing(self.server_id, response)]
+
+    def _enough_signatures(
+        self, u: str, survivors: frozenset[str], signatures: Mapping[str, bytes]
+    ) -> bool:
+        payload = None
+        good = 0
+        for w in self.graph.closed(u):
+            if w not in survivors or w not in signatures:
+                continue
+            ok = self._sig_cache.get(w)
+            if ok is None:
+                if payload is None:
+                    payload = survivors_signing_payload(self.round, survivors)
+                try:
+                    signing.verify(self._peer_signing_keys[w], payload, signatures[w])
+                    ok = True
+                except CryptoError:
+                    ok = False
+                self._sig_cache[w] = ok
+            good += ok
+            if good >= self.params.t:
+                return True
+        return False
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _refuse(self, sender: str, body: object, reason: str) -> list[Outgoing]:
+        self.refusals.append(Refusal(sender, type(body).__name__, reason))
+        log.debug("secagg_refused", node=self.node_id, sender=sender, reason=reason)
+        return []
+
+    def _abort(self, reason: str) -> None:
+        self.stage = ABORTED
+        self.abort_reason = reason
+        self._held.clear()
+        self._input = None
+        log.warning("secagg_client_abort", node=self.node_id, round=self.round, reason=reason)

@@ -1,0 +1,75 @@
+"""Pieces both state machines need: Outgoing, stage names, and the byte strings that get
+signed or fed to HKDF (one definition, so client and server can never disagree)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.secagg.messages import SECAGG_MESSAGES
+
+BROADCAST = "*"
+DEFAULT_SERVER_ID = "director"
+
+# Stage names match the fault plans' `stage` values (DESIGN.md).
+ADVERTISE_KEYS = "advertise_keys"
+SHARE_KEYS = "share_keys"
+MASKED_INPUT = "masked_input"
+CONSISTENCY = "consistency"
+UNMASK = "unmask"
+DONE = "done"
+ABORTED = "aborted"
+STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
+
+_DOMAIN = b"fedbus/secagg/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message a state machine wants sent: to a node id, or to BROADCAST ("*")."""
+
+    recipient: str
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A message a state machine ignored, and why (kept for logs and tests)."""
+
+    sender: str
+    type: str
+    reason: str
+
+
+def _pack(*parts: bytes | str | int) -> bytes:
+    out = [struct.pack(">I", len(_DOMAIN)), _DOMAIN]
+    for part in parts:
+        if isinstance(part, int):
+            out.append(struct.pack(">Q", part))
+            continue
+        raw = part.encode("utf-8") if isinstance(part, str) else part
+        out.append(struct.pack(">I", len(raw)))
+        out.append(raw)
+    return b"".join(out)
+
+
+def keys_signing_payload(round: int, node: str, c_public: bytes, s_public: bytes) -> bytes:
+    """What a client signs in AdvertiseKeys: its two keys, bound to its id and the round."""
+    return _pack("advertise_keys", round, node, c_public, s_public)
+
+
+def survivors_signing_payload(round: int, survivors: Iterable[str]) -> bytes:
+    """What a client signs in ConsistencyCheck: the round and the sorted survivor set."""
+    names = sorted(survivors)
+    return _pack("consistency", round, len(names), *names)
+
+
+def pair_info(purpose: str, round: int, u: str, v: str) -> bytes:
+    """HKDF info for the key shared by u and v: symmetric in (u, v), bound to round and use."""
+    a, b = sorted((u, v))
+    return _pack(purpose, round, a, b)
+
+
+SECAGG_TYPES = frozenset(cls.__name__ for cls in SECAGG_MESSAGES)
