@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from ._util import require_bytes
 from .errors import CryptoError
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "SEED_BYTES", "MaskAccumulator", "apply_masks", "expand_mask"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "SEED_BYTES",
+    "MaskAccumulator",
+    "apply_masks",
+    "expand_mask",
+    "keystream",
+]
 
 SEED_BYTES = 32
 # Measured on the 2-core Xeon this project targets: chunks of 64-256 KiB keep the scratch
@@ -43,9 +50,20 @@ _SLACK = 16
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def _encryptor(seed: bytes) -> CipherContext:
+def _encryptor(seed: bytes, initial_counter: bytes = _ZERO_COUNTER) -> CipherContext:
     seed = require_bytes(seed, SEED_BYTES, "seed")
-    return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_COUNTER)).encryptor()
+    initial_counter = require_bytes(initial_counter, 16, "initial_counter")
+    return Cipher(algorithms.AES(seed), modes.CTR(initial_counter)).encryptor()
+
+
+def keystream(seed: bytes, nbytes: int, *, initial_counter: bytes = _ZERO_COUNTER) -> bytes:
+    """`nbytes` of the AES-256-CTR keystream of `seed` from the given 128-bit counter block.
+
+    The mask is `keystream(seed, 4 * length)` read as little-endian uint32; the counter
+    argument exists so the construction can be checked against NIST SP 800-38A vectors.
+    """
+    nbytes = _check_length(nbytes)
+    return _encryptor(seed, initial_counter).update(bytes(nbytes))
 
 
 def _check_length(length: int) -> int:

@@ -21,10 +21,12 @@ array expressions over (secrets x shares x limbs), which is what the SecAgg serv
 it rebuilds thousands of keys at once. The Lagrange coefficients at 0 depend only on the set
 of x-coordinates, so `combine_many` computes them once per distinct set.
 
-Reconstruction from shares that do not come from one sharing (tampered, or fewer than t
-genuine ones) almost never yields limbs that fit the encoding (30 bits per limb, 16 in the
-last), and is then refused with CryptoError; with `verify=True` extra shares beyond t are
-also checked to lie on the same polynomial.
+Integrity: reconstruction from shares unrelated to one sharing (random field elements in
+every limb) lands inside the encoding (30 bits per limb, 16 in the last) with probability
+about 2^-23 and is then refused with CryptoError. That is not tamper detection: a change to
+one limb of one share alters one limb of the result and passes about half the time. Shares
+must travel authenticated (SecAgg sends them AEAD-encrypted); with more than t shares,
+`verify=True` also checks that every extra share lies on the interpolated polynomial.
 """
 
 from __future__ import annotations
