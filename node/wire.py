@@ -1,0 +1,163 @@
+"""A node's view of the bus: envelopes in and out, with every untrusted-input check in one place.
+
+Frames from the bus are untrusted. `Endpoint.accept` turns a frame into an `Envelope` or into a
+logged refusal, never an exception: oversized, undecodable, wrong federation, not addressed to
+us, replayed (duplicate message id), unsigned or forged (when signing keys are configured),
+or from a sender that does not own the topic it came on. Callers then only see envelopes
+whose sender is who it claims to be.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker.bus import Bus
+from node.logs import get_logger
+from protocol.base import Message
+from protocol.codec import Codec, CodecError
+from protocol.messages import Envelope, envelope
+
+BROADCAST = "*"
+# The envelope's recipient must be a NodeId, and "*" is not one: broadcasts are addressed to
+# this reserved name instead (no node may be called that; see node.config).
+WIRE_BROADCAST = "broadcast"
+
+
+class Refused(Exception):
+    """A frame that is not accepted; the message says why (for the log)."""
+
+
+def read_key_file(path: str | Path, *, size: int = 32) -> bytes:
+    """A raw key stored as hex text (what the demo and `fedbus provision` write)."""
+    text = Path(path).read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{path}: key file is not hex") from None
+    if len(key) != size:
+        raise ValueError(f"{path}: key is {len(key)} bytes, expected {size}")
+    return key
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class Endpoint:
+    """Encode/sign outgoing envelopes; decode/check incoming frames."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        node_id: str,
+        federation: str,
+        codec: Codec,
+        signing_key: bytes | None = None,
+        peer_keys: Mapping[str, bytes] | None = None,
+        require_signatures: bool = False,
+        dedupe_window: int = 65536,
+        sign: Callable[[bytes, bytes], bytes] | None = None,
+        verify: Callable[[bytes, bytes, bytes], None] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self.federation = federation
+        self.codec = codec
+        self.signing_key = signing_key
+        self.peer_keys = dict(peer_keys or {})
+        self.require_signatures = require_signatures
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._window = dedupe_window
+        self.stats = Stats()
+        self.log = get_logger()
+        if signing_key is not None or self.peer_keys:
+            from crypto import signing  # lazy: the plain path works without crypto
+
+            self._sign = sign or signing.sign
+            self._verify = verify or signing.verify
+        else:
+            self._sign = sign
+            self._verify = verify
+
+    # -- outgoing -----------------------------------------------------------------------------
+
+    def seal(self, *, round: int, recipient: str, body: Message) -> bytes:
+        if recipient == BROADCAST:
+            recipient = WIRE_BROADCAST
+        env = envelope(
+            federation=self.federation,
+            round=round,
+            sender=self.node_id,
+            recipient=recipient,
+            body=body,
+        )
+        if self.signing_key is not None and self._sign is not None:
+            sig = self._sign(self.signing_key, self.codec.signing_payload(env))
+            env = msgspec.structs.replace(env, signature=sig)
+        return self.codec.encode(env)
+
+    async def send(
+        self, topic: str, *, round: int, recipient: str, body: Message, retain: bool = False
+    ) -> None:
+        await self.bus.publish(
+            topic, self.seal(round=round, recipient=recipient, body=body), retain=retain
+        )
+
+    # -- incoming -----------------------------------------------------------------------------
+
+    def check(self, frame: bytes, *, topic_owner: str | None = None) -> Envelope:
+        """Decode and check a frame; raise Refused with the reason otherwise.
+
+        `topic_owner`: the node id the topic belongs to (presence/<id>): the envelope's
+        sender must be that node, since the broker only lets <id> publish there.
+        """
+        try:
+            env = self.codec.decode(frame)
+        except CodecError as exc:
+            raise Refused(str(exc)[:300]) from None
+        if env.federation != self.federation:
+            raise Refused(f"federation {env.federation!r} is not ours")
+        if env.recipient not in (self.node_id, WIRE_BROADCAST):
+            raise Refused(f"addressed to {env.recipient!r}")
+        if env.sender == self.node_id:
+            raise Refused("claims to come from this node")
+        if topic_owner is not None and env.sender != topic_owner:
+            raise Refused(f"sender {env.sender!r} does not own the topic of {topic_owner!r}")
+        key = self.peer_keys.get(env.sender)
+        if key is not None and self._verify is not None:
+            try:
+                self._verify(key, self.codec.signing_payload(env), env.signature)
+            except Exception:
+                raise Refused(f"bad signature from {env.sender!r}") from None
+        elif self.require_signatures:
+            raise Refused(f"sender {env.sender!r} has no known signing key")
+        if env.msg_id in self._seen:
+            raise Refused("duplicate message id")
+        self._seen[env.msg_id] = None
+        if len(self._seen) > self._window:
+            self._seen.popitem(last=False)
+        return env
+
+    def accept(self, frame: bytes, *, topic_owner: str | None = None) -> Envelope | None:
+        try:
+            env = self.check(frame, topic_owner=topic_owner)
+        except Refused as exc:
+            reason = str(exc)
+            self.stats.refused[reason.split(":")[0][:60]] += 1
+            self.log.warning("frame_refused", reason=reason, size=len(frame))
+            return None
+        self.stats.accepted += 1
+        return env
+
+
+def describe(body: Any) -> str:
+    return type(body).__name__
