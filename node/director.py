@@ -17,7 +17,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from node.checkpoint import (
 )
 from node.config import DirectorConfig
 from node.logs import get_logger, set_round, set_stage
-from node.wire import BROADCAST, Endpoint, read_key_file
+from node.wire import BROADCAST, Endpoint, read_key_file, subscribe_ready
 from protocol.codec import Codec
 from protocol.messages import (
     EnvoyStatus,
@@ -288,8 +288,8 @@ class Director:
 
     # -- bus ----------------------------------------------------------------------------------
 
-    async def _read(self, topic_filter: str) -> None:
-        async for frame in self.bus.subscribe(topic_filter):
+    async def _read(self, sub: AsyncIterator[bytes]) -> None:
+        async for frame in sub:
             env = self.endpoint.accept(frame)
             if env is None:
                 continue
@@ -403,10 +403,11 @@ class Director:
     async def run(self) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         first = self._restore()
-        self._readers = [
-            asyncio.create_task(self._read(self.topics.director)),
-            asyncio.create_task(self._read(self.topics.presence_filter)),
+        subs = [
+            await subscribe_ready(self.bus, self.topics.director),
+            await subscribe_ready(self.bus, self.topics.presence_filter),
         ]
+        self._readers = [asyncio.create_task(self._read(sub)) for sub in subs]
         try:
             for r in range(first, self.cfg.rounds + 1):
                 completed = False

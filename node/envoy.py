@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,7 +30,7 @@ from broker.topics import Topics
 from node.aggregation import Layout, encode_update, qrange_for
 from node.config import EnvoyConfig
 from node.logs import get_logger, set_round, set_stage
-from node.wire import Endpoint, read_key_file
+from node.wire import Endpoint, read_key_file, subscribe_ready
 from protocol.codec import Codec
 from protocol.messages import (
     EvaluateRequest,
@@ -264,10 +264,11 @@ class Envoy:
     # -- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        readers = [
-            asyncio.create_task(self._read(self.topics.broadcast)),
-            asyncio.create_task(self._read(self.topics.envoy(self.cfg.node_id))),
+        subs = [
+            await subscribe_ready(self.bus, self.topics.broadcast),
+            await subscribe_ready(self.bus, self.topics.envoy(self.cfg.node_id)),
         ]
+        readers = [asyncio.create_task(self._read(sub)) for sub in subs]
         heartbeat = asyncio.create_task(self._heartbeat())
         self.log.info("envoy_started")
         try:
@@ -282,11 +283,16 @@ class Envoy:
             await self._presence(False)
         return 0
 
+    def attach(self, bus: Bus) -> None:
+        """Use `bus` (connected after `will()` was computed, since the will travels in HELLO)."""
+        self.bus = bus
+        self.endpoint.bus = bus
+
     def stop(self) -> None:
         self._stop.set()
 
-    async def _read(self, topic: str) -> None:
-        async for frame in self.bus.subscribe(topic):
+    async def _read(self, sub: AsyncIterator[bytes]) -> None:
+        async for frame in sub:
             env = self.endpoint.accept(frame)
             if env is None:
                 continue

@@ -7,6 +7,7 @@ unmasked Z_2^32 sum into the weighted mean update.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,23 +27,35 @@ from node.config import SecAggConfig
 
 
 def params_for(cfg: SecAggConfig, n: int, *, graph_seed: bytes | None = None) -> Any:
-    """SecAggParams for `n` participants: (k, t) from the parameter finder, our clip."""
-    from protocol.secagg.params import find_parameters
+    """SecAggParams for `n` participants: the cheapest (k, t) the parameter finder allows.
 
-    params = find_parameters(
-        n,
-        dropout_fraction=cfg.dropout_fraction,
-        corrupt_fraction=cfg.corrupt_fraction,
-        malicious=cfg.malicious,
-    )
-    changes: dict[str, Any] = {"clip": float(cfg.clip), "malicious": cfg.malicious}
+    Small rounds cannot always tolerate the configured dropout fraction (malicious mode needs
+    n - dropouts > n / 2): the tolerated fraction is then lowered one envoy at a time, which
+    only means a round with more dropouts aborts (and is retried) instead of completing.
+    """
+    from protocol.secagg.params import ParameterError, find_parameters
+
+    seed = graph_seed if graph_seed is not None else os.urandom(16)
+    fraction = cfg.dropout_fraction
+    while True:
+        try:
+            params = find_parameters(
+                n,
+                dropout_fraction=fraction,
+                corrupt_fraction=cfg.corrupt_fraction,
+                malicious=cfg.malicious,
+                clip=float(cfg.clip),
+                graph_seed=seed,
+            )
+            break
+        except ParameterError:
+            dropouts = math.ceil(fraction * n - 1e-12)
+            if dropouts <= 0:
+                raise
+            fraction = (dropouts - 1) / n
     if cfg.graph == "complete" and params.graph != "complete":
-        changes.update(graph="complete", k=max(n - 1, 1))
-    elif cfg.graph == "harary":
-        changes["graph"] = "harary"
-    if "graph_seed" in {f for f in params.__struct_fields__}:
-        changes["graph_seed"] = graph_seed if graph_seed is not None else os.urandom(16)
-    return msgspec.structs.replace(params, **changes)
+        params = msgspec.structs.replace(params, graph="complete", k=n - 1)
+    return params
 
 
 class SecureAggregation(Aggregation):

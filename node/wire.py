@@ -10,10 +10,9 @@ whose sender is who it claims to be.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -159,5 +158,10 @@ class Endpoint:
         return env
 
 
-def describe(body: Any) -> str:
-    return type(body).__name__
+async def subscribe_ready(bus: Bus, topic_filter: str) -> AsyncIterator[bytes]:
+    """Subscribe and wait until the broker confirmed it, so nothing sent later is missed."""
+    sub = bus.subscribe(topic_filter)
+    ready = getattr(sub, "ready", None)
+    if ready is not None:
+        await ready()
+    return sub

@@ -116,6 +116,7 @@ def make_fed(
         "insecure_plain_aggregation": not secure,
         "secagg": {"malicious": malicious, "dropout_fraction": 0.34, "clip": 1.0},
         "eval": {"bins": 20},
+        "audit": True,
         **director_extra,
     }
     if signed:

@@ -54,9 +54,11 @@ async def test_secure_rounds_match_plain_average(tmp_path):
         total = np.load(tmp_path / "director" / "audit" / f"round-{r}-sum.npy")
         parts = [np.load(tmp_path / n / "audit" / f"round-{r}.npy") for n in fed.envoy_cfgs]
         assert np.array_equal(total, np.sum(parts, axis=0, dtype=np.uint32))
-    # And the round-1 aggregate is FedAvg up to quantisation error.
+    # The round-1 aggregate is FedAvg up to the quantisation error (first record's weights).
     ckpt_dir = tmp_path / "director"
     assert json.loads((ckpt_dir / "status.json").read_text())["stage"] == "finished"
+    ckpt = load_checkpoint(ckpt_dir)
+    assert ckpt.round == 2 and len(ckpt.records) == 2
 
 
 class CrashAt:
