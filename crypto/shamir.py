@@ -32,7 +32,7 @@ must travel authenticated (SecAgg sends them AEAD-encrypted); with more than t s
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -117,37 +117,80 @@ def _check_threshold(threshold: int, n: int) -> int:
     return int(threshold)
 
 
-def _check_xs(xs: Sequence[int]) -> np.ndarray:
-    out = []
-    for x in xs:
-        if isinstance(x, bool) or not isinstance(x, int | np.integer):
-            raise CryptoError(f"xs: {x!r} is not an int")
-        if not 1 <= int(x) < PRIME:
-            raise CryptoError(f"xs: {x} outside 1..{PRIME - 1}")
-        out.append(int(x))
-    if len(set(out)) != len(out):
+def _check_xs(xs: Sequence[int] | Iterable[int]) -> np.ndarray:
+    """xs as int64, or CryptoError unless they are distinct ints in 1..p-1."""
+    items = list(xs)
+    arr = np.array(items)
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        # Empty input, bools, floats, strings: find the offender for the message.
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, int | np.integer):
+                raise CryptoError(f"xs: {x!r} is not an int")
+        if not items:
+            return np.zeros(0, dtype=np.int64)
+        raise CryptoError("xs: expected a flat sequence of ints")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and (arr >= PRIME).any():
+        raise CryptoError(f"xs: values outside 1..{PRIME - 1}")
+    arr = arr.astype(np.int64)
+    out_of_range = (arr < 1) | (arr >= PRIME)
+    if out_of_range.any():
+        raise CryptoError(
+            f"xs: {items[int(np.flatnonzero(out_of_range)[0])]} outside 1..{PRIME - 1}"
+        )
+    if np.unique(arr).size != arr.size:
         raise CryptoError("xs: x-coordinates must be distinct")
-    return np.array(out, dtype=np.int64)
+    return arr
 
 
 # -- Lagrange ---------------------------------------------------------------------------------
 
 
+def _mulmod_pow(base: np.ndarray, exponent: int) -> np.ndarray:
+    """base ** exponent mod p, elementwise, by square-and-multiply (operands < 2^31)."""
+    result = np.ones_like(base)
+    square = base % PRIME
+    while exponent:
+        if exponent & 1:
+            result = result * square % PRIME
+        square = square * square % PRIME
+        exponent >>= 1
+    return result
+
+
+def _lagrange_rows(xs: np.ndarray, at: int) -> np.ndarray:
+    """Lagrange coefficients at `at` for every row of distinct x-coordinates xs (G, t).
+
+    lambda[g, j] = prod_{m != j} (at - x[g, m]) / (x[g, j] - x[g, m])  mod p. `at` must not
+    be one of the row's xs (true for 0 and for a share outside the interpolated set), so the
+    numerator is Q / (at - x[g, j]) with Q the full product: one loop over m of whole-array
+    operations builds the denominators, and one vectorised Fermat exponentiation inverts
+    everything at once, so thousands of distinct share sets cost milliseconds.
+    """
+    g, t = xs.shape
+    diff_at = (at - xs) % PRIME  # (G, t), nonzero because at is not in the row
+    if (diff_at == 0).any():
+        raise CryptoError(f"lagrange: evaluation point {at} is one of the x-coordinates")
+    full = np.ones(g, dtype=np.int64)
+    den = diff_at.copy()  # fold (at - x_j) in, so one inversion covers both factors
+    for m in range(t):
+        col = xs[:, m : m + 1]
+        full = full * diff_at[:, m] % PRIME
+        factor = (xs - col) % PRIME
+        factor[:, m] = 1
+        den = den * factor % PRIME
+    return full[:, None] * _mulmod_pow(den, PRIME - 2) % PRIME
+
+
 def lagrange_coefficients(xs: Sequence[int], at: int = 0) -> np.ndarray:
     """lambda_j = prod_{m != j} (at - x_m) / (x_j - x_m) mod p, as int64 (one per x)."""
     x = _check_xs(xs)
-    t = x.size
-    num = np.ones(t, dtype=np.int64)
-    den = np.ones(t, dtype=np.int64)
-    for m in range(t):
-        factor_num = np.full(t, (at - int(x[m])) % PRIME, dtype=np.int64)
-        factor_den = (x - x[m]) % PRIME
-        factor_num[m] = 1
-        factor_den[m] = 1
-        num = num * factor_num % PRIME
-        den = den * factor_den % PRIME
-    inv = np.array([pow(int(d), PRIME - 2, PRIME) for d in den], dtype=np.int64)
-    return num * inv % PRIME
+    at = int(at) % PRIME
+    hit = np.flatnonzero(x == at)
+    if hit.size:  # interpolating at a known point just returns that point
+        out = np.zeros(x.size, dtype=np.int64)
+        out[hit[0]] = 1
+        return out
+    return _lagrange_rows(x[None, :], at)[0]
 
 
 # -- split ------------------------------------------------------------------------------------
@@ -207,58 +250,64 @@ def combine_many(
 ) -> list[bytes]:
     """Reconstruct each secret from its {x: share} mapping (at least `threshold` entries).
 
-    The `threshold` shares with the smallest x are interpolated. Secrets whose chosen x-sets
-    coincide (the usual case: the same survivors answered for every dropout) share one set of
-    Lagrange coefficients and one vectorised product. With `verify=True`, every share beyond
-    the threshold must lie on the interpolated polynomial, or CryptoError is raised.
+    The `threshold` shares with the smallest x are interpolated, all secrets in one set of
+    array operations: Lagrange coefficients for every distinct set of x-coordinates (computed
+    once per set, vectorised across sets), then one multiply-reduce over
+    (secrets x threshold x limbs). With `verify=True`, every share beyond the threshold must
+    lie on the interpolated polynomial, or CryptoError is raised.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int | np.integer) or threshold < 1:
         raise CryptoError(f"threshold: {threshold!r} must be an int >= 1")
     t = int(threshold)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    m = len(shares)
+    if m == 0:
+        return []
+    chosen = np.empty((m, t), dtype=np.int64)
+    parts: list[bytes] = []
     for i, mapping in enumerate(shares):
         if len(mapping) < t:
             raise CryptoError(f"shares[{i}]: {len(mapping)} shares, threshold is {t}")
-        keys = sorted(_check_xs(list(mapping.keys())).tolist())
-        groups.setdefault(tuple(keys[:t]), []).append(i)
-
-    out: list[bytes | None] = [None] * len(shares)
-    for chosen, members in groups.items():
-        raw = b"".join(
-            _parse_share(shares[i][x], f"shares[{i}][{x}]") for i in members for x in chosen
-        )
-        vals = np.frombuffer(raw, dtype="<u4").astype(np.int64).reshape(len(members), t, LIMBS)
-        if (vals >= PRIME).any():
-            bad = members[int(np.flatnonzero((vals >= PRIME).any(axis=(1, 2)))[0])]
-            raise CryptoError(f"shares[{bad}]: a share holds a value >= the field prime")
-        lam = lagrange_coefficients(chosen, 0)
-        secret_limbs = (vals * lam[None, :, None] % PRIME).sum(axis=1) % PRIME
-        if verify:
-            _verify_extra(shares, members, chosen, vals)
-        for i, s in zip(members, _limbs_to_secrets(secret_limbs), strict=True):
-            out[i] = s
-    return out  # type: ignore[return-value]
+        keys = np.sort(_check_xs(mapping.keys()))[:t]
+        chosen[i] = keys
+        for x in keys.tolist():
+            share = mapping[x]
+            if type(share) is not bytes or len(share) != SHARE_BYTES:
+                share = _parse_share(share, f"shares[{i}][{x}]")
+            parts.append(share)
+    vals = np.frombuffer(b"".join(parts), dtype="<u4").astype(np.int64).reshape(m, t, LIMBS)
+    out_of_field = (vals >= PRIME).any(axis=(1, 2))
+    if out_of_field.any():
+        bad = int(np.flatnonzero(out_of_field)[0])
+        raise CryptoError(f"shares[{bad}]: a share holds a value >= the field prime")
+    unique_sets, which = np.unique(chosen, axis=0, return_inverse=True)
+    lam = _lagrange_rows(unique_sets, 0)[which.reshape(-1)]  # (m, t)
+    secret_limbs = (vals * lam[:, :, None] % PRIME).sum(axis=1) % PRIME
+    if verify:
+        _verify_extra(shares, chosen, vals)
+    return _limbs_to_secrets(secret_limbs)
 
 
 def _verify_extra(
-    shares: Sequence[Mapping[int, bytes]],
-    members: list[int],
-    chosen: tuple[int, ...],
-    vals: np.ndarray,
+    shares: Sequence[Mapping[int, bytes]], chosen: np.ndarray, vals: np.ndarray
 ) -> None:
-    """Check that each share outside `chosen` equals the polynomial through `chosen`."""
-    cache: dict[int, np.ndarray] = {}
-    chosen_set = set(chosen)
-    for row, i in enumerate(members):
-        for x in shares[i]:
-            if x in chosen_set:
-                continue
-            if x not in cache:
-                cache[x] = lagrange_coefficients(chosen, x)
-            expect = (vals[row] * cache[x][:, None] % PRIME).sum(axis=0) % PRIME
-            got = np.frombuffer(_parse_share(shares[i][x], f"shares[{i}][{x}]"), dtype="<u4")
-            if not np.array_equal(expect, got.astype(np.int64)):
-                raise CryptoError(f"shares[{i}][{x}]: inconsistent with the other shares")
+    """Check that each share outside the interpolated ones equals the polynomial there."""
+    for i, mapping in enumerate(shares):
+        row = chosen[i]
+        used = set(row.tolist())
+        extra = [x for x in mapping if x not in used]
+        if not extra:
+            continue
+        at = np.array(extra, dtype=np.int64)
+        # Coefficients evaluating the polynomial through `row` at each extra x: (e, t).
+        lam = np.stack([_lagrange_rows(row[None, :], int(x))[0] for x in at])
+        expect = (lam[:, :, None] * vals[i][None, :, :] % PRIME).sum(axis=1) % PRIME
+        got = np.frombuffer(
+            b"".join(_parse_share(mapping[x], f"shares[{i}][{x}]") for x in extra), dtype="<u4"
+        ).reshape(len(extra), LIMBS)
+        mismatch = (expect != got.astype(np.int64)).any(axis=1)
+        if mismatch.any():
+            x = extra[int(np.flatnonzero(mismatch)[0])]
+            raise CryptoError(f"shares[{i}][{x}]: inconsistent with the other shares")
 
 
 def combine(shares: Mapping[int, bytes], *, threshold: int, verify: bool = False) -> bytes:

@@ -216,3 +216,23 @@ def test_bad_inputs_are_named() -> None:
         shamir.combine({1: b"\xff" * shamir.SHARE_BYTES}, threshold=1)
     with pytest.raises(CryptoError, match="threshold"):
         shamir.combine({1: share}, threshold=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    xs=st.lists(st.integers(1, shamir.PRIME - 1), min_size=1, max_size=30, unique=True),
+    at=st.integers(0, shamir.PRIME - 1),
+)
+def test_lagrange_coefficients_match_a_big_integer_reference(xs: list[int], at: int) -> None:
+    p = shamir.PRIME
+    expected = []
+    for j, xj in enumerate(xs):
+        num = den = 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (at - xm) % p
+                den = den * (xj - xm) % p
+        expected.append(num * pow(den, p - 2, p) % p)
+    got = shamir.lagrange_coefficients(xs, at)
+    assert got.tolist() == expected
+    assert int(got.sum()) % p == 1  # they interpolate the constant polynomial 1
