@@ -92,11 +92,6 @@ class _Scratch:
         self.out = bytearray(chunk_bytes + _SLACK)
         self.words = np.frombuffer(self.out, dtype="<u4", count=chunk_bytes // 4)
 
-    def fill(self, enc: CipherContext, n_words: int) -> np.ndarray:
-        """Next 4*n_words keystream bytes of `enc` as n_words uint32 (a view, valid until next call)."""
-        enc.update_into(self.zeros[: 4 * n_words], self.out)
-        return self.words[:n_words]
-
 
 def expand_mask(seed: bytes, length: int, *, out: np.ndarray | None = None) -> np.ndarray:
     """The mask of `length` uint32 words for `seed` (see the module docstring).
@@ -189,15 +184,23 @@ class MaskAccumulator:
         if not plus and not minus:
             return
         value = self._value
-        step = self._scratch.chunk_bytes // 4
-        fill = self._scratch.fill
+        scratch = self._scratch
+        step = scratch.chunk_bytes // 4
+        out = scratch.out
+        add, sub = np.add, np.subtract
+        plus_into = [enc.update_into for enc in plus]
+        minus_into = [enc.update_into for enc in minus]
         for start in range(0, value.size, step):
             part = value[start : start + step]
             n = part.size
-            for enc in plus:
-                np.add(part, fill(enc, n), out=part)
-            for enc in minus:
-                np.subtract(part, fill(enc, n), out=part)
+            zeros = scratch.zeros if n == step else scratch.zeros[: 4 * n]
+            words = scratch.words if n == step else scratch.words[:n]
+            for update_into in plus_into:
+                update_into(zeros, out)
+                add(part, words, out=part)
+            for update_into in minus_into:
+                update_into(zeros, out)
+                sub(part, words, out=part)
 
     def add_vector(self, vector: np.ndarray) -> None:
         """value += vector (mod 2^32), e.g. the client's quantised input."""
