@@ -418,7 +418,7 @@ class FaultyBus(Bus):
         self._t0 = clock() if started_at is None else started_at
         self._link = plan.link_for(node_id)
         self._rng = plan.rng(node_id, "link")
-        self._held: tuple[str, bytes, bool] | None = None
+        self._held: tuple[str, bytes, bool, int] | None = None
         self._held_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.log = structlog.get_logger("faults").bind(node=node_id)
@@ -467,7 +467,7 @@ class FaultyBus(Bus):
         if u_reorder < link.reorder and self._held is None:
             # Hold this frame back until the next one has gone out (or a short while passes).
             self.counts["reordered"] += 1
-            self._held = (topic, frame, retain)
+            self._held = (topic, frame, retain, copies)
             self._held_task = self._spawn(self._release_held_later(max(delay_s, 0.05)))
             return
         for _ in range(copies):
@@ -495,7 +495,9 @@ class FaultyBus(Bus):
             if self._held_task is not None and self._held_task is not asyncio.current_task():
                 self._held_task.cancel()
             self._held_task = None
-            await self._send(*held)
+            topic, frame, retain, copies = held
+            for _ in range(copies):
+                await self._send(topic, frame, retain)
 
     async def _release_held_later(self, after_s: float) -> None:
         await asyncio.sleep(after_s)
@@ -531,21 +533,52 @@ class FaultyBus(Bus):
 
 
 class FaultySubscription(AsyncIterator[bytes]):
-    """The inner subscription, minus what arrives while the node is partitioned away."""
+    """The inner subscription minus what arrives while the node is partitioned away.
+
+    A pump task reads the inner subscription as frames arrive, so the partition check uses
+    the arrival time, not the (possibly much later) time the node gets round to reading.
+    """
 
     def __init__(self, bus: FaultyBus, inner: AsyncIterator[bytes]) -> None:
         self._bus = bus
         self.inner = inner
+        self._queue: asyncio.Queue[tuple[bytes | None, BaseException | None]] = asyncio.Queue()
+        self._pump = bus._spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for frame in self.inner:
+                if self._bus.cut_off():
+                    self._bus.counts["partitioned_in"] += 1
+                    continue
+                self._queue.put_nowait((frame, None))
+            self._queue.put_nowait((None, None))
+        except asyncio.CancelledError:
+            self._queue.put_nowait((None, None))
+            raise
+        except Exception as exc:  # hand the inner error (e.g. BusError) to the reader
+            self._queue.put_nowait((None, exc))
 
     def __aiter__(self) -> FaultySubscription:
         return self
 
     async def __anext__(self) -> bytes:
-        while True:
-            frame = await self.inner.__anext__()
-            if not self._bus.cut_off():
-                return frame
-            self._bus.counts["partitioned_in"] += 1
+        frame, exc = await self._queue.get()
+        if frame is None:
+            self._queue.put_nowait((None, exc))  # stay finished for later readers
+            if exc is not None:
+                raise exc
+            raise StopAsyncIteration
+        return frame
+
+    def get_nowait(self) -> bytes | None:
+        try:
+            frame, exc = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if frame is None:
+            self._queue.put_nowait((None, exc))
+        return frame
 
     async def ready(self) -> None:
         ready = getattr(self.inner, "ready", None)
@@ -553,6 +586,7 @@ class FaultySubscription(AsyncIterator[bytes]):
             await ready()
 
     async def aclose(self) -> None:
+        self._pump.cancel()
         aclose = getattr(self.inner, "aclose", None)
         if aclose is not None:
             await aclose()
