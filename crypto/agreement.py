@@ -7,8 +7,9 @@ independent keys for, e.g., share encryption and pairwise masks.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -22,6 +23,7 @@ __all__ = [
     "KEY_BYTES",
     "AgreementKeyPair",
     "agree",
+    "agree_many",
     "agreement_public_key",
     "generate_agreement_keypair",
     "hkdf_sha256",
@@ -51,15 +53,25 @@ def generate_agreement_keypair(randbytes: Callable[[int], bytes] = os.urandom) -
     return AgreementKeyPair(private=private, public=agreement_public_key(private))
 
 
+@functools.lru_cache(maxsize=64)
+def _private_key(private: bytes) -> X25519PrivateKey:
+    """Loaded key objects, cached: OpenSSL derives the public key (a full scalar
+    multiplication, as costly as the exchange itself) every time a raw key is loaded, and
+    SecAgg uses one private key against k peers in a row. The cache holds at most 64 keys
+    of this process, which already holds them as bytes; it adds no new exposure.
+    """
+    return X25519PrivateKey.from_private_bytes(private)
+
+
 def agreement_public_key(private: bytes) -> bytes:
     """The X25519 public key of a raw private key."""
     private = require_bytes(private, KEY_BYTES, "private")
-    key = X25519PrivateKey.from_private_bytes(private)
-    return key.public_key().public_bytes_raw()
+    return _private_key(private).public_key().public_bytes_raw()
 
 
 def hkdf_sha256(ikm: bytes, *, info: bytes, length: int = 32, salt: bytes | None = None) -> bytes:
     """HKDF-SHA256 (RFC 5869) extract-and-expand."""
+    ikm = require_bytes(ikm, None, "ikm")
     info = require_bytes(info, None, "info")
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
@@ -70,14 +82,25 @@ def agree(private: bytes, peer_public: bytes, *, info: bytes, salt: bytes | None
     Raises CryptoError for malformed keys and for a peer key of small order (the shared
     secret would be all zeros, i.e. known to everybody).
     """
+    return agree_many(private, [peer_public], info=info, salt=salt)[0]
+
+
+def agree_many(
+    private: bytes, peer_publics: Sequence[bytes], *, info: bytes, salt: bytes | None = None
+) -> list[bytes]:
+    """`agree(private, p, info=info)` for every p in `peer_publics`, in order."""
     private = require_bytes(private, KEY_BYTES, "private")
-    peer_public = require_bytes(peer_public, KEY_BYTES, "peer_public")
-    try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
-    except ValueError as exc:  # OpenSSL refuses an all-zero result (small-order point)
-        raise CryptoError(f"peer_public: key agreement failed ({exc})") from exc
-    if shared == bytes(KEY_BYTES):  # defence in depth if the backend ever stops checking
-        raise CryptoError("peer_public: small-order point gives an all-zero shared secret")
-    return hkdf_sha256(shared, info=info, length=32, salt=salt)
+    info = require_bytes(info, None, "info")
+    key = _private_key(private)
+    out = []
+    for i, peer in enumerate(peer_publics):
+        name = "peer_public" if len(peer_publics) == 1 else f"peer_publics[{i}]"
+        peer = require_bytes(peer, KEY_BYTES, name)
+        try:
+            shared = key.exchange(X25519PublicKey.from_public_bytes(peer))
+        except ValueError as exc:  # OpenSSL refuses an all-zero result (small-order point)
+            raise CryptoError(f"{name}: key agreement failed ({exc})") from exc
+        if shared == bytes(KEY_BYTES):  # defence in depth if the backend ever stops checking
+            raise CryptoError(f"{name}: small-order point gives an all-zero shared secret")
+        out.append(hkdf_sha256(shared, info=info, length=32, salt=salt))
+    return out

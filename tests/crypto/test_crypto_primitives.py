@@ -27,6 +27,16 @@ def test_agreement_is_symmetric_and_separated_by_info() -> None:
     assert k_ab != agreement.agree(a.private, c.public, info=b"mask")
 
 
+def test_agree_many_matches_agree_and_names_the_bad_peer() -> None:
+    a = agreement.generate_agreement_keypair()
+    peers = [agreement.generate_agreement_keypair().public for _ in range(5)]
+    many = agreement.agree_many(a.private, peers, info=b"mask")
+    assert many == [agreement.agree(a.private, p, info=b"mask") for p in peers]
+    assert len(set(many)) == 5
+    with pytest.raises(CryptoError, match=r"peer_publics\[1\]"):
+        agreement.agree_many(a.private, [peers[0], bytes(32)], info=b"mask")
+
+
 def test_agreement_keypair_from_injected_randomness_is_deterministic() -> None:
     one = agreement.generate_agreement_keypair(lambda n: b"\x07" * n)
     two = agreement.generate_agreement_keypair(lambda n: b"\x07" * n)
