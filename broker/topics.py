@@ -121,6 +121,8 @@ def filter_covered(topic_filter: str, pattern: str) -> bool:
     """
     f_levels = topic_filter.split("/")
     p_levels = pattern.split("/")
+    if p_levels[0] in ("+", "#") and f_levels[0].startswith("$"):
+        return False  # a leading wildcard never reaches "$" topics (MQTT 4.7.2)
     for i, p in enumerate(p_levels):
         if p == "#":
             return True
