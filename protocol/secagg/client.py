@@ -124,6 +124,7 @@ class SecAggClient:
         self._s = agreement.generate_agreement_keypair(randbytes)
         self._b = randbytes(32)
         self._roster: dict[str, AdvertisedKeys] = {}
+        self._enc_keys: dict[str, bytes] = {}
         # peer -> (x, s_share, b_share) of that peer's secrets held here (self included).
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: list[str] = []  # neighbours this client masked with
@@ -221,14 +222,18 @@ class SecAggClient:
         if mine.c_public != self._c.public or mine.s_public != self._s.public:
             self._abort("roster carries other keys under this client's id")
             return []
-        seen: set[bytes] = set()
-        for keys in body.keys.values():
-            if keys.c_public in seen or keys.s_public in seen or keys.c_public == keys.s_public:
-                self._abort("roster repeats a public key")
-                return []
-            seen.add(keys.c_public)
-            seen.add(keys.s_public)
         peers = sorted(v for v in self.graph.neighbours(self.node_id) if v in body.keys)
+        # Every key this client will use must be distinct (Bonawitz et al.): a server that
+        # passed our own key off as a neighbour's could otherwise read our shares. Only the
+        # keys of our neighbourhood matter, which keeps this O(k), not O(n), per client.
+        used = [
+            k
+            for v in (self.node_id, *peers)
+            for k in (body.keys[v].c_public, body.keys[v].s_public)
+        ]
+        if len(set(used)) != len(used):
+            self._abort("roster repeats a public key")
+            return []
         if len(peers) + 1 < self.params.t:
             self._abort(f"only {len(peers) + 1} of the threshold {self.params.t} share holders")
             return []
@@ -253,18 +258,24 @@ class SecAggClient:
         )
         ciphertexts: dict[str, bytes] = {}
         try:
-            for v, s_share, b_share in zip(holders, s_shares, b_shares, strict=True):
-                if v == self.node_id:
-                    self._held[v] = (s_share, b_share)
-                    continue
-                key = agreement.agree(
+            # One c-key per neighbour, kept: it encrypts our shares now and decrypts theirs later.
+            self._enc_keys = {
+                v: agreement.agree(
                     self._c.private,
                     self._roster[v].c_public,
                     info=pair_info(_ENC_INFO, self.round, self.node_id, v),
                 )
+                for v in peers
+            }
+            for v, s_share, b_share in zip(holders, s_shares, b_shares, strict=True):
+                if v == self.node_id:
+                    self._held[v] = (s_share, b_share)
+                    continue
                 plaintext = _plain_encoder.encode(SharePlaintext(s_share=s_share, b_share=b_share))
                 ad = aead.associated_data(self.round, self.node_id, v, _SHARE_PURPOSE)
-                ciphertexts[v] = aead.encrypt(key, plaintext, ad, randbytes=self._randbytes)
+                ciphertexts[v] = aead.encrypt(
+                    self._enc_keys[v], plaintext, ad, randbytes=self._randbytes
+                )
         except CryptoError as exc:
             self._abort(f"share encryption failed: {exc}")
             return []
@@ -285,13 +296,8 @@ class SecAggClient:
         held: dict[str, tuple[bytes, bytes]] = {}
         for u, ciphertext in body.ciphertexts.items():
             try:
-                key = agreement.agree(
-                    self._c.private,
-                    self._roster[u].c_public,
-                    info=pair_info(_ENC_INFO, self.round, u, self.node_id),
-                )
                 ad = aead.associated_data(self.round, u, self.node_id, _SHARE_PURPOSE)
-                plain = _plain_decoder.decode(aead.decrypt(key, ciphertext, ad))
+                plain = _plain_decoder.decode(aead.decrypt(self._enc_keys[u], ciphertext, ad))
             except (CryptoError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._abort(f"shares from {u} do not decrypt: {exc}")
                 return []
@@ -307,13 +313,18 @@ class SecAggClient:
         assert self._input is not None
         plus: list[bytes] = [self._b]
         minus: list[bytes] = []
+        partners = self._partners
         try:
-            for v in self._partners:
-                seed = agreement.agree(
+            # The PRG seed is the whole 32-byte agreement output (HKDF of the X25519 secret).
+            seeds = [
+                agreement.agree(
                     self._s.private,
                     self._roster[v].s_public,
                     info=pair_info(_MASK_INFO, self.round, self.node_id, v),
                 )
+                for v in partners
+            ]
+            for v, seed in zip(partners, seeds, strict=True):
                 (plus if self.graph.sign(self.node_id, v) > 0 else minus).append(seed)
         except CryptoError as exc:
             self._abort(f"mask key agreement failed: {exc}")

@@ -67,9 +67,14 @@ def survivors_signing_payload(round: int, survivors: Iterable[str]) -> bytes:
 
 
 def pair_info(purpose: str, round: int, u: str, v: str) -> bytes:
-    """HKDF info for the key shared by u and v: symmetric in (u, v), bound to round and use."""
-    a, b = sorted((u, v))
-    return _pack(purpose, round, a, b)
+    """HKDF info for the key shared by u and v: symmetric in (u, v), bound to round and use.
+
+    Length-prefixed fields (unambiguous for any strings); built with one format because a
+    round computes it for every edge of the graph.
+    """
+    a, b = (u, v) if u <= v else (v, u)
+    ab, bb, pb = a.encode(), b.encode(), purpose.encode()
+    return b"%b|%d:%b|%d|%d:%b|%d:%b" % (_DOMAIN, len(pb), pb, round, len(ab), ab, len(bb), bb)
 
 
 SECAGG_TYPES = frozenset(cls.__name__ for cls in SECAGG_MESSAGES)

@@ -430,12 +430,16 @@ class SecAggServer:
                 # silently wrong sum.
                 if agreement.agreement_public_key(s_private) != self._keys[v].s_public:
                     return self._abort(f"reconstructed mask key of {v} does not match its key")
-                for u in sorted(self.graph.neighbours(v) & self._survivors):
-                    seed = agreement.agree(
+                partners = sorted(self.graph.neighbours(v) & self._survivors)
+                seeds = [
+                    agreement.agree(
                         s_private,
                         self._keys[u].s_public,
                         info=pair_info(_MASK_INFO, self.round, u, v),
                     )
+                    for u in partners
+                ]
+                for u, seed in zip(partners, seeds, strict=True):
                     # u added sign(u, v) * PRG(seed): take it out again.
                     (minus if self.graph.sign(u, v) > 0 else plus).append(seed)
         except CryptoError as exc:
