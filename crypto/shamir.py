@@ -121,17 +121,19 @@ def _check_xs(xs: Sequence[int] | Iterable[int]) -> np.ndarray:
     """xs as int64, or CryptoError unless they are distinct ints in 1..p-1."""
     items = list(xs)
     arr = np.array(items)
-    if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        # Empty input, bools, floats, strings: find the offender for the message.
+    if arr.dtype.kind not in "iu" or arr.ndim != 1 or any(type(x) is bool for x in items):
+        # The slow path only runs to name the offender (bools, floats, huge ints, ...).
         for x in items:
             if isinstance(x, bool) or not isinstance(x, int | np.integer):
                 raise CryptoError(f"xs: {x!r} is not an int")
-        if not items:
-            return np.zeros(0, dtype=np.int64)
-        raise CryptoError("xs: expected a flat sequence of ints")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and (arr >= PRIME).any():
-        raise CryptoError(f"xs: values outside 1..{PRIME - 1}")
-    arr = arr.astype(np.int64)
+            if not 1 <= int(x) < PRIME:
+                raise CryptoError(f"xs: {x} outside 1..{PRIME - 1}")
+        arr = np.array([int(x) for x in items], dtype=np.int64)
+    arr = arr.astype(np.int64, copy=False) if arr.dtype.kind == "i" else arr
+    if arr.dtype.kind == "u":
+        if (arr >= PRIME).any():
+            raise CryptoError(f"xs: values outside 1..{PRIME - 1}")
+        arr = arr.astype(np.int64)
     out_of_range = (arr < 1) | (arr >= PRIME)
     if out_of_range.any():
         raise CryptoError(

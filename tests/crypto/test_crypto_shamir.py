@@ -209,6 +209,10 @@ def test_bad_inputs_are_named() -> None:
         shamir.split(b"\x00" * 32, threshold=1, xs=[1, 1])
     with pytest.raises(CryptoError, match="xs"):
         shamir.split(b"\x00" * 32, threshold=1, xs=[shamir.PRIME])
+    for bad_xs in ([True, 2], [1, 2**70], [1.0, 2], ["1"], [np.uint64(2**63)]):
+        with pytest.raises(CryptoError, match="xs"):
+            shamir.split(b"\x00" * 32, threshold=1, xs=bad_xs)
+    assert shamir.split(b"\x00" * 32, threshold=1, xs=np.array([1, 2], dtype=np.uint8))
     share = shamir.split(b"\x00" * 32, threshold=1, xs=[1])[0]
     with pytest.raises(CryptoError, match=r"shares\[0\]\[1\]"):
         shamir.combine({1: share[:-1]}, threshold=1)
