@@ -29,6 +29,7 @@ def test_expand_mask_is_deterministic_and_seed_separated() -> None:
     assert (a == b).sum() < 3
 
 
+@settings(deadline=None)
 @given(seed=seeds, length=st.integers(0, 5000), prefix=st.integers(0, 5000))
 def test_expand_mask_prefix_property(seed: bytes, length: int, prefix: int) -> None:
     # A longer mask extends a shorter one, so the vector length never changes earlier words.
@@ -68,7 +69,7 @@ def test_mask_words_look_uniform() -> None:
         assert chi2 < 50.0  # 15 degrees of freedom: P(chi2 > 50) ~ 1e-5
 
 
-@settings(max_examples=40)
+@settings(deadline=None, max_examples=40)
 @given(
     length=st.integers(0, 3000),
     plus=st.lists(seeds, max_size=4),
@@ -97,7 +98,7 @@ def test_accumulator_equals_modular_sum_of_masks(
     assert np.array_equal(one_by_one.value, blocked.value)
 
 
-@settings(max_examples=30)
+@settings(deadline=None, max_examples=30)
 @given(
     length=st.integers(1, 3000),
     pairs=st.lists(seeds, min_size=1, max_size=6),

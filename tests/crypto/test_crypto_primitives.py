@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crypto import aead, agreement, signing
@@ -76,6 +76,7 @@ def test_agreement_rejects_malformed_keys_by_name() -> None:
 fields = st.text(max_size=12)
 
 
+@settings(deadline=None)
 @given(
     a=st.tuples(st.integers(0, 2**64 - 1), fields, fields, fields),
     b=st.tuples(st.integers(0, 2**64 - 1), fields, fields, fields),
@@ -109,6 +110,7 @@ def test_associated_data_rejects_bad_fields_by_name(args: tuple, field: str) -> 
 # -- AEAD -------------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(plaintext=st.binary(max_size=300))
 def test_aead_round_trip(plaintext: bytes) -> None:
     sealed = aead.encrypt(KEY, plaintext, AD)
@@ -120,6 +122,7 @@ def test_aead_uses_fresh_nonces() -> None:
     assert aead.encrypt(KEY, b"same", AD) != aead.encrypt(KEY, b"same", AD)
 
 
+@settings(deadline=None)
 @given(plaintext=st.binary(min_size=0, max_size=64), data=st.data())
 def test_aead_refuses_any_single_bit_flip(plaintext: bytes, data: st.DataObject) -> None:
     sealed = bytearray(aead.encrypt(KEY, plaintext, AD))
@@ -164,6 +167,7 @@ def test_aead_rejects_malformed_key_by_name() -> None:
 # -- signatures -------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(message=st.binary(max_size=200))
 def test_sign_verify_round_trip(message: bytes) -> None:
     pair = signing.generate_signing_keypair(lambda n: b"\x2a" * n)
@@ -172,6 +176,7 @@ def test_sign_verify_round_trip(message: bytes) -> None:
     signing.verify(pair.public, message, signature)
 
 
+@settings(deadline=None)
 @given(message=st.binary(max_size=64), data=st.data())
 def test_verify_refuses_flipped_bits(message: bytes, data: st.DataObject) -> None:
     pair = signing.generate_signing_keypair(lambda n: b"\x2a" * n)
