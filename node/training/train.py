@@ -1,0 +1,262 @@
+"""Local training and scoring: what an envoy does with the global model each round.
+
+`train_local` runs `plan.local_epochs` epochs of minibatch SGD (or Adam) on the envoy's
+images, minimising cross-entropy + `plan.kl_beta` * the bottleneck's KL (bits). It is a
+pure function of (model, data, plan, seed): shuffling, augmentation and the bottleneck's
+noise all draw from RNGs seeded here, and the global torch RNG is restored afterwards.
+
+Augmentation is done on whole batches of tensors with one `affine_grid`/`grid_sample`
+call (small rotation, scale and shift; optional horizontal flip) plus a brightness /
+contrast jitter: cheap on one CPU core, and mild, because a chest X-ray is only ever
+taken upright and centred.
+
+Class weighting ("balanced", the default) weights each class by N / (2 N_c) on the
+envoy's own labels. Under label skew every envoy then optimises a balanced objective, so
+the averaged model does not inherit each hospital's class prior, and it helps on the
+test split, whose normal:pneumonia ratio differs from train's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from node.training.metrics import DEFAULT_BINS, score_histograms
+from protocol.messages import TrainPlan
+
+Progress = Callable[[int, int, float], None]  # (steps done, total steps, running loss)
+CLASS_WEIGHTING = ("balanced", "none")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_samples: int
+    loss: float  # mean training loss (cross-entropy + weighted KL) over the last epoch
+    steps: int = 0
+    seconds: float = 0.0
+    kl_bits: float = 0.0  # mean bottleneck KL over the last epoch (0 without a bottleneck)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_samples: int
+    loss_sum: float
+    hist_negative: list[int]
+    hist_positive: list[int]
+
+
+def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 N x H x W (or N x C x H x W) -> float32 N x C x H x W in [0, 1]."""
+    t = torch.as_tensor(images)
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    if t.dim() != 4:
+        raise ValueError(f"images must be N x H x W or N x C x H x W, got {tuple(t.shape)}")
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0)
+    return t.float()
+
+
+def augment_batch(
+    x: Tensor,
+    size: int,
+    generator: torch.Generator,
+    *,
+    max_rotate_deg: float = 10.0,
+    max_scale: float = 0.10,
+    max_shift: float = 0.08,
+    flip: bool = True,
+    jitter: float = 0.10,
+) -> Tensor:
+    """Random affine (+ flip) and brightness/contrast jitter, output `size` x `size`."""
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> Tensor:
+        return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+    angle = uniform(-max_rotate_deg, max_rotate_deg) * (math.pi / 180)
+    scale = uniform(1 - max_scale, 1 + max_scale)
+    sx = scale.clone()
+    if flip:
+        sx = sx * torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Output -> input sampling grid: rotate, then scale (x scale carries the flip), shift.
+    theta = torch.stack(
+        [
+            torch.stack([cos / sx, -sin / scale, uniform(-max_shift, max_shift) * 2], 1),
+            torch.stack([sin / sx, cos / scale, uniform(-max_shift, max_shift) * 2], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if jitter > 0:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
+        bright = uniform(-jitter, jitter).view(n, 1, 1, 1) * 0.5
+        out = ((out - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
+    return out
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> Tensor | None:
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTING}, got {mode!r}")
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def make_optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
+    kind = getattr(plan, "optimizer", "sgd")
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+    if kind != "sgd":
+        raise ValueError(f"plan.optimizer must be 'sgd' or 'adam', got {kind!r}")
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=plan.lr,
+        momentum=plan.momentum,
+        weight_decay=plan.weight_decay,
+        nesterov=plan.momentum > 0,
+    )
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    labels: np.ndarray,
+    plan: TrainPlan,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+    class_weighting: str = "balanced",
+    flip: bool = True,
+) -> TrainResult:
+    """Train `model` in place on (images, labels) as `plan` says; return sample count and loss."""
+    x_all = images_to_tensor(images)
+    y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
+    n = int(y_all.shape[0])
+    if n == 0:
+        raise ValueError("no training samples")
+    if x_all.shape[0] != n:
+        raise ValueError(f"{x_all.shape[0]} images but {n} labels")
+    size = int(getattr(model, "image_size", x_all.shape[-1]))
+    num_classes = int(getattr(model, "num_classes", 2))
+    weight = class_weights(y_all.numpy(), num_classes, class_weighting)
+    kl_fn = getattr(model, "kl_loss", None)
+
+    # A batch of one breaks BatchNorm in training mode; fold a lone last sample away.
+    batch = min(plan.batch_size, n)
+    steps_per_epoch = max(1, n // batch if n % batch == 1 else math.ceil(n / batch))
+    total_steps = steps_per_epoch * plan.local_epochs
+
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, plan)
+    model.train()
+    step = 0
+    epoch_loss = epoch_kl = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # dropout and the bottleneck's noise
+        for _ in range(plan.local_epochs):
+            perm = torch.randperm(n, generator=gen)
+            epoch_loss = epoch_kl = 0.0
+            seen = 0
+            for b in range(steps_per_epoch):
+                idx = perm[b * batch : (b + 1) * batch if b < steps_per_epoch - 1 else n]
+                x = x_all[idx]
+                if plan.augment:
+                    x = augment_batch(x, size, gen, flip=flip)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y_all[idx], weight=weight)
+                kl = kl_fn() if (kl_fn is not None) else torch.zeros(())
+                total = loss + plan.kl_beta * kl if plan.kl_beta > 0 else loss
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training diverged at step {step} (lr={plan.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                k = int(idx.shape[0])
+                epoch_loss += value * k
+                epoch_kl += float(kl.detach()) * k
+                seen += k
+                step += 1
+                if progress is not None:
+                    progress(step, total_steps, epoch_loss / seen)
+            epoch_loss /= seen
+            epoch_kl /= seen
+    return TrainResult(
+        num_samples=n,
+        loss=epoch_loss,
+        steps=step,
+        seconds=time.perf_counter() - started,
+        kl_bits=epoch_kl,
+    )
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        x_all = images_to_tensor(images)
+        outs = [model(x_all[i : i + batch_size]) for i in range(0, x_all.shape[0], batch_size)]
+        return torch.cat(outs) if outs else torch.zeros(0, 2)
+    finally:
+        model.train(was_training)
+
+
+def predict_scores(
+    model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512
+) -> np.ndarray:
+    """P(pneumonia) per image, float64 in [0, 1], eval mode (bottleneck at its mean)."""
+    logits = predict_logits(model, images, batch_size)
+    return torch.softmax(logits.double(), dim=1)[:, 1].numpy()
+
+
+def evaluate(
+    model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, bins: int = DEFAULT_BINS
+) -> EvalResult:
+    """What an envoy reports for federated validation: loss sum and per-class histograms."""
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    logits = predict_logits(model, images)
+    loss_sum = float(F.cross_entropy(logits, torch.as_tensor(labels), reduction="sum"))
+    scores = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
+    neg, pos = score_histograms(scores, labels, bins)
+    return EvalResult(labels.size, loss_sum, neg.tolist(), pos.tolist())
+
+
+def round_lr(
+    base_lr: float,
+    round_index: int,
+    total_rounds: int,
+    *,
+    schedule: str = "cosine",
+    final_fraction: float = 0.05,
+) -> float:
+    """Learning rate the director sends for round `round_index` (0-based) of `total_rounds`.
+
+    "cosine" decays from base_lr to final_fraction * base_lr over the rounds; "constant"
+    keeps base_lr. Decaying across rounds is what lets FedAvg settle under label skew.
+    """
+    if total_rounds < 1 or not 0 <= round_index < total_rounds:
+        raise ValueError(f"round {round_index} out of range for {total_rounds} rounds")
+    if schedule == "constant" or total_rounds == 1:
+        return base_lr
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    progress = round_index / (total_rounds - 1)
+    low = base_lr * final_fraction
+    return low + (base_lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
