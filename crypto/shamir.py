@@ -247,6 +247,17 @@ def _parse_share(share: bytes, where: str) -> bytes:
     return require_bytes(share, SHARE_BYTES, where)
 
 
+def _sorted_share_xs(mapping: Mapping[int, bytes]) -> list[int]:
+    """The x-coordinates of one mapping, sorted and validated (keys of a mapping are distinct)."""
+    try:
+        keys = sorted(mapping)
+    except TypeError:
+        keys = []
+    if keys and set(map(type, keys)) == {int} and keys[0] >= 1 and keys[-1] < PRIME:
+        return keys
+    return sorted(_check_xs(list(mapping)).tolist())
+
+
 def combine_many(
     shares: Sequence[Mapping[int, bytes]], *, threshold: int, verify: bool = False
 ) -> list[bytes]:
@@ -264,25 +275,27 @@ def combine_many(
     m = len(shares)
     if m == 0:
         return []
-    chosen = np.empty((m, t), dtype=np.int64)
     parts: list[bytes] = []
+    group_of: dict[tuple[int, ...], int] = {}
+    which = np.empty(m, dtype=np.int64)
     for i, mapping in enumerate(shares):
         if len(mapping) < t:
             raise CryptoError(f"shares[{i}]: {len(mapping)} shares, threshold is {t}")
-        keys = np.sort(_check_xs(mapping.keys()))[:t]
-        chosen[i] = keys
-        for x in keys.tolist():
-            share = mapping[x]
-            if type(share) is not bytes or len(share) != SHARE_BYTES:
-                share = _parse_share(share, f"shares[{i}][{x}]")
-            parts.append(share)
+        keys = _sorted_share_xs(mapping)[:t]
+        which[i] = group_of.setdefault(tuple(keys), len(group_of))
+        values = [mapping[x] for x in keys]
+        # Fast check in C: every share is bytes of the right length; else name the culprit.
+        if set(map(len, values)) != {SHARE_BYTES} or set(map(type, values)) != {bytes}:
+            values = [_parse_share(mapping[x], f"shares[{i}][{x}]") for x in keys]
+        parts.append(b"".join(values))
     vals = np.frombuffer(b"".join(parts), dtype="<u4").astype(np.int64).reshape(m, t, LIMBS)
     out_of_field = (vals >= PRIME).any(axis=(1, 2))
     if out_of_field.any():
         bad = int(np.flatnonzero(out_of_field)[0])
         raise CryptoError(f"shares[{bad}]: a share holds a value >= the field prime")
-    unique_sets, which = np.unique(chosen, axis=0, return_inverse=True)
-    lam = _lagrange_rows(unique_sets, 0)[which.reshape(-1)]  # (m, t)
+    unique_sets = np.array(list(group_of), dtype=np.int64).reshape(len(group_of), t)
+    lam = _lagrange_rows(unique_sets, 0)[which]  # (m, t)
+    chosen = unique_sets[which]
     secret_limbs = (vals * lam[:, :, None] % PRIME).sum(axis=1) % PRIME
     if verify:
         _verify_extra(shares, chosen, vals)
