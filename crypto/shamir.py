@@ -285,7 +285,7 @@ def combine_many(
         which[i] = group_of.setdefault(tuple(keys), len(group_of))
         values = [mapping[x] for x in keys]
         # Fast check in C: every share is bytes of the right length; else name the culprit.
-        if set(map(len, values)) != {SHARE_BYTES} or set(map(type, values)) != {bytes}:
+        if set(map(type, values)) != {bytes} or set(map(len, values)) != {SHARE_BYTES}:
             values = [_parse_share(mapping[x], f"shares[{i}][{x}]") for x in keys]
         parts.append(b"".join(values))
     vals = np.frombuffer(b"".join(parts), dtype="<u4").astype(np.int64).reshape(m, t, LIMBS)

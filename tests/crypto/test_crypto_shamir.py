@@ -216,6 +216,10 @@ def test_bad_inputs_are_named() -> None:
     share = shamir.split(b"\x00" * 32, threshold=1, xs=[1])[0]
     with pytest.raises(CryptoError, match=r"shares\[0\]\[1\]"):
         shamir.combine({1: share[:-1]}, threshold=1)
+    for junk in (5, None, "x" * shamir.SHARE_BYTES):
+        with pytest.raises(CryptoError, match=r"shares\[0\]\[2\]"):
+            shamir.combine({1: share, 2: junk}, threshold=2)  # type: ignore[dict-item]
+    assert shamir.combine({1: bytearray(share)}, threshold=1) == bytes(32)
     with pytest.raises(CryptoError, match="field prime"):
         shamir.combine({1: b"\xff" * shamir.SHARE_BYTES}, threshold=1)
     with pytest.raises(CryptoError, match="threshold"):
