@@ -1,0 +1,203 @@
+"""Reconstruction quality and privacy metrics for gradient-inversion attacks.
+
+All image metrics take float tensors in [0, 1] (the pixel scale, not the model's normalised
+input scale) shaped ``(N, C, H, W)`` or ``(C, H, W)`` and return one value per image, so a
+batch summary is the mean of per-image values (as Geiping et al. report PSNR), never the
+PSNR of a pooled MSE.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "baseline_psnr",
+    "chance_p_value",
+    "identify",
+    "label_accuracy",
+    "match_reconstructions",
+    "mse",
+    "psnr",
+    "ssim",
+]
+
+
+def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
+    return x.detach().to(torch.float64)
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = _as_batch(a, "reconstruction"), _as_batch(b, "original")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return a, b
+
+
+def mse(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared error, shape (N,)."""
+    a, b = _pair(reconstruction, original)
+    return ((a - b) ** 2).flatten(1).mean(dim=1)
+
+
+def psnr(
+    reconstruction: torch.Tensor, original: torch.Tensor, *, data_range: float = 1.0
+) -> torch.Tensor:
+    """Per-image peak signal-to-noise ratio in dB, shape (N,); ``inf`` for identical images."""
+    err = mse(reconstruction, original)
+    with torch.no_grad():
+        out = 10.0 * torch.log10(torch.as_tensor(data_range**2, dtype=err.dtype) / err)
+    return torch.where(err == 0, torch.full_like(err, math.inf), out)
+
+
+def _gaussian_window(size: int, sigma: float, channels: int) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    g = g / g.sum()
+    window = torch.outer(g, g)
+    return window.expand(channels, 1, size, size).contiguous()
+
+
+def ssim(
+    reconstruction: torch.Tensor,
+    original: torch.Tensor,
+    *,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Per-image structural similarity (Wang et al. 2004), shape (N,).
+
+    Gaussian 11x11 window with sigma 1.5, statistics over the valid region only (no padding,
+    as in the reference implementation), channels averaged. The window shrinks to the image
+    size for images smaller than 11 pixels so tiny test images still get a defined value.
+    """
+    a, b = _pair(reconstruction, original)
+    channels, height, width = a.shape[1:]
+    size = min(window_size, height, width)
+    window = _gaussian_window(size, sigma, channels)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, window, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    )
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def label_accuracy(
+    predicted: Sequence[int] | torch.Tensor, true: Sequence[int] | torch.Tensor
+) -> float:
+    """Fraction of recovered labels equal to the true ones, as a multiset when order is unknown.
+
+    Batch attacks recover labels without knowing which image each belongs to, so the count of
+    correct labels is the size of the multiset intersection.
+    """
+    p = [int(v) for v in torch.as_tensor(predicted).flatten().tolist()]
+    t = [int(v) for v in torch.as_tensor(true).flatten().tolist()]
+    if len(p) != len(t):
+        raise ValueError(f"label count mismatch: {len(p)} predicted vs {len(t)} true")
+    if not t:
+        raise ValueError("label_accuracy of an empty batch")
+    remaining = list(t)
+    hits = 0
+    for v in p:
+        if v in remaining:
+            remaining.remove(v)
+            hits += 1
+    return hits / len(t)
+
+
+def match_reconstructions(reconstruction: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """Order of reconstructions that best matches the originals (minimum total MSE).
+
+    Gradients of a batch are invariant to the order of its images, so an attack returns the
+    batch in an arbitrary order. Returns ``perm`` with ``reconstruction[perm[i]]`` matched to
+    ``original[i]``. Exhaustive for up to 7 images, greedy on the MSE matrix beyond.
+    """
+    a, b = _as_batch(reconstruction, "reconstruction"), _as_batch(original, "original")
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    n = a.shape[0]
+    cost = torch.cdist(b.flatten(1), a.flatten(1)) ** 2  # cost[i, j]: original i vs recon j
+    if n <= 7:
+        best = min(
+            itertools.permutations(range(n)),
+            key=lambda perm: float(sum(cost[i, j] for i, j in enumerate(perm))),
+        )
+        return list(best)
+    perm = [-1] * n
+    work = cost.clone()
+    for _ in range(n):
+        flat = int(torch.argmin(work))
+        i, j = divmod(flat, n)
+        perm[i] = j
+        work[i, :] = math.inf
+        work[:, j] = math.inf
+    return perm
+
+
+def identify(reconstruction: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Index of each reconstruction's nearest candidate by MSE, shape (N,).
+
+    The identification test: the attacker re-identifies the victim if the nearest image to the
+    reconstruction among all candidates (the 624 PneumoniaMNIST test images) is the victim.
+    """
+    a = _as_batch(reconstruction, "reconstruction").flatten(1)
+    c = _as_batch(candidates, "candidates").flatten(1)
+    if a.shape[1] != c.shape[1]:
+        raise ValueError(f"image size mismatch: {a.shape[1]} vs candidates {c.shape[1]}")
+    return torch.cdist(a, c).argmin(dim=1)
+
+
+def baseline_psnr(mean_image: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """PSNR of one fixed image (the training-set mean) against each original, shape (N,).
+
+    An "attack" that outputs the average X-ray scores this without looking at any gradient;
+    a reconstruction below it has learned nothing about the victim that the dataset did not
+    already give away.
+    """
+    b = _as_batch(originals, "originals")
+    m = _as_batch(mean_image, "mean_image")
+    if m.shape[0] != 1 or m.shape[1:] != b.shape[1:]:
+        raise ValueError(
+            f"mean_image shape {tuple(m.shape)} does not fit originals {tuple(b.shape)}"
+        )
+    return psnr(m.expand_as(b), b)
+
+
+def chance_p_value(identified: int, trials: int, candidates: int) -> float:
+    """One-sided binomial p-value of identifying at least ``identified`` of ``trials`` victims
+    by guessing uniformly among ``candidates``.
+
+    The decision rule for "identification at chance": p >= 0.05. With 16 victims among 624
+    images, P(X >= 1) = 1 - (623/624)^16 = 0.025, so a single identification already rejects
+    chance; "at chance" then means none identified.
+    """
+    if not 0 <= identified <= trials or candidates < 1:
+        raise ValueError(
+            f"bad counts: identified={identified} trials={trials} candidates={candidates}"
+        )
+    p = 1.0 / candidates
+    return float(
+        sum(
+            math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
+            for k in range(identified, trials + 1)
+        )
+    )
