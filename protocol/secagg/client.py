@@ -129,7 +129,7 @@ class SecAggClient:
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: list[str] = []  # neighbours this client masked with
         self._signed_survivors: frozenset[str] | None = None
-        self._sig_cache: dict[str, bool] = {}
+        self._sig_cache: dict[tuple[str, bytes], bool] = {}
 
     # -- public API --------------------------------------------------------------------------
 
@@ -397,21 +397,24 @@ class SecAggClient:
     def _enough_signatures(
         self, u: str, survivors: frozenset[str], signatures: Mapping[str, bytes]
     ) -> bool:
+        """At least t members of N[u], all survivors, signed exactly `survivors`."""
         payload = None
         good = 0
         for w in self.graph.closed(u):
-            if w not in survivors or w not in signatures:
+            sig = signatures.get(w)
+            if sig is None or w not in survivors:
                 continue
-            ok = self._sig_cache.get(w)
+            # Keyed by the signature too: a forged one must not poison a later genuine one.
+            ok = self._sig_cache.get((w, sig))
             if ok is None:
                 if payload is None:
                     payload = survivors_signing_payload(self.round, survivors)
                 try:
-                    signing.verify(self._peer_signing_keys[w], payload, signatures[w])
+                    signing.verify(self._peer_signing_keys[w], payload, sig)
                     ok = True
                 except CryptoError:
                     ok = False
-                self._sig_cache[w] = ok
+                self._sig_cache[(w, sig)] = ok
             good += ok
             if good >= self.params.t:
                 return True

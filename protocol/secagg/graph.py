@@ -84,6 +84,13 @@ class Graph:
         self._position = np.empty(n, dtype=np.int64)
         self._position[order] = np.arange(n)
 
+    @property
+    def ring(self) -> tuple[str, ...]:
+        """The nodes in ring order (Harary); the sorted participants for the complete graph."""
+        if self.complete:
+            return self.nodes
+        return tuple(self.nodes[i] for i in self._ring)
+
     def x(self, node: str) -> int:
         """The Shamir x-coordinate of `node` (its sorted index + 1)."""
         return self.index[node] + 1

@@ -217,8 +217,15 @@ def find_parameters(
     malicious: bool = True,
     clip: float = 1.0,
     graph_seed: bytes = b"",
+    graph: str = "auto",
 ) -> SecAggParams:
-    """The cheapest (k, t) for 2^-40 security and 2^-20 correctness (module docstring)."""
+    """The cheapest (k, t) for 2^-40 security and 2^-20 correctness (module docstring).
+
+    graph: "auto" (a Harary graph when one is cheaper), or "complete" to force the complete
+    graph, whose threshold is then chosen for it (not taken over from a Harary choice).
+    """
+    if graph not in ("auto", "complete"):
+        raise ParameterError(f"graph: {graph!r} is not 'auto' or 'complete'")
     if not 2 <= n <= MAX_PARTICIPANTS:
         raise ParameterError(f"n: {n} outside 2..{MAX_PARTICIPANTS}")
     if not 0.0 <= dropout_fraction < 1.0:
@@ -227,7 +234,7 @@ def find_parameters(
         raise ParameterError(f"corrupt_fraction: {corrupt_fraction} outside [0, 1)")
     dropouts = math.ceil(dropout_fraction * n - 1e-12)
     corrupt = math.ceil(corrupt_fraction * n - 1e-12)
-    best = _search_degree(n, dropouts, corrupt, malicious)
+    best = _search_degree(n, dropouts, corrupt, malicious) if graph == "auto" else None
     if best is not None:
         k, t = best
         return SecAggParams(

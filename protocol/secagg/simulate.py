@@ -164,7 +164,8 @@ def simulate_round(
         from_client(u, clients[u].set_input(inputs[u]))
         from_client(u, clients[u].start())
 
-    while not server.done:
+    # Until the server is done and every message in flight (e.g. the abort) is delivered.
+    while not server.done or to_server or to_clients:
         if not to_server and not to_clients:
             from_server(server.close_stage())  # the deadline of the current stage passes
             continue
