@@ -31,6 +31,7 @@ import hashlib
 import math
 import random
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -86,6 +87,27 @@ class _Client(aiomqtt.Client):
         super().__init__(*args, **kwargs)
         self._on_refused = on_refused
         self.session_present = False
+        self.broker_max_packet: int | None = None
+        self.last_paho_error: str | None = None
+        self._client.on_log = self._on_paho_log
+
+    def _on_paho_log(self, client: Any, userdata: Any, level: int, buf: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            self.last_paho_error = buf
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
+    ) -> None:  # type: ignore[override]
+        # aiomqtt ignores a connection that ends before CONNACK and waits for its timeout.
+        # Under TLS 1.3 that is how a refused client certificate shows (the server's alert
+        # comes after our side of the handshake): fail the attempt at once, with the reason.
+        if not self._connected.done():
+            detail = self.last_paho_error or str(reason_code)
+            self._connected.set_exception(
+                aiomqtt.MqttError(f"connection closed before CONNACK: {detail}")
+            )
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
@@ -115,6 +137,9 @@ class _Client(aiomqtt.Client):
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
     ) -> None:  # type: ignore[override]
         self.session_present = bool(getattr(flags, "session_present", False))
+        # MQTT 5: the broker announces the largest packet it accepts; a bigger one would make
+        # it drop the connection, and paho would resend it after every reconnect, forever.
+        self.broker_max_packet = getattr(properties, "MaximumPacketSize", None)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
@@ -378,13 +403,14 @@ class MqttBus(Bus):
         delay = self._backoff[0]
         attempt = 0
         while not self._closed:
+            up_since: float | None = None
             try:
                 async with client:
                     if attempt:
                         self.reconnects += 1
                         self.log.info("bus_reconnected", session_present=client.session_present)
                     attempt += 1
-                    delay = self._backoff[0]
+                    up_since = time.monotonic()
                     await self._on_connected(client)
                     async for message in client.messages:
                         self._deliver(message)
@@ -409,6 +435,10 @@ class MqttBus(Bus):
                 return
             finally:
                 self._connected.clear()
+            if up_since is not None and time.monotonic() - up_since > self._backoff[1]:
+                # Only a connection that lasted resets the backoff: one the broker drops at
+                # once (a poison frame, a flapping link) must not turn into a reconnect storm.
+                delay = self._backoff[0]
             if self._closed:
                 return
             self.log.info("bus_disconnected", error=self._last_error, retry_in_s=round(delay, 3))
@@ -500,6 +530,12 @@ class MqttBus(Bus):
         if size > self.max_frame_bytes:
             raise BusError(
                 f"frame of {size} bytes for {topic} is over the limit of {self.max_frame_bytes}"
+            )
+        broker_max = self._client.broker_max_packet if self._client is not None else None
+        if broker_max is not None and _publish_packet_size(topic, size) > broker_max:
+            raise BusError(
+                f"frame of {size} bytes for {topic} is over the broker's packet limit of "
+                f"{broker_max} bytes"
             )
         federation = federation_of(topic)
         if federation is None or not acl_allows(
@@ -687,6 +723,12 @@ class MqttBus(Bus):
         for sub in self._subs:
             if not sub.closed and topic_matches(sub.topic_filter, topic):
                 sub._queue.put_nowait(payload)
+
+
+def _publish_packet_size(topic: str, payload: int) -> int:
+    """An upper bound of the PUBLISH packet size (QoS 1, MQTT 5, no properties)."""
+    remaining = 2 + len(topic.encode()) + 2 + 1 + payload  # topic, packet id, properties
+    return 1 + 4 + remaining  # fixed header + at most 4 bytes of remaining length
 
 
 def _settle(sub: Subscription, fut: asyncio.Future[None]) -> None:
