@@ -50,6 +50,7 @@ class BrokerConfig:
     heartbeat_ivl_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     sndhwm: int = 1000
+    io_threads: int = 2
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, insecure: bool = False) -> BrokerConfig:
@@ -85,6 +86,7 @@ class BrokerConfig:
             "heartbeat",
             "allow",
             "sndhwm",
+            "io_threads",
         }
         for key in data:
             if key not in known:
@@ -113,6 +115,7 @@ class BrokerConfig:
             "max_frame_bytes", data.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES), int
         )
         sndhwm = positive("sndhwm", data.get("sndhwm", 1000), int)
+        io_threads = positive("io_threads", data.get("io_threads", 2), int)
         hb = data.get("heartbeat", {})
         if not isinstance(hb, dict):
             raise fail("heartbeat", "must be a table")
@@ -177,6 +180,7 @@ class BrokerConfig:
             heartbeat_ivl_s=ivl,
             heartbeat_timeout_s=timeout,
             sndhwm=sndhwm,
+            io_threads=io_threads,
         )
 
     def build(self, *, insecure: bool = False) -> ZmqBroker:
@@ -191,6 +195,7 @@ class BrokerConfig:
                 heartbeat_ivl_s=self.heartbeat_ivl_s,
                 heartbeat_timeout_s=self.heartbeat_timeout_s,
                 sndhwm=self.sndhwm,
+                io_threads=self.io_threads,
             )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None

@@ -40,6 +40,8 @@ from broker.topics import (
 )
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_FILTERS_PER_SESSION = 1024
+_ROUTE_CACHE_LIMIT = 10_000
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 
@@ -61,6 +63,7 @@ class _Session:
     greeted: bool = False
     pub_acl: dict[bytes, bool] = field(default_factory=dict)  # topic -> allowed, memoised
     dropped: int = 0  # frames dropped because this subscriber's pipe was full
+    refused: int = 0  # operations the ACL or the size limit refused
 
 
 def parse_allow_list(entries: Mapping[str, object]) -> dict[str, NodeIdentity]:
@@ -105,6 +108,7 @@ class ZmqBroker:
         heartbeat_ivl_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         sndhwm: int = 1000,
+        io_threads: int = 2,
     ) -> None:
         self.federation = validate_id(federation, field="federation")
         if not insecure_no_auth:
@@ -129,7 +133,7 @@ class ZmqBroker:
         self.sndhwm = sndhwm
         self.log = structlog.get_logger("broker").bind(node="broker", federation=federation)
 
-        self._ctx = zmq.Context()
+        self._ctx = zmq.Context(io_threads=io_threads)
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -439,18 +443,14 @@ class ZmqBroker:
             if len(sess.pub_acl) < 4096:
                 sess.pub_acl[topic] = allowed
         if not allowed:
-            self.stats["refused"] += 1
-            self.log.warning(
-                "publish_refused", node=sess.node_id, topic=topic.decode(errors="replace")
-            )
+            self._note_refusal(sess, "publish_refused", topic=topic.decode(errors="replace"))
             self._send(router, sess.rid, [wire.ERR, wire.PUB, topic, b"not allowed by the ACL"])
             return
         size = len(payload)
         if size > self.max_frame_bytes:
-            self.stats["refused"] += 1
-            self.log.warning(
+            self._note_refusal(
+                sess,
                 "publish_refused",
-                node=sess.node_id,
                 topic=topic.decode(errors="replace"),
                 size=size,
                 max_frame_bytes=self.max_frame_bytes,
@@ -482,6 +482,8 @@ class ZmqBroker:
                 for rid, s in self._sessions.items()
                 if any(topic_matches(f, text) for f in s.filters)
             )
+            if len(self._routes) >= _ROUTE_CACHE_LIMIT:
+                self._routes.clear()
             self._routes[topic] = targets
         for rid in targets:
             try:
@@ -507,6 +509,13 @@ class ZmqBroker:
                     "subscriber_full_dropping", node=sess.node_id, dropped=sess.dropped
                 )
 
+    def _note_refusal(self, sess: _Session, what: str, **details: object) -> None:
+        self.stats["refused"] += 1
+        sess.refused += 1
+        # Every refusal is answered, but a client hammering the ACL must not flood the log.
+        if sess.refused <= 20 or sess.refused % 1000 == 0:
+            self.log.warning(what, node=sess.node_id, role=sess.role, count=sess.refused, **details)
+
     def _on_subscribe(self, router: zmq.Socket, sess: _Session, req_id: bytes, raw: bytes) -> None:
         topic_filter = raw.decode("utf-8", "replace")
         try:
@@ -515,12 +524,16 @@ class ZmqBroker:
             self._send(router, sess.rid, [wire.SUBACK, req_id, wire.REFUSED, str(exc).encode()])
             return
         if not self._may(sess, "subscribe", topic_filter):
-            self.stats["refused"] += 1
-            self.log.warning("subscribe_refused", node=sess.node_id, filter=topic_filter)
+            self._note_refusal(sess, "subscribe_refused", filter=topic_filter)
             reason = f"{sess.role} {sess.node_id} may not subscribe to {topic_filter}"
             self._send(router, sess.rid, [wire.SUBACK, req_id, wire.REFUSED, reason.encode()])
             return
         if topic_filter not in sess.filters:
+            if len(sess.filters) >= MAX_FILTERS_PER_SESSION:
+                reason = f"more than {MAX_FILTERS_PER_SESSION} subscriptions"
+                self._note_refusal(sess, "subscribe_refused", filter=topic_filter, reason=reason)
+                self._send(router, sess.rid, [wire.SUBACK, req_id, wire.REFUSED, reason.encode()])
+                return
             sess.filters.add(topic_filter)
             self._routes.clear()
         self._send(router, sess.rid, [wire.SUBACK, req_id, wire.OK, b""])
