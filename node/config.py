@@ -89,6 +89,21 @@ class ModelConfig(_Section, kw_only=True):
     init_seed: int = 0
 
 
+def model_kwargs(m: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments of node.training.model.build_model for a [model] section."""
+    kw: dict[str, Any] = {
+        "arch": m.arch,
+        "defense": m.defense,
+        "image_size": m.image_size,
+        "num_classes": m.num_classes,
+        "width": m.width,
+        "dropout": m.dropout,
+    }
+    if m.norm:
+        kw["norm"] = m.norm
+    return kw
+
+
 ReservedFree = Annotated[
     str,
     msgspec.Meta(

@@ -105,18 +105,11 @@ def train_plan_for_round(cfg: DirectorConfig, round: int) -> TrainPlan:
 
 def initial_weights(cfg: DirectorConfig) -> dict[str, np.ndarray]:
     """Seeded initial global model (imports torch: only called when no weights are given)."""
-    import torch
-
+    from node.config import model_kwargs
     from node.training.model import build_model
     from node.training.weights import get_weights
 
-    torch.manual_seed(cfg.model.init_seed)
-    model = build_model(
-        arch=cfg.model.arch,
-        defense=cfg.model.defense,
-        image_size=cfg.model.image_size,
-        num_classes=cfg.model.num_classes,
-    )
+    model = build_model(**model_kwargs(cfg.model), seed=cfg.model.init_seed)
     return {k: np.asarray(v, dtype=np.float32) for k, v in get_weights(model).items()}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from broker.bus import Bus, Will
 from broker.topics import Topics
 from node.aggregation import Layout, encode_update, qrange_for
-from node.config import EnvoyConfig
+from node.config import EnvoyConfig, model_kwargs
 from node.logs import get_logger, set_round, set_stage
 from node.wire import Endpoint, read_key_file, subscribe_ready
 from protocol.codec import Codec
@@ -139,16 +139,7 @@ class TorchTrainer:
         from node.training.model import build_model
         from node.training.weights import set_weights
 
-        m = self.cfg.model
-        model = build_model(
-            arch=m.arch,
-            defense=m.defense,
-            image_size=m.image_size,
-            num_classes=m.num_classes,
-            width=m.width,
-            dropout=m.dropout,
-            **({"norm": m.norm} if m.norm else {}),
-        )
+        model = build_model(**model_kwargs(self.cfg.model))
         set_weights(model, weights)
         return model
 
@@ -165,15 +156,15 @@ class TorchTrainer:
     def evaluate(
         self, weights: Mapping[str, np.ndarray], bins: int
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        from node.training.metrics import score_histograms
-        from node.training.train import predict_scores
+        from node.training.train import evaluate
 
         model = self._model(weights)
-        scores = np.asarray(predict_scores(model, self.data.val_images), dtype=np.float64)
-        labels = self.data.val_labels
-        neg, pos = score_histograms(scores, labels, bins)
-        p = np.clip(np.where(labels == 1, scores, 1 - scores), 1e-7, 1.0)
-        return neg, pos, float(-np.log(p).sum())
+        res = evaluate(model, self.data.val_images, self.data.val_labels, bins)
+        return (
+            np.asarray(res.hist_negative, dtype=np.int64),
+            np.asarray(res.hist_positive, dtype=np.int64),
+            float(res.loss_sum),
+        )
 
 
 class Envoy:

@@ -1,0 +1,316 @@
+"""`fedbus`: one entry point for every role.
+
+Only argparse and the standard library are imported at the top: `fedbus broker` must start
+without torch (the broker is a small service), so each subcommand imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("broker", "director", "envoy", "demo", "provision", "attack", "status")
+
+USAGE = """usage: fedbus COMMAND [options]
+
+commands:
+  broker     the ZeroMQ broker daemon (no torch)         fedbus broker --config configs/broker.toml
+  director   run the rounds of a federation              fedbus director --config configs/director.toml [--resume]
+  envoy      a hospital's node                           fedbus envoy --config configs/envoy.toml
+  demo       a whole federation on this machine          fedbus demo [--envoys 5] [--rounds N] [--data PATH] ...
+  provision  keys, configs and ACLs for a federation     fedbus provision --federation NAME --envoys a,b,c --out kits/
+  attack     gradient-inversion attacks vs the defences  fedbus attack [--defense ...] [--attack ...]
+  status     progress of a running director              fedbus status STATE_DIR | --config director.toml
+
+`fedbus COMMAND --help` for the options of each command."""
+
+
+def _credentials(cfg: Any) -> Any:
+    """broker.credentials.Credentials from a config's [credentials] file paths."""
+    from broker.credentials import Credentials, read_key_file
+
+    c = cfg.credentials
+    secret = (
+        read_key_file(c.curve_secret_key, field="curve_secret_key") if c.curve_secret_key else None
+    )
+    public = (
+        read_key_file(c.curve_public_key, field="curve_public_key") if c.curve_public_key else None
+    )
+    if secret and not public:
+        import zmq
+
+        public = zmq.curve_public(secret.encode("ascii")).decode("ascii")
+    broker = (
+        read_key_file(c.broker_public_key, field="broker_public_key")
+        if c.broker_public_key
+        else None
+    )
+    password = Path(c.password_file).read_text().strip() if c.password_file else None
+    return Credentials(
+        curve_secret_key=secret,
+        curve_public_key=public,
+        broker_public_key=broker,
+        username=c.username,
+        password=password,
+        tls_ca=c.tls_ca,
+        tls_cert=c.tls_cert,
+        tls_key=c.tls_key,
+    )
+
+
+def _faulty(bus: Any, plan: Any, node_id: str, started_at: float | None) -> Any:
+    """Wrap the bus in the fault plan's link faults / partitions for this node, if any."""
+    if plan is None:
+        return bus
+    partitioned = any(node_id in p["nodes"] for p in plan.to_dict().get("partition", []))
+    if plan.link_for(node_id) is None and not partitioned:
+        return bus
+    from broker.faults import FaultyBus
+
+    return FaultyBus(bus, plan, node_id, started_at=started_at)
+
+
+def _run_async(coro_factory: Any) -> int:
+    """Run the node; SIGTERM/SIGINT cancel it cleanly (exit code 130/143)."""
+    import asyncio
+    import signal
+
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            got.append(signum)
+            task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await coro_factory()
+        except asyncio.CancelledError:
+            return 128 + (got[0] if got else signal.SIGTERM)
+
+    return asyncio.run(main())
+
+
+# -- director -------------------------------------------------------------------------------
+
+
+def director_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedbus director", description="Run a federation's rounds.")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--faults", type=Path, help='fault plan TOML (link faults of node "*")')
+    p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+
+    import msgspec
+
+    from node.config import ConfigError, load_director_config
+    from node.logs import setup_logging
+
+    try:
+        cfg = load_director_config(args.config)
+        if args.rounds is not None:
+            cfg = msgspec.structs.replace(cfg, rounds=args.rounds)
+        credentials = None if cfg.insecure_no_auth else _credentials(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"fedbus director: {exc}", file=sys.stderr)
+        return 2
+    log = setup_logging(cfg.node_id)
+    plan = None
+    if args.faults:
+        from broker.faults import FaultPlan, FaultPlanError
+
+        try:
+            plan = FaultPlan.load(args.faults)
+        except (FaultPlanError, OSError) as exc:
+            print(f"fedbus director: {exc}", file=sys.stderr)
+            return 2
+
+    async def run() -> int:
+        from broker.bus import BusError
+        from broker.connect import connect
+        from node.director import Director, DirectorError
+
+        try:
+            bus = await connect(
+                cfg.bus_url,
+                node_id=cfg.node_id,
+                role="director",
+                credentials=credentials,
+                max_frame_bytes=cfg.max_frame_bytes,
+                insecure_no_auth=cfg.insecure_no_auth,
+            )
+        except (BusError, ValueError) as exc:
+            log.error("bus_connect_failed", reason=str(exc))
+            return 3
+        outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
+        try:
+            return await Director(cfg, outer, resume=args.resume).run()
+        except DirectorError as exc:
+            log.error("director_failed", reason=str(exc))
+            return 2
+        finally:
+            await bus.close()
+
+    return _run_async(run)
+
+
+# -- envoy ----------------------------------------------------------------------------------
+
+
+def envoy_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedbus envoy", description="Run a hospital's envoy.")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--faults", type=Path, help="fault plan TOML (crashes, link faults)")
+    p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")
+    p.add_argument("--audit", action="store_true", help="keep quantised updates in STATE_DIR/audit")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+
+    import msgspec
+
+    from node.config import ConfigError, load_envoy_config
+    from node.logs import setup_logging
+
+    try:
+        cfg = load_envoy_config(args.config)
+        if args.audit:
+            cfg = msgspec.structs.replace(cfg, audit=True)
+        if args.faults:
+            cfg = msgspec.structs.replace(cfg, faults=str(args.faults))
+        credentials = None if cfg.insecure_no_auth else _credentials(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"fedbus envoy: {exc}", file=sys.stderr)
+        return 2
+    log = setup_logging(cfg.node_id)
+    plan = None
+    if cfg.faults:
+        from broker.faults import FaultPlan, FaultPlanError
+
+        try:
+            plan = FaultPlan.load(cfg.faults)
+        except (FaultPlanError, OSError) as exc:
+            print(f"fedbus envoy: {exc}", file=sys.stderr)
+            return 2
+    try:
+        from node.envoy import LocalData, TorchTrainer, load_local_data
+        from node.training.data import DataUnavailable
+
+        data: LocalData = load_local_data(cfg)
+    except (DataUnavailable, ValueError, OSError) as exc:
+        print(f"fedbus envoy: data: {exc}", file=sys.stderr)
+        return 2
+    log.info("data_loaded", train=len(data.train_labels), val=len(data.val_labels))
+    trainer = TorchTrainer(cfg, data)
+
+    async def run() -> int:
+        from broker.bus import BusError
+        from broker.connect import connect
+        from node.envoy import Envoy
+
+        envoy = Envoy(cfg, None, trainer, fault_plan=plan)  # type: ignore[arg-type]
+        try:
+            bus = await connect(
+                cfg.bus_url,
+                node_id=cfg.node_id,
+                role="envoy",
+                credentials=credentials,
+                will=envoy.will(),
+                max_frame_bytes=cfg.max_frame_bytes,
+                insecure_no_auth=cfg.insecure_no_auth,
+            )
+        except (BusError, ValueError) as exc:
+            log.error("bus_connect_failed", reason=str(exc))
+            return 3
+        outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
+        envoy.attach(outer)
+        try:
+            return await envoy.run()
+        finally:
+            await outer.close()
+
+    return _run_async(run)
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def status_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="fedbus status", description="Progress of a director.")
+    p.add_argument("state_dir", nargs="?", type=Path, help="the director's state_dir")
+    p.add_argument("--config", type=Path, help="the director's config (to find its state_dir)")
+    p.add_argument("--json", action="store_true", help="print status.json as is")
+    args = p.parse_args(argv)
+    from node.status import format_status, read_status
+
+    state_dir = args.state_dir
+    if state_dir is None:
+        if args.config is None:
+            p.error("give STATE_DIR or --config")
+        from node.config import ConfigError, load_director_config
+
+        try:
+            state_dir = Path(load_director_config(args.config).state_dir)
+        except ConfigError as exc:
+            print(f"fedbus status: {exc}", file=sys.stderr)
+            return 2
+    try:
+        status, records = read_status(state_dir)
+    except FileNotFoundError as exc:
+        print(f"fedbus status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps(status, indent=1))
+    else:
+        print(format_status(status, records))
+    return 0
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "broker":
+        from broker.daemon import main as broker_main
+
+        return broker_main(rest)
+    if command == "director":
+        return director_main(rest)
+    if command == "envoy":
+        return envoy_main(rest)
+    if command == "demo":
+        from node.demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "provision":
+        from node.provision import main as provision_main
+
+        return provision_main(rest)
+    if command == "attack":
+        from node.attack import main as attack_main
+
+        return attack_main(rest)
+    if command == "status":
+        return status_main(rest)
+    print(f"fedbus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
