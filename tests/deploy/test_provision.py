@@ -1,0 +1,263 @@
+"""`fedbus provision`: the kits' contents, their secrecy, re-runs, and kits that really work."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.connect import connect
+from broker.daemon import BrokerConfig
+from broker.mosquitto import AclFile, MosquittoProcess, free_port, parse_passwd, verify_password
+from broker.topics import Topics
+from crypto.signing import sign, signing_public_key, verify
+from node.cli import _credentials
+from node.config import load_director_config, load_envoy_config
+from node.provision import main as provision
+from node.wire import read_key_file
+
+REPO = Path(__file__).resolve().parents[2]
+PRIVATE = ["signing.key", "curve.key", "mqtt.password", "tls/client.key"]
+
+
+def run(out: Path, *args: str, envoys: str = "a,b,c", federation: str = "hosp") -> int:
+    return provision(["--federation", federation, "--envoys", envoys, "--out", str(out), *args])
+
+
+@pytest.fixture
+def kits(tmp_path: Path) -> Path:
+    out = tmp_path / "kits"
+    assert run(out, "--transport", "mqtt") == 0
+    return out
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_every_node_gets_a_complete_private_kit(kits: Path) -> None:
+    for node in ("director", "a", "b", "c"):
+        kit = kits / node
+        assert mode(kit) == 0o700
+        for name in PRIVATE:
+            assert mode(kit / name) == 0o600, f"{node}/{name}"
+        for name in ("signing.pub", "curve.pub", "broker.pub", "tls/ca.crt", "tls/client.crt"):
+            assert (kit / name).is_file(), f"{node}/{name}"
+    for name in ("broker.key", "tls/server.key", "mosquitto.passwd", "mosquitto.conf"):
+        assert mode(kits / "broker" / name) == 0o600
+    assert mode(kits / "ca" / "ca.key") == 0o600
+    # The CA key is the operator's: no node kit holds it.
+    ca_key = (kits / "ca" / "ca.key").read_bytes()
+    for path in kits.rglob("*"):
+        if path.is_file() and path.parent.name != "ca":
+            assert path.read_bytes() != ca_key
+    assert not list(kits.rglob("*.tmp"))
+
+
+def test_configs_load_and_point_at_the_kit(kits: Path) -> None:
+    director = load_director_config(kits / "director" / "director.toml")
+    assert director.federation == "hosp"
+    assert director.bus_url == "mqtts://127.0.0.1:8883"
+    # Secure aggregation: the director holds every envoy's signing public key.
+    assert set(director.envoy_signing_keys) == {"a", "b", "c"}
+    for envoy, path in director.envoy_signing_keys.items():
+        private = read_key_file(kits / envoy / "signing.key")
+        assert read_key_file(path) == signing_public_key(private)
+    for envoy in ("a", "b", "c"):
+        cfg = load_envoy_config(kits / envoy / "envoy.toml")
+        assert cfg.node_id == envoy and cfg.federation == "hosp"
+        assert set(cfg.peer_signing_keys) == {"a", "b", "c"}
+        director_public = read_key_file(cfg.director_signing_key)  # type: ignore[arg-type]
+        message = b"round 1"
+        verify(
+            director_public,
+            message,
+            sign(read_key_file(kits / "director" / "signing.key"), message),
+        )
+        creds = _credentials(cfg)
+        assert creds.username == envoy and creds.password
+        assert creds.tls_ca and Path(creds.tls_ca).is_file()
+        assert creds.has_curve
+
+
+def test_broker_kit_matches_the_nodes(kits: Path) -> None:
+    config = BrokerConfig.load(kits / "broker" / "broker.toml")
+    allowed = {identity.node_id: key for key, identity in config.allow.items()}
+    assert set(allowed) == {"director", "a", "b", "c"}
+    import zmq
+
+    for node, public in allowed.items():
+        secret = (kits / node / "curve.key").read_text().strip()
+        assert zmq.curve_public(secret.encode()).decode() == public
+    entries = parse_passwd((kits / "broker" / "mosquitto.passwd").read_text())
+    for node in allowed:
+        password = (kits / node / "mqtt.password").read_text().strip()
+        assert verify_password(entries[node], password)
+    acl = AclFile.parse((kits / "broker" / "mosquitto.acl").read_text())
+    topics = Topics("hosp")
+    assert acl.allows("a", "write", topics.director)
+    assert not acl.allows("a", "read", topics.envoy("b"))
+
+
+def test_certificates_chain_to_the_federation_ca(kits: Path) -> None:
+    ca = x509.load_pem_x509_certificate((kits / "ca" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((kits / "broker" / "tls" / "server.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    for node in ("director", "a"):
+        cert = x509.load_pem_x509_certificate((kits / node / "tls" / "client.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == node
+        assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    server.verify_directly_issued_by(ca)
+
+
+def _secrets(out: Path) -> dict[str, bytes]:
+    found = {}
+    for path in sorted(out.rglob("*")):
+        if (
+            path.is_file()
+            and mode(path) == 0o600
+            and path.name not in ("mosquitto.passwd", "mosquitto.conf", "mosquitto.acl")
+        ):
+            found[str(path.relative_to(out))] = path.read_bytes()
+    return found
+
+
+def test_rerun_adds_envoys_without_rotating_any_key(kits: Path) -> None:
+    before = _secrets(kits)
+    envoy_a = kits / "a" / "envoy.toml"
+    edited = envoy_a.read_text().replace("data/pneumoniamnist.npz", "/srv/xray/hospital-a.npz")
+    envoy_a.write_text(edited)
+    assert run(kits, "--transport", "mqtt", envoys="d") == 0
+    after = _secrets(kits)
+    for name, data in before.items():
+        assert after[name] == data, f"{name} was rotated"
+    assert {name.split("/")[0] for name in set(after) - set(before)} == {"d"}
+    director = load_director_config(kits / "director" / "director.toml")
+    assert set(director.envoy_signing_keys) == {"a", "b", "c", "d"}
+    assert director.target_envoys == 4
+    a = load_envoy_config(envoy_a)
+    assert set(a.peer_signing_keys) == {"a", "b", "c", "d"}
+    assert a.data.path == "/srv/xray/hospital-a.npz"  # the hospital's own edit survives
+    roster = tomllib.loads((kits / "roster.toml").read_text())
+    assert set(roster["nodes"]) == {"director", "a", "b", "c", "d"}
+    assert "d" in parse_passwd((kits / "broker" / "mosquitto.passwd").read_text())
+    assert "d" in {
+        i.node_id for i in BrokerConfig.load(kits / "broker" / "broker.toml").allow.values()
+    }
+
+
+def test_rerun_for_another_federation_is_refused(
+    kits: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(kits, federation="other") == 2
+    assert "federation 'hosp'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"--envoys": "a,a/b"},
+        {"--envoys": "director"},
+        {"--envoys": "broadcast"},
+        {"--port": "70000"},
+        {"--broker-host": "has space"},
+        {"--federation": "no spaces allowed"},
+    ],
+)
+def test_bad_arguments_are_refused_before_writing(tmp_path: Path, override: dict[str, str]) -> None:
+    out = tmp_path / "kits"
+    options = {"--federation": "hosp", "--envoys": "a", "--out": str(out), **override}
+    assert provision([part for item in options.items() for part in item]) == 2
+    assert not (out / "roster.toml").exists()
+
+
+async def test_mqtt_kits_work_with_the_real_broker(tmp_path: Path) -> None:
+    """Mosquitto from the broker kit, nodes from their kits' configs, over TLS."""
+    out = tmp_path / "kits"
+    port = free_port()
+    user = ["--mosquitto-user", "root"] if os.geteuid() == 0 else []
+    argv = ["--transport", "mqtt", "--port", str(port), "--bind-address", "127.0.0.1", *user]
+    assert run(out, *argv) == 0
+    broker = MosquittoProcess(out / "broker" / "mosquitto.conf", (port,))
+    with broker:
+        director_cfg = load_director_config(out / "director" / "director.toml")
+        envoy_cfg = load_envoy_config(out / "b" / "envoy.toml")
+        director = await connect(
+            director_cfg.bus_url,
+            node_id="director",
+            role="director",
+            credentials=_credentials(director_cfg),
+        )
+        envoy = await connect(
+            envoy_cfg.bus_url, node_id="b", role="envoy", credentials=_credentials(envoy_cfg)
+        )
+        try:
+            topics = Topics("hosp")
+            inbox = director.subscribe(topics.director)
+            mine = envoy.subscribe(topics.envoy("b"))
+            await asyncio.gather(inbox.ready(), mine.ready())
+            await envoy.publish(topics.director, b"hello from b")
+            await director.publish(topics.envoy("b"), b"hello b")
+            assert await anext(inbox) == b"hello from b"
+            assert await anext(mine) == b"hello b"
+        finally:
+            await envoy.close()
+            await director.close()
+
+
+async def test_zmq_kits_work_with_the_real_broker_daemon(tmp_path: Path) -> None:
+    out = tmp_path / "kits"
+    port = free_port()
+    assert run(out, "--port", str(port), "--bind-address", "127.0.0.1") == 0
+    ready = tmp_path / "ready"
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "broker",
+            "--config",
+            str(out / "broker" / "broker.toml"),
+            "--ready-file",
+            str(ready),
+        ],
+        cwd=REPO,
+    )
+    try:
+        while not ready.exists():
+            assert daemon.poll() is None
+            await asyncio.sleep(0.05)
+        director_cfg = load_director_config(out / "director" / "director.toml")
+        envoy_cfg = load_envoy_config(out / "c" / "envoy.toml")
+        assert envoy_cfg.bus_url == f"zmq+tcp://127.0.0.1:{port}"
+        director = await connect(
+            director_cfg.bus_url,
+            node_id="director",
+            role="director",
+            credentials=_credentials(director_cfg),
+        )
+        envoy = await connect(
+            envoy_cfg.bus_url, node_id="c", role="envoy", credentials=_credentials(envoy_cfg)
+        )
+        try:
+            topics = Topics("hosp")
+            inbox = director.subscribe(topics.director)
+            await inbox.ready()
+            await envoy.publish(topics.director, b"hello from c")
+            assert await anext(inbox) == b"hello from c"
+        finally:
+            await envoy.close()
+            await director.close()
+    finally:
+        daemon.terminate()
+        daemon.wait()
