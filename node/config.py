@@ -22,6 +22,7 @@ PosInt = Annotated[int, msgspec.Meta(ge=1)]
 Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Url = Annotated[str, msgspec.Meta(pattern=r"^(zmq\+tcp|mqtt|mqtts)://.+$")]
 PathStr = Annotated[str, msgspec.Meta(min_length=1)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # numpy seeds are non-negative
 
 # Stage names used by RoundStart deadlines, fault plans and status.json.
 STAGES = (
@@ -63,7 +64,7 @@ class Partition(_Section, kw_only=True):
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
     count: PosInt = 1
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DataSource(_Section, kw_only=True):
@@ -86,7 +87,7 @@ class ModelConfig(_Section, kw_only=True):
     width: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     norm: Literal["group", "batch", "none"] | None = None
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
-    init_seed: int = 0
+    init_seed: Seed = 0
 
 
 def model_kwargs(m: ModelConfig) -> dict[str, Any]:
@@ -128,7 +129,7 @@ class EnvoyConfig(_Section, kw_only=True):
     peer_signing_keys: dict[NodeId, PathStr] = msgspec.field(default_factory=dict)
     director_id: NodeId = "director"
     heartbeat_s: PosFloat = 2.0
-    seed: int = 0
+    seed: Seed = 0
     threads: PosInt = 1
     audit: bool = False
     faults: PathStr | None = None
@@ -208,7 +209,7 @@ class DirectorConfig(_Section, kw_only=True):
     # The only way to send plain (unmasked) updates: the director then sees each envoy's update.
     insecure_plain_aggregation: bool = False
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: Seed = 0
     audit: bool = False
     insecure_no_auth: bool = False
     max_frame_bytes: PosInt = 64 * 1024 * 1024
@@ -288,30 +289,28 @@ def load_director_config(path: str | Path) -> DirectorConfig:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """A minimal TOML writer for the configs the demo and tests generate (tables, scalars)."""
+    """A small TOML writer for the configs the demo and the tests generate.
+
+    Scalars and lists of scalars become `key = value`; nested dicts become [a.b] tables.
+    None values are left out (TOML has no null).
+    """
     lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, table in tables:
+    _dump_table(data, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    subtables = []
+    if path:
         lines.append("")
-        lines.append(f"[{name}]")
-        sub: list[tuple[str, dict[str, Any]]] = []
-        for key, value in table.items():
-            if isinstance(value, dict) and name not in _PATH_MAPS and key != "__inline__":
-                sub.append((key, value))
-            elif value is not None:
-                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-        for subname, subtable in sub:
-            lines.append("")
-            lines.append(f"[{name}.{subname}]")
-            for key, value in subtable.items():
-                if value is not None:
-                    lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            subtables.append((key, value))
+        elif value is not None:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in subtables:
+        _dump_table(value, [*path, key], lines)
 
 
 def _toml_key(key: str) -> str:

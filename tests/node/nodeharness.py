@@ -117,6 +117,7 @@ def make_fed(
         "secagg": {"malicious": malicious, "dropout_fraction": 0.34, "clip": 1.0},
         "eval": {"bins": 20},
         "audit": True,
+        "max_frame_bytes": 1 << 19,
         **director_extra,
     }
     if signed:
@@ -133,6 +134,7 @@ def make_fed(
             "state_dir": str(tmp / name),
             "heartbeat_s": 0.2,
             "audit": True,
+            "max_frame_bytes": 1 << 19,
             "data": {"path": "unused.npz"},
         }
         if signed:

@@ -1,0 +1,190 @@
+"""Config validation: every wrong or missing field is an error naming the field and the file."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from node.config import (
+    _PATH_FIELDS,
+    ConfigError,
+    dump_toml,
+    load_director_config,
+    load_envoy_config,
+    model_kwargs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+DIRECTOR: dict[str, Any] = {
+    "federation": "fed1",
+    "bus_url": "zmq+tcp://127.0.0.1:5555",
+    "state_dir": "state",
+    "rounds": 3,
+    "min_envoys": 2,
+    "target_envoys": 5,
+    "participation": 0.8,
+    "deadlines": {"training": 10.0, "share_keys": 5.0},
+    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
+    "lr_schedule": {"kind": "cosine", "min_lr": 0.001},
+    "model": {"arch": "cnn", "defense": "cvb", "width": 16},
+    "secagg": {"malicious": False, "clip": 0.5},
+    "eval": {"bins": 50},
+}
+ENVOY: dict[str, Any] = {
+    "node_id": "envoy-1",
+    "federation": "fed1",
+    "bus_url": "zmq+tcp://127.0.0.1:5555",
+    "state_dir": "state",
+    "heartbeat_s": 1.0,
+    "data": {
+        "source": "pneumoniamnist",
+        "path": "data/pneumoniamnist.npz",
+        "partition": {"scheme": "dirichlet", "alpha": 0.5, "index": 1, "count": 3, "seed": 0},
+    },
+    "model": {"arch": "cnn", "defense": "cvb"},
+}
+
+
+def write(tmp_path: Path, name: str, data: dict[str, Any]) -> Path:
+    path = tmp_path / name
+    path.write_text(dump_toml(data))
+    return path
+
+
+def test_templates_in_configs_load():
+    d = load_director_config(REPO / "configs" / "director.toml")
+    e = load_envoy_config(REPO / "configs" / "envoy.toml")
+    # Secure aggregation is the default; the model defaults to the CVB defence.
+    assert d.insecure_plain_aggregation is False
+    assert d.model.defense == "cvb"
+    assert d.secagg.malicious is True
+    assert model_kwargs(e.model)["arch"] == d.model.arch
+    # Paths are resolved against the config file's folder.
+    assert Path(d.state_dir).is_absolute()
+    assert (
+        Path(e.data.path) == (REPO / "configs" / "../../shared/data/pneumoniamnist.npz").resolve()
+    )
+
+
+def test_valid_configs_roundtrip(tmp_path):
+    d = load_director_config(write(tmp_path, "d.toml", DIRECTOR))
+    assert d.rounds == 3 and d.deadlines.training == 10.0 and d.deadlines.unmask == 30.0
+    assert d.state_dir == str(tmp_path / "state")
+    e = load_envoy_config(write(tmp_path, "e.toml", ENVOY))
+    assert e.data.partition.index == 1 and e.data.path == str(tmp_path / "data/pneumoniamnist.npz")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda d: d.pop("rounds"), "rounds"),
+        (lambda d: d.update(rounds="three"), "rounds"),
+        (lambda d: d.update(rounds=0), "rounds"),
+        (lambda d: d.update(bus_url="http://x"), "bus_url"),
+        (lambda d: d["deadlines"].update(share_keys=-1.0), "deadlines.share_keys"),
+        (lambda d: d["train"].update(lr="fast"), "train.lr"),
+        (lambda d: d["model"].update(defense="vae"), "model.defense"),
+        (lambda d: d["secagg"].update(clipp=1.0), "clipp"),
+        (lambda d: d.update(participation=1.5), "participation"),
+        (lambda d: d.update(federation="bad/fed"), "federation"),
+        (lambda d: d.update(insecure_plain_aggregation="yes"), "insecure_plain_aggregation"),
+    ],
+)
+def test_director_errors_name_field_and_file(tmp_path, mutate, field):
+    data = copy.deepcopy(DIRECTOR)
+    mutate(data)
+    path = write(tmp_path, "director.toml", data)
+    with pytest.raises(ConfigError) as info:
+        load_director_config(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert field in msg
+
+
+def test_cross_field_check_names_file(tmp_path):
+    data = copy.deepcopy(DIRECTOR)
+    data.update(min_envoys=6, target_envoys=3)
+    path = write(tmp_path, "director.toml", data)
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ".*target_envoys"):
+        load_director_config(path)
+
+
+def test_envoy_cannot_take_the_broadcast_name(tmp_path):
+    data = copy.deepcopy(ENVOY)
+    data["node_id"] = "broadcast"
+    path = write(tmp_path, "envoy.toml", data)
+    with pytest.raises(ConfigError, match="node_id"):
+        load_envoy_config(path)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_envoy_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [\n")
+    with pytest.raises(ConfigError, match=re.escape(str(bad)) + ".*TOML"):
+        load_director_config(bad)
+
+
+def _leaves(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("envoy_signing_keys", "peer_signing_keys"):
+            out += _leaves(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _get_parent(d: dict[str, Any], dotted: str) -> tuple[dict[str, Any], str]:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d[k]
+    return d, keys[-1]
+
+
+# Values no field of either config accepts (every field is a number, bool, id, url or path
+# of a constrained kind, and none is a list or table of this shape).
+WRONG = st.sampled_from([[1, 2], {"x": {"y": 1}}, -(10**9), "☃" * 70])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    which=st.sampled_from(["director", "envoy"]),
+    data=st.data(),
+    value=WRONG,
+    delete=st.booleans(),
+)
+def test_any_wrong_leaf_is_reported_with_its_path(tmp_path, which, data, value, delete):
+    base = DIRECTOR if which == "director" else ENVOY
+    cfg = copy.deepcopy(base)
+    leaf = data.draw(st.sampled_from(_leaves(cfg)))
+    parent, key = _get_parent(cfg, leaf)
+    required = {
+        "director": {"federation", "bus_url", "state_dir", "rounds"},
+        "envoy": {"node_id", "federation", "bus_url", "state_dir", "data", "data.path"},
+    }[which]
+    if delete:
+        if leaf not in required:
+            return  # optional fields may be left out
+        del parent[key]
+    else:
+        if isinstance(value, str) and key in _PATH_FIELDS:
+            return  # any non-empty string is a valid path
+        parent[key] = value
+    path = write(tmp_path, f"{which}.toml", cfg)
+    loader = load_director_config if which == "director" else load_envoy_config
+    with pytest.raises(ConfigError) as info:
+        loader(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert key in msg
