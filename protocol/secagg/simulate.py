@@ -67,6 +67,11 @@ class SimulationResult:
     view: list[tuple[str, object]] = field(default_factory=list)  # every message the server got
     server: SecAggServer | None = None
     clients: dict[str, SecAggClient] = field(default_factory=dict)
+    # Filled only when a clock is given: seconds inside each state machine's calls, and in
+    # MessagePack encoding/decoding (the bus's share of the work).
+    client_seconds: dict[str, float] = field(default_factory=dict)
+    server_seconds: float = 0.0
+    wire_seconds: float = 0.0
 
 
 def node_names(n: int) -> list[str]:
@@ -88,12 +93,15 @@ def simulate_round(
     randbytes: Callable[[int], bytes] | None = None,
     signing_keys: Mapping[str, tuple[bytes, bytes]] | None = None,
     client_factory: Callable[..., SecAggClient] = SecAggClient,
+    clock: Callable[[], float] | None = None,
 ) -> SimulationResult:
     """One whole round; returns the server's result and everything it received.
 
     dropouts: node -> stage at which it crashes (one of protocol.secagg.common.STAGES).
     duplicate: probability that any message (either direction) is delivered twice.
     randbytes: the randomness of every party; default os.urandom (tests pass a seeded one).
+    clock: e.g. time.perf_counter, to account the time of every call per party (benchmarks);
+        injected because protocol code reads no clock of its own.
     """
     rng = random.Random(seed)
     names = node_names(n)
@@ -134,14 +142,25 @@ def simulate_round(
     dead: set[str] = set()
     to_server: deque[tuple[str, object]] = deque()
     to_clients: deque[tuple[str, object]] = deque()
+    client_seconds = dict.fromkeys(names, 0.0)
+    totals = {"server": 0.0, "wire": 0.0}
+    now = clock or (lambda: 0.0)
 
     def transport(body: object) -> object:
-        return _Body.decode(_encoder.encode(body)) if wire else body
+        if not wire:
+            return body
+        t0 = now()
+        decoded = _Body.decode(_encoder.encode(body))
+        totals["wire"] += now() - t0
+        return decoded
 
     def times() -> int:
         return 2 if duplicate and rng.random() < duplicate else 1
 
-    def from_client(u: str, outgoing: list[Outgoing]) -> None:
+    def on_client(u: str, call: Callable[[], list[Outgoing]]) -> None:
+        t0 = now()
+        outgoing = call()
+        client_seconds[u] += now() - t0
         for out in outgoing:
             stage = _STAGE_OF.get(type(out.body))
             if dropouts.get(u) == stage:
@@ -149,10 +168,14 @@ def simulate_round(
                 return
             if u in dead:
                 return
+            body = transport(out.body)
             for _ in range(times()):
-                to_server.append((u, transport(out.body)))
+                to_server.append((u, body))
 
-    def from_server(outgoing: list[Outgoing]) -> None:
+    def on_server(call: Callable[[], list[Outgoing]]) -> None:
+        t0 = now()
+        outgoing = call()
+        totals["server"] += now() - t0
         for out in outgoing:
             targets = names if out.recipient == BROADCAST else [out.recipient]
             body = transport(out.body)
@@ -161,24 +184,24 @@ def simulate_round(
                     to_clients.append((v, body))
 
     for u in names:
-        from_client(u, clients[u].set_input(inputs[u]))
-        from_client(u, clients[u].start())
+        on_client(u, lambda u=u: clients[u].set_input(inputs[u]))
+        on_client(u, clients[u].start)
 
     # Until the server is done and every message in flight (e.g. the abort) is delivered.
     while not server.done or to_server or to_clients:
         if not to_server and not to_clients:
-            from_server(server.close_stage())  # the deadline of the current stage passes
+            on_server(server.close_stage)  # the deadline of the current stage passes
             continue
         while to_server:
             u, body = to_server.popleft()
             if record_view:
                 view.append((u, body))
-            from_server(server.receive(u, body))
+            on_server(lambda u=u, body=body: server.receive(u, body))
         while to_clients:
             v, body = to_clients.popleft()
             if v in dead:
                 continue
-            from_client(v, clients[v].receive(SERVER, body))
+            on_client(v, lambda v=v, body=body: clients[v].receive(SERVER, body))
 
     expected = None
     if server.result is not None:
@@ -195,6 +218,9 @@ def simulate_round(
         view=view,
         server=server,
         clients=clients,
+        client_seconds=client_seconds if clock else {},
+        server_seconds=totals["server"],
+        wire_seconds=totals["wire"],
     )
 
 
