@@ -1,8 +1,11 @@
 """Binary classification metrics, exact and from per-class score histograms.
 
 Federated evaluation never ships per-image scores: each envoy returns two histograms of
-P(pneumonia) on its validation split (normal images, pneumonia images; `bins` equal bins
-on [0, 1]) and the director sums them. The histograms are all a ROC curve needs: the
+P(pneumonia) on its validation split (normal images, pneumonia images) and the director
+sums them. The `bins` bins are equal in logit space, not in probability: edges
+0, sigmoid(-10 ... 10), 1. A trained network puts most scores within 0.01 of 0 or 1, where
+equal-width bins would lump everything into one bin and leave the validation threshold
+only the choice 0.99; logit bins keep both the ROC and the threshold resolved there. The histograms are all a ROC curve needs: the
 thresholds are the bin edges, and within a bin scores count as tied, so the histogram AUC
 equals the exact pairwise (Mann-Whitney) AUC of the scores rounded down to their bin edge.
 
@@ -24,10 +27,15 @@ import numpy as np
 DEFAULT_BINS = 100
 
 
+LOGIT_RANGE = 10.0
+
+
 def bin_edges(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """bins + 1 increasing edges: 0, sigmoid of bins - 1 equally spaced logits in +-10, 1."""
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
-    return np.arange(bins + 1, dtype=np.float64) / bins
+    logits = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, bins - 1) if bins > 2 else np.zeros(1)
+    return np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-logits)), [1.0]])
 
 
 def _check_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +59,7 @@ def score_bins(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
 def score_histograms(
     scores: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(negative, positive) int64 histograms of the scores, `bins` equal bins on [0, 1]."""
+    """(negative, positive) int64 histograms of the scores over `bin_edges(bins)`."""
     scores, labels = _check_scores(scores, labels)
     idx = score_bins(scores, bins)
     neg = np.bincount(idx[labels == 0], minlength=bins).astype(np.int64)
@@ -92,7 +100,8 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
     """AUC, ROC and the Youden-optimal threshold with the metrics it gives on this data.
 
     The threshold maximises sensitivity + specificity; ties go to the higher accuracy, then
-    to the threshold nearest 0.5 (the least extreme of equally good choices).
+    to the threshold nearest 0.5 (the least extreme of equally good choices). The
+    threshold is a bin edge; k = bins (nobody positive) is reported as 1 + 1/bins.
     """
     neg = np.asarray(neg, np.int64).reshape(-1)
     pos = np.asarray(pos, np.int64).reshape(-1)

@@ -142,8 +142,17 @@ def train_local(
     progress: Progress | None = None,
     class_weighting: str = "balanced",
     flip: bool = True,
+    max_grad_norm: float | None = 5.0,
+    augment_strength: float = 1.0,
 ) -> TrainResult:
-    """Train `model` in place on (images, labels) as `plan` says; return sample count and loss."""
+    """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
+
+    `max_grad_norm` clips the global gradient norm of each step. Under label skew an envoy
+    with a handful of one class sees rare, heavily weighted, large gradients, and the
+    bottleneck's mean can grow to outrun its noise; clipping keeps both from kicking the
+    momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
+    the rotation, scale, shift and jitter ranges of `augment_batch` together.
+    """
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
     n = int(y_all.shape[0])
@@ -177,7 +186,16 @@ def train_local(
                 idx = perm[b * batch : (b + 1) * batch if b < steps_per_epoch - 1 else n]
                 x = x_all[idx]
                 if plan.augment:
-                    x = augment_batch(x, size, gen, flip=flip)
+                    x = augment_batch(
+                        x,
+                        size,
+                        gen,
+                        max_rotate_deg=10.0 * augment_strength,
+                        max_scale=0.10 * augment_strength,
+                        max_shift=0.08 * augment_strength,
+                        jitter=0.10 * augment_strength,
+                        flip=flip,
+                    )
                 logits = model(x)
                 loss = F.cross_entropy(logits, y_all[idx], weight=weight)
                 kl = kl_fn() if (kl_fn is not None) else torch.zeros(())
@@ -187,6 +205,8 @@ def train_local(
                     raise FloatingPointError(f"training diverged at step {step} (lr={plan.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
                 k = int(idx.shape[0])
                 epoch_loss += value * k

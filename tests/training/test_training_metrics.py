@@ -28,6 +28,7 @@ def _pairwise_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 score_values = st.one_of(
     st.floats(0.0, 1.0),
     st.integers(0, 100).map(lambda k: k / 100),
+    st.sampled_from(bin_edges(100).tolist() + bin_edges(7).tolist()),
     st.sampled_from([0.0, 1.0, 0.5, 0.29, 0.57, 0.999999]),
 )
 
@@ -83,6 +84,18 @@ def test_chosen_threshold_maximises_youden_and_means_the_same_on_raw_scores(data
     for key in ("accuracy", "sensitivity", "specificity", "f1"):
         assert raw[key] == pytest.approx(out[key], abs=1e-12), key
     assert raw["confusion"] == out["confusion"]
+
+
+def test_bin_edges_are_logit_spaced_and_cover_zero_to_one() -> None:
+    edges = bin_edges(100)
+    assert edges.size == 101 and edges[0] == 0.0 and edges[-1] == 1.0
+    assert np.all(np.diff(edges) > 0)
+    assert edges[50] == pytest.approx(0.5)
+    logits = np.log(edges[1:-1] / (1 - edges[1:-1]))
+    assert np.allclose(np.diff(logits), 20 / 98)
+    assert bin_edges(2).tolist() == [0.0, 0.5, 1.0]
+    # saturated scores stay apart: 0.991 and 0.9999 fall in different bins
+    assert score_bins(np.array([0.991]))[0] < score_bins(np.array([0.9999]))[0]
 
 
 def test_known_confusion_values() -> None:

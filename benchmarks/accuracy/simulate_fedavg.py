@@ -1,0 +1,290 @@
+"""In-process FedAvg on PneumoniaMNIST: the envoys' own training code, minus the bus.
+
+Same data loader, partitioner (train split with `seed`, validation split with `seed + 1`,
+as node/envoy.py does), local training, weight averaging and histogram metrics as the real
+federation; what is missing is only the transport and secure aggregation, which change
+no number (SecAgg's quantisation error is far below float32 training noise).
+
+Each round: the global weights go to every envoy, each trains `local_epochs` on its share,
+the director takes the sample-weighted average. Then the federated validation: every envoy
+scores the global model on its validation share and returns per-class histograms, which
+are summed. The model is chosen by validation AUC (all rounds), the decision threshold by
+Youden's J on the same validation histograms; the test split is only read to report the
+chosen model at that threshold (and, for the record, every round's test figures, which
+played no part in any choice).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/accuracy/simulate_fedavg.py \\
+        --defense cvb --out benchmarks/accuracy/results/cvb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from node.training.data import load_pneumoniamnist  # noqa: E402
+from node.training.metrics import binary_metrics, metrics_from_histograms  # noqa: E402
+from node.training.model import build_model  # noqa: E402
+from node.training.partition import select_partition  # noqa: E402
+from node.training.train import evaluate, predict_scores, round_lr, train_local  # noqa: E402
+from node.training.weights import get_weights, set_weights, weighted_average  # noqa: E402
+from protocol.messages import TrainPlan  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--data", default=os.environ.get("FEDBUS_DATA", str(ROOT.parent / "shared/data"))
+    )
+    p.add_argument("--envoys", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="partition and training seed")
+    p.add_argument("--init-seed", type=int, default=0)
+    p.add_argument("--arch", default="cnn")
+    p.add_argument(
+        "--defense", default="cvb", help="one or a comma list, run side by side: none,cvb"
+    )
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--norm", default="batch")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--kl-beta", type=float, default=0.01)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-flip", action="store_true")
+    p.add_argument("--class-weighting", default="balanced", choices=["balanced", "none"])
+    p.add_argument("--max-grad-norm", type=float, default=5.0)
+    p.add_argument("--augment-strength", type=float, default=1.0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    p.add_argument("--final-lr-fraction", type=float, default=0.05)
+    p.add_argument("--bins", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    ds = load_pneumoniamnist(args.data)
+    shares = []
+    for i in range(args.envoys):
+        tr = select_partition(
+            ds.train.labels,
+            scheme="dirichlet",
+            num_envoys=args.envoys,
+            index=i,
+            seed=args.seed,
+            alpha=args.alpha,
+        )
+        va = select_partition(
+            ds.val.labels,
+            scheme="dirichlet",
+            num_envoys=args.envoys,
+            index=i,
+            seed=args.seed + 1,
+            alpha=args.alpha,
+        )
+        shares.append((ds.train.subset(tr), ds.val.subset(va)))
+
+    def new_model():
+        return build_model(
+            args.arch,
+            args.defense,
+            args.image_size,
+            width=args.width,
+            norm=args.norm,
+            dropout=args.dropout,
+            seed=args.init_seed,
+        )
+
+    model = new_model()
+    global_w = get_weights(model)
+    rounds: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    best_w = None
+    started = time.perf_counter()
+    train_seconds: list[float] = []
+    for r in range(args.rounds):
+        lr = round_lr(
+            args.lr, r, args.rounds, schedule=args.schedule, final_fraction=args.final_lr_fraction
+        )
+        plan = TrainPlan(
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            lr=lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            kl_beta=args.kl_beta,
+            augment=not args.no_augment,
+        )
+        updates, counts, losses = [], [], []
+        for i, (train, _) in enumerate(shares):
+            set_weights(model, global_w)
+            res = train_local(
+                model,
+                train.images,
+                train.labels,
+                plan,
+                seed=args.seed * 100_003 + r * 101 + i,
+                class_weighting=args.class_weighting,
+                flip=not args.no_flip,
+                max_grad_norm=args.max_grad_norm,
+                augment_strength=args.augment_strength,
+            )
+            train_seconds.append(res.seconds)
+            updates.append(get_weights(model))
+            counts.append(res.num_samples)
+            losses.append(res.loss)
+        global_w = weighted_average(updates, counts)
+        set_weights(model, global_w)
+        neg = np.zeros(args.bins, np.int64)
+        pos = np.zeros(args.bins, np.int64)
+        val_loss = 0.0
+        for _, val in shares:
+            ev = evaluate(model, val.images, val.labels, args.bins)
+            neg += ev.hist_negative
+            pos += ev.hist_positive
+            val_loss += ev.loss_sum
+        val = metrics_from_histograms(neg, pos)
+        test_scores = predict_scores(model, ds.test.images)
+        test = binary_metrics(test_scores, ds.test.labels, val["threshold"])
+        row = {
+            "round": r + 1,
+            "lr": lr,
+            "train_loss": float(np.average(losses, weights=counts)),
+            "val_loss": val_loss / len(ds.val),
+            "val_auc": val["auc"],
+            "val_threshold": val["threshold"],
+            "val_accuracy": val["accuracy"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "test_accuracy": test["accuracy"],
+            "test_auc": test["auc"],
+            "test_accuracy_at_0.5": binary_metrics(test_scores, ds.test.labels, 0.5)["accuracy"],
+        }
+        rounds.append(row)
+        print(
+            json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+            flush=True,
+        )
+        # Model selection on validation only: AUC, then lower validation loss.
+        key = (round(val["auc"], 6), -row["val_loss"])
+        if best is None or key >= best["key"]:
+            best = {"key": key, "round": r + 1, "val": val, "test": test}
+            best_w = global_w
+    assert best is not None and best_w is not None
+    val, test = best["val"], best["test"]
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "recipe": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("out", "data")
+        },
+        "params": n_params,
+        "selected_round": best["round"],
+        "selection": "max federated validation AUC (ties: lower validation loss); threshold: Youden J on validation",
+        "val": {
+            k: val[k]
+            for k in (
+                "auc",
+                "threshold",
+                "accuracy",
+                "balanced_accuracy",
+                "sensitivity",
+                "specificity",
+            )
+        },
+        "test": {
+            k: test[k]
+            for k in (
+                "accuracy",
+                "auc",
+                "sensitivity",
+                "specificity",
+                "f1",
+                "confusion",
+                "threshold",
+            )
+        },
+        "final_round_test": {k: rounds[-1][k] for k in ("test_accuracy", "test_auc")},
+        "rounds": rounds,
+        "seconds_total": time.perf_counter() - started,
+        "seconds_per_envoy_round": {
+            "mean": float(np.mean(train_seconds)),
+            "max": float(np.max(train_seconds)),
+        },
+        "envoy_train_sizes": [len(t) for t, _ in shares],
+        "envoy_train_pneumonia_fraction": [round(float(t.labels.mean()), 3) for t, _ in shares],
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    defenses = [d.strip() for d in args.defense.split(",") if d.strip()]
+    runs = {}
+    for defense in defenses:
+        one = argparse.Namespace(**{**vars(args), "defense": defense})
+        runs[defense] = run(one)
+        summary = {
+            k: runs[defense][k] for k in ("selected_round", "val", "test", "final_round_test")
+        }
+        print(json.dumps({"defense": defense, **summary}, indent=1), flush=True)
+    if len(runs) == 1:
+        result = runs[defenses[0]]
+    else:
+        result = {
+            "summary": {
+                d: {
+                    "test_accuracy": r["test"]["accuracy"],
+                    "test_auc": r["test"]["auc"],
+                    "selected_round": r["selected_round"],
+                    "val_auc": r["val"]["auc"],
+                }
+                for d, r in runs.items()
+            },
+            "runs": runs,
+        }
+        if "none" in runs:
+            base = runs["none"]["test"]
+            result["accuracy_cost_vs_none"] = {
+                d: {
+                    "accuracy_points": 100 * (base["accuracy"] - r["test"]["accuracy"]),
+                    "auc_points": 100 * (base["auc"] - r["test"]["auc"]),
+                }
+                for d, r in runs.items()
+                if d != "none"
+            }
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
