@@ -25,6 +25,7 @@ instead (an expectation-over-noise attacker).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from gradient_leakage.observation import (
     bottleneck_sampling,
     parameters_before_bottleneck,
     simulate,
+    simulate_functional,
 )
 
 __all__ = [
@@ -75,6 +77,9 @@ class AttackProgress:
     iterations: int
     loss: float
     images: torch.Tensor  # detached copy of the current reconstruction, model input space
+    # Which victims (positions in reconstruct_many's list) `images` holds, in order; a
+    # batched run reports all of them at once, each victim's images contiguous.
+    victims: tuple[int, ...] = (0,)
 
 
 @dataclass
@@ -265,6 +270,49 @@ class GradientAttack(ABC):
         best.matched_parameters = list(names)
         return best
 
+    def reconstruct_many(
+        self,
+        model: nn.Module,
+        observations: Sequence[Observation],
+        image_shape: Sequence[int],
+        *,
+        labels: Sequence[torch.Tensor | None] | None = None,
+        progress: ProgressFn | None = None,
+        progress_every: int = 100,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Reconstruction]:
+        """Attack several independent victims (one observation each).
+
+        The result for victim ``k`` equals ``reconstruct(..., seed=seeds[k])``; attacks that
+        can, run all victims in one batched pass (see :class:`InvertingGradients`).
+        """
+        k = len(observations)
+        labels_list = list(labels) if labels is not None else [None] * k
+        seed_list = list(seeds) if seeds is not None else list(range(k))
+        if len(labels_list) != k or len(seed_list) != k:
+            raise ValueError("reconstruct_many: labels and seeds must have one entry per victim")
+        out = []
+        for v, (obs, lab, seed) in enumerate(
+            zip(observations, labels_list, seed_list, strict=True)
+        ):
+
+            def relay(p: AttackProgress, v: int = v) -> None:
+                assert progress is not None
+                progress(dataclasses.replace(p, victims=(v,)))
+
+            out.append(
+                self.reconstruct(
+                    model,
+                    obs,
+                    image_shape,
+                    labels=lab,
+                    progress=relay if progress is not None else None,
+                    progress_every=progress_every,
+                    seed=seed,
+                )
+            )
+        return out
+
     @abstractmethod
     def _trial(
         self,
@@ -282,11 +330,11 @@ class GradientAttack(ABC):
     def _clamp(self, x: torch.Tensor) -> None:
         """Project onto the feasible set: the contrast gauge (if any), then the pixel box."""
         with torch.no_grad():
-            if self.contrast is not None:
+            if self.contrast is not None:  # per image: the last three dims are (C, H, W)
                 center, rms = self.contrast
                 dev = x - center
-                scale = rms / dev.flatten(1).pow(2).mean(dim=1).sqrt().clamp(min=1e-8)
-                x.copy_(center + dev * scale.view(-1, *([1] * (x.dim() - 1))))
+                scale = rms / dev.flatten(-3).pow(2).mean(dim=-1).sqrt().clamp(min=1e-8)
+                x.copy_(center + dev * scale[..., None, None, None])
             if self.box is not None:
                 x.clamp_(self.box[0], self.box[1])
 
@@ -384,7 +432,7 @@ class DLG(GradientAttack):
         loss_value = math.inf
         for it in range(1, self.iterations + 1):
             loss = optimizer.step(closure)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value) or not torch.isfinite(x).all():
                 # L-BFGS occasionally diverges; keep the last finite iterate.
                 with torch.no_grad():
@@ -511,12 +559,175 @@ class InvertingGradients(GradientAttack):
                         self.restarts,
                         it,
                         self.iterations,
-                        float(loss),
+                        float(loss.detach()),
                         x.detach().clone(),
                     )
                 )
         final = float(self._objective(model, obs, x, y, names).detach())
         return Reconstruction(images=x.detach().clone(), labels=y.detach().clone(), loss=final)
+
+    def reconstruct_many(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        observations: Sequence[Observation],
+        image_shape: Sequence[int],
+        *,
+        labels: Sequence[torch.Tensor | None] | None = None,
+        progress: ProgressFn | None = None,
+        progress_every: int = 100,
+        seeds: Sequence[int] | None = None,
+    ) -> list[Reconstruction]:
+        """All victims in one ``vmap``-ed pass: the victims never interact (the objective is a
+        sum of per-victim terms and Adam is elementwise), so each gets exactly the run it
+        would get alone, at a fraction of the cost on a CPU. Falls back to one victim at a
+        time for models vmap cannot batch (batch-norm in training mode)."""
+        k = len(observations)
+        if k <= 1 or not _same_protocol(observations):
+            return super().reconstruct_many(
+                model,
+                observations,
+                image_shape,
+                labels=labels,
+                progress=progress,
+                progress_every=progress_every,
+                seeds=seeds,
+            )
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return super().reconstruct_many(
+                model,
+                observations,
+                image_shape,
+                labels=labels,
+                progress=progress,
+                progress_every=progress_every,
+                seeds=seeds,
+            )
+        if progress_every < 1:
+            raise ValueError(f"progress_every={progress_every} must be >= 1")
+        labels_list = list(labels) if labels is not None else [None] * k
+        seed_list = list(seeds) if seeds is not None else list(range(k))
+        if len(labels_list) != k or len(seed_list) != k:
+            raise ValueError("reconstruct_many: labels and seeds must have one entry per victim")
+        names = self.matched_parameters(model, image_shape)
+        for obs in observations:
+            missing = [n for n in names if n not in obs.target]
+            if missing:
+                raise ValueError(f"observation lacks parameters the attack matches: {missing[:3]}")
+        shape = (observations[0].num_images, *image_shape)
+        generators = [torch.Generator().manual_seed(s) for s in seed_list]
+        was_training = model.training
+        model.train()
+        best: list[Reconstruction | None] = [None] * k
+        losses: list[list[float]] = [[] for _ in range(k)]
+        try:
+            with bottleneck_sampling(model, self.bottleneck == "sample"):
+                ys = torch.stack(
+                    [
+                        lab if lab is not None else infer_labels(model, obs, image_shape)
+                        for lab, obs in zip(labels_list, observations, strict=True)
+                    ]
+                )
+                for trial in range(self.restarts):
+                    results = self._trial_many(
+                        model,
+                        observations,
+                        shape,
+                        names,
+                        ys,
+                        generators,
+                        trial,
+                        progress,
+                        progress_every,
+                    )
+                    for v, res in enumerate(results):
+                        losses[v].append(res.loss)
+                        if best[v] is None or _better(res.loss, best[v].loss):  # type: ignore[union-attr]
+                            best[v] = res
+        finally:
+            model.train(was_training)
+        out = []
+        for v in range(k):
+            res = best[v]
+            assert res is not None
+            res.trial_losses = losses[v]
+            res.matched_parameters = list(names)
+            out.append(res)
+        return out
+
+    def _trial_many(
+        self,
+        model: nn.Module,
+        observations: Sequence[Observation],
+        shape: tuple[int, ...],
+        names: list[str],
+        ys: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        trial: int,
+        progress: ProgressFn | None,
+        progress_every: int,
+    ) -> list[Reconstruction]:
+        spec = observations[0]
+        targets = {n: torch.stack([o.target[n] for o in observations]) for n in names}
+        x = torch.stack([self._init(shape, self.init_kind, g).detach() for g in generators])
+        x.requires_grad_(True)
+        tv = self.tv_weight
+
+        def one(xk: torch.Tensor, yk: torch.Tensor, tk: dict[str, torch.Tensor]) -> torch.Tensor:
+            sim = simulate_functional(model, xk, yk, spec, names)
+            loss = gradient_distance(sim, tk, names, "cosine")
+            return loss + tv * total_variation(xk) if tv else loss
+
+        objective = torch.func.vmap(one, randomness="different")
+        optimizer = torch.optim.Adam([x], lr=self.lr)
+        milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
+        )
+        victims = tuple(range(len(observations)))
+        for it in range(1, self.iterations + 1):
+            optimizer.zero_grad()
+            losses = objective(x, ys, targets)
+            (g,) = torch.autograd.grad(losses.sum(), [x])
+            x.grad = g.sign() if self.signed else g
+            optimizer.step()
+            scheduler.step()
+            self._clamp(x)
+            if progress is not None and (it % progress_every == 0 or it == self.iterations):
+                progress(
+                    AttackProgress(
+                        self.name,
+                        trial,
+                        self.restarts,
+                        it,
+                        self.iterations,
+                        float(losses.detach().mean()),
+                        x.detach().flatten(0, 1).clone(),
+                        victims,
+                    )
+                )
+        with torch.no_grad():
+            final = objective(x, ys, targets)
+        return [
+            Reconstruction(images=x[v].detach().clone(), labels=ys[v].clone(), loss=float(final[v]))
+            for v in victims
+        ]
+
+
+def _same_protocol(observations: Sequence[Observation]) -> bool:
+    first = observations[0]
+    return all(
+        (o.images_per_envoy, o.envoys, o.local_steps, o.lr, o.batch_size, o.kl_weight)
+        == (
+            first.images_per_envoy,
+            first.envoys,
+            first.local_steps,
+            first.lr,
+            first.batch_size,
+            first.kl_weight,
+        )
+        and set(o.target) == set(first.target)
+        for o in observations
+    )
 
 
 class AdaptiveAttack(InvertingGradients):

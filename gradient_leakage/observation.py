@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad
 
 __all__ = [
     "Observation",
@@ -32,6 +32,7 @@ __all__ = [
     "observe",
     "parameters_before_bottleneck",
     "simulate",
+    "simulate_functional",
 ]
 
 Params = dict[str, torch.Tensor]
@@ -258,6 +259,49 @@ def _envoy_update(
             for n, g in zip(names, grads, strict=True)
         }
     return {n: current[n] - params0[n] for n in wanted}
+
+
+def simulate_functional(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    obs: Observation,
+    names: Sequence[str],
+) -> Params:
+    """:func:`simulate` written with ``torch.func.grad`` so it can run under ``vmap``.
+
+    Attacks on many independent victims vmap this over the victims: one batched pass
+    instead of one pass per victim, with each victim's result exactly its own (the victims
+    never share a forward pass, so batch-norm models, whose statistics would mix them, are
+    not supported here; use :func:`simulate` for those).
+    """
+    params0: Params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers: Params = {n: b.detach() for n, b in model.named_buffers()}
+    per = obs.images_per_envoy
+    total: Params = {}
+    for envoy in range(obs.envoys):
+        x = images[envoy * per : (envoy + 1) * per]
+        y = labels[envoy * per : (envoy + 1) * per]
+
+        def loss_of(params: Params, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return _loss(model, {**params, **buffers}, xb, yb, obs.kl_weight)
+
+        if obs.local_steps == 0:
+            g = grad(loss_of)(params0, x, y)
+            update = {n: g[n] for n in names}
+        else:
+            bs = obs.batch_size or x.shape[0]
+            current = dict(params0)
+            start = 0
+            for _ in range(obs.local_steps):
+                idx = [(start + i) % x.shape[0] for i in range(min(bs, x.shape[0]))]
+                start = (start + bs) % x.shape[0]
+                g = grad(loss_of)(current, x[idx], y[idx])
+                current = {n: current[n] - obs.lr * g[n] for n in current}
+            update = {n: current[n] - params0[n] for n in names}
+        for n in names:
+            total[n] = update[n] if n not in total else total[n] + update[n]
+    return total
 
 
 def observe(

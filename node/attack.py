@@ -226,49 +226,62 @@ def _observe_group(
     )
 
 
-def attack_group(
+def attack_groups(
     cfg: AttackConfig,
-    x_np: np.ndarray,
-    y_np: np.ndarray,
-    group: int,
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    groups: Sequence[int],
     progress: Callable[[AttackProgress], None] | None = None,
-) -> dict[str, Any]:
-    """Observe one victim group's update and attack it; returns arrays (picklable)."""
+) -> list[dict[str, Any]]:
+    """Observe each victim group's update and attack them all (one batched run where the
+    attack supports it); returns plain arrays, so it also runs in a worker process."""
     torch.set_num_threads(1)
     model = build_attacked_model(cfg)
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    obs = _observe_group(cfg, model, x, y, group)
+    observations = [
+        _observe_group(cfg, model, torch.from_numpy(x), torch.from_numpy(y), g)
+        for x, y, g in zip(xs, ys, groups, strict=True)
+    ]
     attack = make_attack(cfg)
     every = max(1, cfg.effective_iterations // max(1, cfg.frames))
-    snapshots: dict[int, list[np.ndarray]] = {}
+    per = xs[0].shape[0]
+    snapshots: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def on_progress(p: AttackProgress) -> None:
-        snapshots.setdefault(p.trial, []).append(p.images.numpy())
+        imgs = p.images.numpy()
+        for j, v in enumerate(p.victims):
+            snapshots.setdefault((p.trial, v), []).append(imgs[j * per : (j + 1) * per])
         if progress is not None:
             progress(p)
 
-    result = attack.reconstruct(
+    results = attack.reconstruct_many(
         model,
-        obs,
-        tuple(x.shape[1:]),
+        observations,
+        tuple(xs[0].shape[1:]),
         progress=on_progress,
         progress_every=every,
-        seed=cfg.seed * 7919 + group,
+        seeds=[cfg.seed * 7919 + g for g in groups],
     )
-    best_trial = int(np.nanargmin(result.trial_losses)) if result.trial_losses else 0
-    return {
-        "images": result.images.numpy(),
-        "labels": result.labels.numpy(),
-        "loss": result.loss,
-        "trial_losses": result.trial_losses,
-        "frames": snapshots.get(best_trial, []),
-        "matched_parameters": result.matched_parameters,
-    }
+    out = []
+    for v, res in enumerate(results):
+        best_trial = int(np.nanargmin(res.trial_losses)) if res.trial_losses else 0
+        out.append(
+            {
+                "images": res.images.numpy(),
+                "labels": res.labels.numpy(),
+                "loss": res.loss,
+                "trial_losses": res.trial_losses,
+                "frames": snapshots.get((best_trial, v), []),
+                "matched_parameters": res.matched_parameters,
+            }
+        )
+    return out
 
 
-def _worker(args: tuple[AttackConfig, np.ndarray, np.ndarray, int]) -> dict[str, Any]:
-    cfg, x, y, group = args
-    return attack_group(cfg, x, y, group)
+def _worker(
+    args: tuple[AttackConfig, list[np.ndarray], list[np.ndarray], list[int]],
+) -> list[dict[str, Any]]:
+    cfg, xs, ys, groups = args
+    return attack_groups(cfg, xs, ys, groups)
 
 
 def run(cfg: AttackConfig) -> dict[str, Any]:
@@ -279,31 +292,37 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     per = cfg.victims_per_attack
-    groups = [
-        (data.victims[i : i + per], data.labels[i : i + per]) for i in range(0, cfg.images, per)
-    ]
+    xs = [data.victims[i : i + per] for i in range(0, cfg.images, per)]
+    ys = [data.labels[i : i + per] for i in range(0, cfg.images, per)]
     iterations = cfg.effective_iterations
-    total = len(groups) * iterations * cfg.restarts
-    bar = _progress_bar(total, cfg, f"{cfg.attack} vs {cfg.defense}")
-    results: list[dict[str, Any]] = []
-    if cfg.workers == 1:
-        for g, (x, y) in enumerate(groups):
-            last = [0]
+    bar = _progress_bar(iterations * cfg.restarts, cfg, f"{cfg.attack} vs {cfg.defense}")
+    workers = min(cfg.workers, len(xs))
+    if workers == 1:
+        done = [0]
 
-            def tick(p: AttackProgress, last: list[int] = last, g: int = g) -> None:
-                done = p.trial * iterations + p.iteration
-                bar.update(done - last[0])
-                last[0] = done
-                bar.set_postfix(victim=f"{g + 1}/{len(groups)}", loss=f"{p.loss:.4f}")
+        def tick(p: AttackProgress) -> None:
+            # Sequential attacks report victim by victim: count iterations per victim.
+            now = (p.trial * iterations + p.iteration) * len(p.victims)
+            pos = (
+                (p.victims[0] * iterations * cfg.restarts + now) / len(xs)
+                if len(p.victims) == 1
+                else now / len(xs)
+            )
+            bar.update(int(pos) - done[0])
+            done[0] = int(pos)
+            bar.set_postfix(loss=f"{p.loss:.4f}")
 
-            results.append(attack_group(cfg, x, y, g, tick))
-            bar.update(iterations * cfg.restarts - last[0])
+        results = attack_groups(cfg, xs, ys, list(range(len(xs))), tick)
+        bar.update(iterations * cfg.restarts - done[0])
     else:
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=get_context("spawn")) as pool:
-            jobs = [(cfg, x, y, g) for g, (x, y) in enumerate(groups)]
-            for res in pool.map(_worker, jobs):
-                results.append(res)
-                bar.update(iterations * cfg.restarts)
+        chunks = [list(range(w, len(xs), workers)) for w in range(workers)]
+        jobs = [(cfg, [xs[g] for g in c], [ys[g] for g in c], c) for c in chunks]
+        results_by_group: dict[int, dict[str, Any]] = {}
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            for chunk, res in zip(chunks, pool.map(_worker, jobs), strict=True):
+                results_by_group.update(zip(chunk, res, strict=True))
+                bar.update(iterations * cfg.restarts * len(chunk) // len(xs))
+        results = [results_by_group[g] for g in range(len(xs))]
     bar.close()
     report = score(cfg, data, results, time.monotonic() - started)
     write_outputs(out, cfg, data, results, report)
