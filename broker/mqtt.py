@@ -274,7 +274,7 @@ class MqttBus(Bus):
         will: Will | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         insecure_no_auth: bool = False,
-        keepalive_s: int = 5,
+        keepalive_s: int = 30,
         session_expiry_s: int = 3600,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
@@ -331,6 +331,7 @@ class MqttBus(Bus):
         self._retained_seen: dict[str, bytes] = {}
         self._connected = asyncio.Event()
         self._closed_event = asyncio.Event()
+        self._connection_lost = asyncio.Event()  # a fresh one per connection
         self._first: asyncio.Future[None] | None = None
         self._closed = False
         self._fatal: BusError | None = None
@@ -368,7 +369,7 @@ class MqttBus(Bus):
             keepalive=self._keepalive_s,
             properties=connect_props,
             tls_context=self._tls,
-            timeout=max(10.0, 2.0 * self._keepalive_s),
+            timeout=30.0,  # for CONNACK; SUBACK/PUBACK waits below have no timeout
             on_refused=self._on_refused,
         )
 
@@ -435,6 +436,7 @@ class MqttBus(Bus):
                 return
             finally:
                 self._connected.clear()
+                self._connection_lost.set()
             if up_since is not None and time.monotonic() - up_since > self._backoff[1]:
                 # Only a connection that lasted resets the backoff: one the broker drops at
                 # once (a poison frame, a flapping link) must not turn into a reconnect storm.
@@ -448,6 +450,7 @@ class MqttBus(Bus):
 
     async def _on_connected(self, client: _Client) -> None:
         """Restore what the broker may have lost, then let publishers through."""
+        self._connection_lost = asyncio.Event()
         for topic_filter in list(self._filters):
             fut = self._suback.get(topic_filter)
             settled = fut is not None and fut.done() and fut.exception() is None
@@ -509,6 +512,21 @@ class MqttBus(Bus):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def wait_ready(self) -> None:
+        """Wait until connected and every subscription is acknowledged by the broker.
+
+        After a broker crash that lost our session, frames published before we subscribed
+        again are lost (the protocol sees a timeout); this is how to know we are back.
+        """
+        while True:
+            self._check_open()
+            await self._connected.wait()
+            self._check_open()
+            pending = [f for f in self._suback.values() if not f.done()]
+            if not pending:
+                return
+            await asyncio.wait(pending)
 
     # -- Bus --------------------------------------------------------------------------------
 
@@ -651,12 +669,24 @@ class MqttBus(Bus):
             # After a reconnect with our session intact, do not replay retained state again.
             retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB,
         )
+        # A SUBACK comes, or the connection ends (then _on_connected subscribes again): a
+        # timeout here would only leave the filter unsubscribed on a slow broker.
+        lost = self._connection_lost
+        subscribing = asyncio.ensure_future(
+            self._client.subscribe(topic_filter, options=options, timeout=math.inf)
+        )
+        ending = asyncio.ensure_future(lost.wait())
         try:
-            codes = await self._client.subscribe(topic_filter, options=options)
-        except aiomqtt.MqttError as exc:
-            # Lost the connection meanwhile: _on_connected subscribes again.
-            self.log.info("subscribe_interrupted", filter=topic_filter, error=str(exc))
+            await asyncio.wait({subscribing, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+            if not subscribing.done():
+                subscribing.cancel()
+        if subscribing.cancelled() or subscribing.exception() is not None:
+            error = None if subscribing.cancelled() else subscribing.exception()
+            self.log.info("subscribe_interrupted", filter=topic_filter, error=str(error))
             return
+        codes = subscribing.result()
         code = codes[0] if codes else None
         if isinstance(code, ReasonCode) and code.is_failure:
             text = str(code)
