@@ -71,6 +71,7 @@ class Options:
     limit: int = 0
     insecure_plain: bool = False
     director_set: dict[str, Any] = field(default_factory=dict)
+    envoy_set: dict[str, Any] = field(default_factory=dict)
     quiet: bool = False
 
 
@@ -238,6 +239,8 @@ class Federation:
             },
             "model": model,
         }
+        for dotted, value in self.opts.envoy_set.items():
+            _set(cfg, dotted, value)
         return cfg
 
     def write_configs(self) -> None:
@@ -275,6 +278,11 @@ class Federation:
         fh.close()
         proc = Proc(name, popen, log)
         self.procs[name] = proc
+        # Who is who, for operators and tests (e.g. to kill -9 one envoy).
+        pids = {n: p.pid for n, p in self.procs.items()}
+        tmp = self.out / ".pids.json.tmp"
+        tmp.write_text(json.dumps(pids))
+        tmp.replace(self.out / "pids.json")
         return proc
 
     def start_broker(self, timeout_s: float = 60.0) -> str:
