@@ -261,3 +261,18 @@ async def test_zmq_kits_work_with_the_real_broker_daemon(tmp_path: Path) -> None
     finally:
         daemon.terminate()
         daemon.wait()
+
+
+def test_configs_mosquitto_examples_are_what_provision_writes(tmp_path: Path) -> None:
+    """configs/mosquitto/*.example are the files of a real systemd deployment, kept in sync."""
+    out = tmp_path / "kits"
+    argv = [
+        "--transport", "mqtt",
+        "--install-root", "/etc/fedbus",
+        "--state-root", "/var/lib/fedbus",
+        "--mosquitto-user", "fedbus",
+    ]  # fmt: skip
+    assert run(out, *argv, envoys="hospital-a,hospital-b,hospital-c", federation="pneumonia") == 0
+    examples = REPO / "configs" / "mosquitto"
+    for name in ("mosquitto.conf", "mosquitto.acl"):
+        assert (out / "broker" / name).read_text() == (examples / f"{name}.example").read_text()
