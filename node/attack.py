@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -301,15 +302,14 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
         done = [0]
 
         def tick(p: AttackProgress) -> None:
-            # Sequential attacks report victim by victim: count iterations per victim.
-            now = (p.trial * iterations + p.iteration) * len(p.victims)
-            pos = (
-                (p.victims[0] * iterations * cfg.restarts + now) / len(xs)
-                if len(p.victims) == 1
-                else now / len(xs)
-            )
-            bar.update(int(pos) - done[0])
-            done[0] = int(pos)
+            # The bar counts one victim's iterations; a batched attack reports all victims
+            # at once, a sequential one victim after victim (each a 1/len(xs) share).
+            per_victim = iterations * cfg.restarts
+            within = p.trial * iterations + p.iteration
+            if len(p.victims) < len(xs):
+                within = (p.victims[0] * per_victim + within) // len(xs)
+            bar.update(within - done[0])
+            done[0] = within
             bar.set_postfix(loss=f"{p.loss:.4f}")
 
         results = attack_groups(cfg, xs, ys, list(range(len(xs))), tick)
@@ -325,6 +325,13 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
         results = [results_by_group[g] for g in range(len(xs))]
     bar.close()
     report = score(cfg, data, results, time.monotonic() - started)
+    # CPU seconds, this process and its workers: on a shared machine the wall time says
+    # more about the neighbours than about the attack.
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    report["summary"]["cpu_seconds"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
     write_outputs(out, cfg, data, results, report)
     return report
 
