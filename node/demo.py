@@ -121,7 +121,7 @@ class Federation:
     def resolve_data(self) -> Path:
         from node.training.data import resolve_pneumoniamnist
 
-        path = self.opts.data or os.environ.get("FEDBUS_DATA")
+        path = self.opts.data or os.environ.get("FEDBUS_DATA") or None
         if path is None:
             from node.training.data import DataUnavailable
 
