@@ -3,6 +3,7 @@ signed or fed to HKDF (one definition, so client and server can never disagree).
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,9 +62,13 @@ def keys_signing_payload(round: int, node: str, c_public: bytes, s_public: bytes
 
 
 def survivors_signing_payload(round: int, survivors: Iterable[str]) -> bytes:
-    """What a client signs in ConsistencyCheck: the round and the sorted survivor set."""
-    names = sorted(survivors)
-    return _pack("consistency", round, len(names), *names)
+    """What a client signs in ConsistencyCheck: the round and a digest of the sorted
+    survivor set (length-prefixed names), so the signed message stays small for any n."""
+    h = hashlib.sha256()
+    for name in sorted(survivors):
+        raw = name.encode("utf-8")
+        h.update(b"%d:%b" % (len(raw), raw))
+    return _pack("consistency", round, h.digest())
 
 
 def pair_info(purpose: str, round: int, u: str, v: str) -> bytes:
