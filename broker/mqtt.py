@@ -331,6 +331,9 @@ class MqttBus(Bus):
         self._retained_seen: dict[str, bytes] = {}
         self._connected = asyncio.Event()
         self._closed_event = asyncio.Event()
+        # One future every in-flight publish waits on besides its PUBACK (set by close/fail).
+        self._closed_future: asyncio.Future[None] | None = None  # made in start()
+        self._may_publish: dict[str, bool] = {}
         self._connection_lost = asyncio.Event()  # a fresh one per connection
         self._first: asyncio.Future[None] | None = None
         self._closed = False
@@ -379,6 +382,7 @@ class MqttBus(Bus):
             return self
         self._client = self._make_client()
         loop = asyncio.get_running_loop()
+        self._closed_future = loop.create_future()
         self._first = loop.create_future()
         self._supervisor = asyncio.create_task(self._run(), name=f"mqttbus-{self.node_id}")
         try:
@@ -467,6 +471,8 @@ class MqttBus(Bus):
         self.log.error("bus_failed", error=str(error))
         self._fatal = error
         self._closed_event.set()
+        if self._closed_future is not None and not self._closed_future.done():
+            self._closed_future.set_result(None)
         if self._first is not None and not self._first.done():
             self._first.set_exception(error)
             self._first.exception()
@@ -487,6 +493,8 @@ class MqttBus(Bus):
             return
         self._closed = True
         self._closed_event.set()
+        if self._closed_future is not None and not self._closed_future.done():
+            self._closed_future.set_result(None)
         client = self._client
         if not clean and client is not None:
             # Close the TCP connection under paho's feet: no DISCONNECT packet is sent.
@@ -555,14 +563,19 @@ class MqttBus(Bus):
                 f"frame of {size} bytes for {topic} is over the broker's packet limit of "
                 f"{broker_max} bytes"
             )
-        federation = federation_of(topic)
-        if federation is None or not acl_allows(
-            federation=federation,
-            node_id=self.node_id,
-            role=self.role,
-            action="publish",
-            topic=topic,
-        ):
+        allowed = self._may_publish.get(topic)
+        if allowed is None:
+            federation = federation_of(topic)
+            allowed = federation is not None and acl_allows(
+                federation=federation,
+                node_id=self.node_id,
+                role=self.role,
+                action="publish",
+                topic=topic,
+            )
+            if len(self._may_publish) < 4096:
+                self._may_publish[topic] = allowed
+        if not allowed:
             raise BusError(f"{self.role} {self.node_id} may not publish on {topic}")
         frame = bytes(frame)
         if retain:
@@ -591,11 +604,12 @@ class MqttBus(Bus):
             sending = asyncio.ensure_future(
                 client.publish(topic, frame, qos=1, retain=retain, timeout=math.inf)
             )
-            closing = asyncio.ensure_future(self._closed_event.wait())
+            assert self._closed_future is not None
             try:
-                await asyncio.wait({sending, closing}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {sending, self._closed_future}, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
-                closing.cancel()
                 if not sending.done():
                     sending.cancel()
             if not sending.done() or sending.cancelled():
