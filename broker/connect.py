@@ -73,6 +73,6 @@ async def connect(
             max_frame_bytes=max_frame_bytes,
             insecure_no_auth=insecure_no_auth,
         )
-        started = await mqtt_bus.start()
+        started = await mqtt_bus.start(timeout_s=timeout_s)
         return started if isinstance(started, Bus) else mqtt_bus
     raise ValueError(f"bus url {url!r}: unknown scheme {scheme!r} (zmq+tcp, mqtt or mqtts)")
