@@ -136,11 +136,8 @@ class Federation:
         from broker.credentials import generate_curve_keypair, write_secret_key
         from crypto.signing import generate_signing_keypair
 
-        if self.opts.transport != "zmq":
-            raise DemoError(
-                "--transport mqtt needs a running Mosquitto configured by `fedbus provision`; "
-                "the demo launcher runs the embedded ZeroMQ broker only (--transport zmq)"
-            )
+        if self.opts.transport not in ("zmq", "mqtt"):
+            raise DemoError(f"--transport {self.opts.transport}: expected zmq or mqtt")
         if self.opts.envoys < 2:
             raise DemoError("--envoys must be at least 2 (secure aggregation needs a crowd)")
         if self.opts.faults:
@@ -173,8 +170,47 @@ class Federation:
             for n in ["director", *self.names]
         )
         (self.configs / "broker.toml").write_text(text)
+        if self.opts.transport == "mqtt":
+            self._prepare_mosquitto()
         if self.plan is not None:
             self.plan.save(self.configs / "faults.toml")
+
+    def _prepare_mosquitto(self) -> None:
+        """Mosquitto's conf, password and ACL files (ACL from broker.topics, as everywhere)."""
+        import getpass
+
+        from broker.mosquitto import (
+            Listener,
+            free_port,
+            generate_password,
+            mosquitto_binary,
+            write_broker_files,
+        )
+
+        mosquitto_binary()  # a clear error now if it is not installed
+        nodes = {"director": "director", **{n: "envoy" for n in self.names}}
+        passwords = {n: generate_password() for n in nodes}
+        for n, pw in passwords.items():
+            _write_private(self.keys / f"{n}.mqtt.pass", pw)
+        self.mqtt_port = free_port()
+        folder = self.out / "mosquitto"
+        folder.mkdir(exist_ok=True)
+        self.mosquitto_conf = write_broker_files(
+            folder,
+            federation="demo",
+            nodes=nodes,
+            passwords=passwords,
+            listeners=(Listener(port=self.mqtt_port),),
+            run_as_user=getpass.getuser() if os.geteuid() == 0 else None,
+        ).conf
+
+    def _credentials(self, name: str) -> dict[str, Any]:
+        if self.opts.transport == "mqtt":
+            return {"username": name, "password_file": f"../keys/{name}.mqtt.pass"}
+        return {
+            "curve_secret_key": f"../keys/{name}.key",
+            "broker_public_key": "../keys/broker.pub",
+        }
 
     def director_config(self) -> dict[str, Any]:
         import tomllib
@@ -194,10 +230,7 @@ class Federation:
             audit=self.opts.audit,
             insecure_plain_aggregation=self.opts.insecure_plain,
             signing_key="../keys/director.sign.key",
-            credentials={
-                "curve_secret_key": "../keys/director.key",
-                "broker_public_key": "../keys/broker.pub",
-            },
+            credentials=self._credentials("director"),
             envoy_signing_keys={m: f"../keys/{m}.sign.pub" for m in self.names},
         )
         cfg.setdefault("model", {})
@@ -220,10 +253,7 @@ class Federation:
             "signing_key": f"../keys/{name}.sign.key",
             "director_signing_key": "../keys/director.sign.pub",
             "faults": "faults.toml" if self.plan is not None else None,
-            "credentials": {
-                "curve_secret_key": f"../keys/{name}.key",
-                "broker_public_key": "../keys/broker.pub",
-            },
+            "credentials": self._credentials(name),
             "peer_signing_keys": {m: f"../keys/{m}.sign.pub" for m in self.names},
             "data": {
                 "source": "pneumoniamnist",
@@ -258,7 +288,7 @@ class Federation:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], command: list[str] | None = None) -> Proc:
         log = self.out / "logs" / f"{name}.log"
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -267,7 +297,7 @@ class Federation:
         )
         fh = open(log, "ab")  # noqa: SIM115 (the child owns it)
         popen = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", *args],
+            command or [sys.executable, "-m", "node.cli", *args],
             stdout=fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -286,6 +316,8 @@ class Federation:
         return proc
 
     def start_broker(self, timeout_s: float = 60.0) -> str:
+        if self.opts.transport == "mqtt":
+            return self._start_mosquitto(timeout_s)
         ready = self.out / "broker.url"
         ready.unlink(missing_ok=True)
         args = ["broker", "--config", str(self.configs / "broker.toml"), "--ready-file", str(ready)]
@@ -300,6 +332,26 @@ class Federation:
                 raise DemoError(f"the broker did not come up in {timeout_s} s; see {proc.log}")
             time.sleep(0.05)
         self.broker_url = ready.read_text().strip()
+        return self.broker_url
+
+    def _start_mosquitto(self, timeout_s: float) -> str:
+        import socket
+
+        from broker.mosquitto import mosquitto_binary
+
+        proc = self._spawn("broker", [], [mosquitto_binary(), "-c", str(self.mosquitto_conf)])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.popen.poll() is not None:
+                raise DemoError(f"mosquitto exited ({proc.popen.returncode}); see {proc.log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.mqtt_port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DemoError(f"mosquitto did not come up; see {proc.log}") from None
+                time.sleep(0.05)
+        self.broker_url = f"mqtt://127.0.0.1:{self.mqtt_port}"
         return self.broker_url
 
     def start_director(self, *, resume: bool = False) -> Proc:

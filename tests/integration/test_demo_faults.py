@@ -91,3 +91,18 @@ def test_kill9_envoy_during_training_round_completes_without_it(tmp_path):
     assert r1["secure"] and r1["aggregate_verified"] is True
     assert "envoy-3" not in r2["participants"]
     assert "envoy-3 exited" in log and "UNPLANNED" in log
+
+
+@pytest.mark.mqtt
+def test_demo_over_mosquitto_is_secure_and_audited(tmp_path):
+    out = tmp_path / "run"
+    proc = start_demo(
+        out, "--transport", "mqtt", "--envoys", "3", "--rounds", "2", "--audit", *SMALL
+    )
+    log = proc.communicate()[0].decode(errors="replace")
+    assert proc.returncode == 0, log
+    assert "bus mqtt://127.0.0.1:" in log
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert all(r["secure"] and r["aggregate_verified"] is True for r in report["rounds"])
+    assert all(r["dropped"] == [] for r in report["rounds"])
