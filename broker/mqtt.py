@@ -340,13 +340,11 @@ class MqttBus(Bus):
         self._fatal: BusError | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
-        self._abort = False
         # Observability for tests and status: what the broker refused, how often we came back.
         self.refusals: list[tuple[str, str, str]] = []
         self.reconnects = 0
         self.duplicates_dropped = 0
         self.oversized_dropped = 0
-        self._mid_topics: dict[int, str] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -457,7 +455,9 @@ class MqttBus(Bus):
         self._connection_lost = asyncio.Event()
         for topic_filter in list(self._filters):
             fut = self._suback.get(topic_filter)
-            settled = fut is not None and fut.done() and fut.exception() is None
+            settled = (
+                fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+            )
             if not (client.session_present and settled):
                 self._start_subscribe(topic_filter)
         for topic, frame in self._own_retained.items():
@@ -709,6 +709,11 @@ class MqttBus(Bus):
             if not fut.done():
                 fut.set_exception(error)
                 fut.exception()
+            # Forget the filter: its subscriptions are finished with the error (see _settle),
+            # and a reconnect must not ask for it again.
+            self._filters.pop(topic_filter, None)
+            self._suback.pop(topic_filter, None)
+            self._subs = [sub for sub in self._subs if sub.topic_filter != topic_filter]
             return
         if not fut.done():
             fut.set_result(None)
