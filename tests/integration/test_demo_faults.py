@@ -106,3 +106,28 @@ def test_demo_over_mosquitto_is_secure_and_audited(tmp_path):
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(r["secure"] and r["aggregate_verified"] is True for r in report["rounds"])
     assert all(r["dropped"] == [] for r in report["rounds"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start_demo(out, "--envoys", "2", "--rounds", "50", *SMALL)
+    try:
+        wait_for(
+            lambda: (s := read_json(out / "director" / "status.json")) and s["round"] >= 1,
+            what="round 1",
+            proc=proc,
+        )
+        pids = read_json(out / "pids.json")
+        assert set(pids) == {"broker", "director", "envoy-1", "envoy-2"}
+        os.kill(proc.pid, sig)  # the launcher only, as a terminal's Ctrl-C would reach it
+        log = proc.communicate()[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, log
+    assert "stopping every process" in log
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone (and reaped by the launcher)
+    assert not (out / "report.json").exists()
