@@ -295,6 +295,19 @@ class MqttBus(Bus):
             validate_topic(will.topic)
             if len(will.frame) > max_frame_bytes:
                 raise ValueError("the will frame is over max_frame_bytes")
+            federation = federation_of(will.topic)
+            if federation is None or not acl_allows(
+                federation=federation,
+                node_id=node_id,
+                role=role,
+                action="publish",
+                topic=will.topic,
+            ):
+                # Mosquitto would silently drop it when it fires (the ZeroMQ broker refuses
+                # the session): say so now.
+                raise ValueError(
+                    f"last will on {will.topic} refused by the ACL for {role} {node_id}"
+                )
         username = password = None
         if not insecure_no_auth:
             if credentials is None or not credentials.password:

@@ -255,6 +255,14 @@ def test_username_must_be_the_node_id() -> None:
             role="envoy",
             credentials=Credentials(username="e2", password="x"),
         )
+    with pytest.raises(ValueError, match="refused by the ACL"):
+        MqttBus(
+            "mqtt://127.0.0.1:1",
+            node_id="director",
+            role="director",
+            credentials=Credentials(password="x"),
+            will=Will("fedbus/fl/presence/director", b"gone"),
+        )
     with pytest.raises(ValueError, match="not mqtts"):
         MqttBus(
             "mqtt://127.0.0.1:1",
