@@ -587,6 +587,11 @@ def _write_roster(plan: Plan, keys: dict[str, NodeKeys]) -> None:
         f'bus_url = "{plan.bus_url}"',
         f'ca_sha256 = "{cert_fingerprint((plan.out / "ca" / "ca.crt").read_bytes())}"',
         "",
+        "[broker]",
+        f'host = "{plan.broker_host}"',
+        f'curve_public_key = "{(plan.kit("broker") / "broker.pub").read_text().strip()}"',
+        f'tls_cert_sha256 = "{cert_fingerprint((plan.kit("broker") / "tls" / "server.crt").read_bytes())}"',
+        "",
     ]
     for name, node in keys.items():
         lines += [

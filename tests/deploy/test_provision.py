@@ -21,6 +21,7 @@ from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials
 from node.config import load_director_config, load_envoy_config
+from node.provision import cert_fingerprint
 from node.provision import main as provision
 from node.wire import read_key_file
 
@@ -150,6 +151,10 @@ def test_rerun_adds_envoys_without_rotating_any_key(kits: Path) -> None:
     assert a.data.path == "/srv/xray/hospital-a.npz"  # the hospital's own edit survives
     roster = tomllib.loads((kits / "roster.toml").read_text())
     assert set(roster["nodes"]) == {"director", "a", "b", "c", "d"}
+    assert roster["broker"]["curve_public_key"] == (kits / "d" / "broker.pub").read_text().strip()
+    for node in ("a", "d"):
+        pem = (kits / node / "tls" / "client.crt").read_bytes()
+        assert roster["nodes"][node]["tls_cert_sha256"] == cert_fingerprint(pem)
     assert "d" in parse_passwd((kits / "broker" / "mosquitto.passwd").read_text())
     assert "d" in {
         i.node_id for i in BrokerConfig.load(kits / "broker" / "broker.toml").allow.values()
