@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import sys
@@ -700,11 +699,6 @@ def _plan(args: argparse.Namespace) -> Plan:
         data_path=args.data,
         max_frame_bytes=args.max_frame_bytes,
     )
-
-
-def fingerprint_of(path: Path) -> str:
-    """SHA-256 of a file, hex (used by the tests and the README's manual check)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":  # pragma: no cover
