@@ -281,9 +281,10 @@ class Director:
 
     # -- bus ----------------------------------------------------------------------------------
 
-    async def _read(self, sub: AsyncIterator[bytes]) -> None:
+    async def _read(self, sub: AsyncIterator[bytes], owner: str | None = None) -> None:
         async for frame in sub:
-            env = self.endpoint.accept(frame)
+            # On presence/<id> only <id> may publish (broker ACL): the sender must be <id>.
+            env = self.endpoint.accept(frame, topic_owner=owner)
             if env is None:
                 continue
             self._saw(env.sender)
@@ -396,11 +397,17 @@ class Director:
     async def run(self) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         first = self._restore()
-        subs = [
-            await subscribe_ready(self.bus, self.topics.director),
-            await subscribe_ready(self.bus, self.topics.presence_filter),
+        subs: list[tuple[AsyncIterator[bytes], str | None]] = [
+            (await subscribe_ready(self.bus, self.topics.director), None)
         ]
-        self._readers = [asyncio.create_task(self._read(sub)) for sub in subs]
+        if self.envoy_keys:
+            # Known members: one subscription per presence topic, so each presence frame's
+            # bus identity (the topic owner) is checked against its envelope's sender.
+            for name in sorted(self.envoy_keys):
+                subs.append((await subscribe_ready(self.bus, self.topics.presence(name)), name))
+        else:
+            subs.append((await subscribe_ready(self.bus, self.topics.presence_filter), None))
+        self._readers = [asyncio.create_task(self._read(sub, owner)) for sub, owner in subs]
         try:
             for r in range(first, self.cfg.rounds + 1):
                 completed = False

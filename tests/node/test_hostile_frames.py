@@ -147,6 +147,19 @@ def hostile_frames(fed, round_hint: int) -> list[tuple[str, bytes]]:
             ),
         )
     )
+    # Genuinely signed by envoy-2, but on envoy-3's presence topic (bus identity mismatch).
+    key2 = read_key_file(fed.envoy_cfgs["envoy-2"].signing_key)
+    as_envoy2 = Endpoint(None, node_id="envoy-2", federation=FED, codec=codec, signing_key=key2)  # type: ignore[arg-type]
+    out.append(
+        (
+            topics.presence("envoy-3"),
+            as_envoy2.seal(
+                round=round_hint,
+                recipient="director",
+                body=Presence(online=False, role="envoy", heartbeat_s=1.0),
+            ),
+        )
+    )
     # Genuinely signed by the director but addressed to someone else.
     out.append(
         (
@@ -195,7 +208,13 @@ async def test_hostile_flood_is_refused_and_rounds_complete(tmp_path):
     assert all(r["dropped"] == [] and r["secure"] for r in rec)
     refused = director.endpoint.stats.refused
     reasons = " | ".join(refused)
-    for why in ("invalid frame", "frame of", "bad signature", "duplicate message id"):
+    for why in (
+        "invalid frame",
+        "frame of",
+        "bad signature",
+        "duplicate message id",
+        "does not own",
+    ):
         assert why in reasons, (why, refused)
     for name, envoy in fed.envoys.items():
         er = " | ".join(envoy.endpoint.stats.refused)
