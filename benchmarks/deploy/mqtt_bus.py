@@ -133,6 +133,8 @@ async def main_async(out: Path, repeats: int) -> dict:
         else "?",
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        # The build machine is shared: a high load makes every number here noisier.
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "repeats": repeats,
         "results": results,
     }
