@@ -20,7 +20,9 @@ played no part in any choice).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -76,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--final-lr-fraction", type=float, default=0.05)
     p.add_argument("--bins", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parallel", action="store_true", help="one process per defence")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     return p.parse_args(argv)
 
@@ -166,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_scores = predict_scores(model, ds.test.images)
         test = binary_metrics(test_scores, ds.test.labels, val["threshold"])
         row = {
+            "defense": args.defense,
             "round": r + 1,
             "lr": lr,
             "train_loss": float(np.average(losses, weights=counts)),
@@ -245,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     defenses = [d.strip() for d in args.defense.split(",") if d.strip()]
     runs = {}
-    for defense in defenses:
-        one = argparse.Namespace(**{**vars(args), "defense": defense})
-        runs[defense] = run(one)
-        summary = {
-            k: runs[defense][k] for k in ("selected_round", "val", "test", "final_round_test")
-        }
+    jobs = [argparse.Namespace(**{**vars(args), "defense": d}) for d in defenses]
+    if args.parallel and len(jobs) > 1:
+        # One process per defence, same time window: a shared, loaded machine slows both
+        # alike, so their timings stay comparable, and the wall time halves on 2 cores.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(job) for job in jobs]
+    for defense, one in zip(defenses, results, strict=True):
+        runs[defense] = one
+        summary = {k: one[k] for k in ("selected_round", "val", "test", "final_round_test")}
         print(json.dumps({"defense": defense, **summary}, indent=1), flush=True)
     if len(runs) == 1:
         result = runs[defenses[0]]

@@ -129,7 +129,7 @@ class CompactCNN(FedModel):
         in_channels: int = 1,
         num_classes: int = 2,
         width: int = 32,
-        norm: str = "group",
+        norm: str = "batch",
         dropout: float = 0.0,
         cvb_latent_channels: int | None = None,
         precode_latent_dim: int = 256,
@@ -233,8 +233,11 @@ def build_model(
 ) -> FedModel:
     """The federation's model. `seed` makes the initial weights reproducible.
 
-    `norm` defaults to GroupNorm for the CNN (robust to FedAvg under label skew) and to
-    BatchNorm for ResNet-18 (torchvision's own).
+    `norm` defaults to BatchNorm. GroupNorm ("group") avoids averaging client-specific
+    running statistics under label skew, but here it learned far more slowly than BatchNorm
+    (local training at lr 0.01 and 0.05: validation AUC 0.82-0.92 against 0.98 after 3
+    epochs; FedAvg at lr 0.02: AUC 0.55 after round 1 against 0.83), so BatchNorm, its
+    running statistics averaged like any weight, is the default.
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -272,7 +275,7 @@ def _construct(
             in_channels=in_channels,
             num_classes=num_classes,
             width=width,
-            norm=norm or "group",
+            norm=norm or "batch",
             dropout=dropout,
         )
     return ResNet18(
