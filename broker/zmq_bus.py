@@ -57,6 +57,7 @@ class Subscription(AsyncIterator[bytes]):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
+        self._broken: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"Subscription({self.topic_filter!r}, pending={self._queue.qsize()})"
@@ -74,6 +75,8 @@ class Subscription(AsyncIterator[bytes]):
         item = await self._queue.get()
         if item is _CLOSED:
             self._queue.put_nowait(_CLOSED)  # stay closed for later readers
+            if self._broken is not None:
+                raise self._broken
             raise StopAsyncIteration
         return item
 
@@ -93,8 +96,11 @@ class Subscription(AsyncIterator[bytes]):
             self._finish()
             await self._bus._unsubscribe(self)
 
-    def _finish(self, exc: BaseException | None = None) -> None:
+    def _finish(self, exc: BaseException | None = None, *, broken: bool = False) -> None:
+        """End the subscription; `broken` makes readers raise `exc` instead of stopping."""
         self.closed = True
+        if broken:
+            self._broken = exc
         if not self._acked.done():
             self._acked.set_exception(exc or BusError("subscription closed"))
             self._acked.exception()  # mark retrieved: nobody may be waiting
@@ -247,7 +253,7 @@ class ZmqBus(Bus):
             validate_topic(topic)
         except ValueError as exc:
             raise BusError(str(exc)) from None
-        size = len(frame)
+        size = memoryview(frame).nbytes  # bytes, also for a multi-byte-item memoryview
         if size > self.max_frame_bytes:
             raise BusError(
                 f"frame of {size} bytes for {topic} is over the limit of {self.max_frame_bytes}"
@@ -325,6 +331,21 @@ class ZmqBus(Bus):
             self.log.warning("send_failed", error=str(fut.exception()))
 
     async def _recv_loop(self) -> None:
+        try:
+            await self._receive_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Without this loop nothing arrives any more: fail loudly, do not hang readers.
+            self.log.error("bus_receive_failed", error=repr(exc))
+            error = BusError(f"bus receive loop failed: {exc!r}")
+            for sub in list(self._subs.values()):
+                sub._finish(error, broken=True)
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(error)
+            raise
+
+    async def _receive_forever(self) -> None:
         sock = self._sock
         assert sock is not None
         while True:

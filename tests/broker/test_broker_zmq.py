@@ -290,3 +290,54 @@ async def test_closed_bus_ends_iteration_and_refuses_work(client, topics: Topics
         await a.publish(topics.director, b"x")
     with pytest.raises(BusError):
         a.subscribe(topics.broadcast)
+
+
+async def test_a_stuck_subscriber_does_not_stall_the_others(
+    broker_factory, client, raw, keys: Keys, topics: Topics
+) -> None:
+    small = broker_factory(sndhwm=4)
+    director = await client("director", broker=small)
+    reader = await client("envoy-a", broker=small)
+    bcast = reader.subscribe(topics.broadcast)
+    await bcast.ready()
+    stuck = raw("envoy-b", broker=small)
+    stuck.sock.rcvhwm = 1
+    stuck.hello("envoy-b", "envoy")
+    stuck.send(wire.SUB, b"s", topics.broadcast.encode())
+    stuck.recv_until(wire.SUBACK)  # ...and never reads again
+    frame = os.urandom(256 << 10)
+    for i in range(300):  # 75 MiB: far more than loopback buffers hold for envoy-b
+        await director.publish(topics.broadcast, frame + i.to_bytes(4, "big"))
+        assert await anext(bcast) == frame + i.to_bytes(4, "big")
+    assert small.stats["dropped"] > 0
+
+
+async def test_publish_accepts_buffers(client, topics: Topics) -> None:
+    import array
+
+    director = await client("director")
+    a = await client("envoy-a")
+    inbox = director.subscribe(topics.director)
+    await inbox.ready()
+    data = array.array("d", [1.5, 2.5, 3.5])
+    await a.publish(topics.director, memoryview(data))
+    assert await anext(inbox) == data.tobytes()
+    await a.publish(topics.director, bytearray(b"ba"))
+    assert await anext(inbox) == b"ba"
+
+
+async def test_a_broken_receive_loop_fails_readers_instead_of_hanging(
+    client, topics: Topics
+) -> None:
+    a = await client("envoy-a")
+    director = await client("director")
+    sub = a.subscribe(topics.broadcast)
+    await sub.ready()
+
+    def explode(frames: object) -> None:
+        raise RuntimeError("dispatch bug")
+
+    a._deliver = explode  # a bug (or a dead socket) inside the receive loop
+    await director.publish(topics.broadcast, b"x")
+    with pytest.raises(BusError, match="receive loop failed"):
+        await anext(sub)
