@@ -250,6 +250,8 @@ class TlsFiles:
     ca: Path
     cert: Path
     key: Path
+    # Certificates of removed nodes (PEM CRL signed by the CA): refused at the handshake.
+    crl: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,7 @@ def render_conf(config: MosquittoConfig) -> str:
                 f"cafile {listener.tls.ca}",
                 f"certfile {listener.tls.cert}",
                 f"keyfile {listener.tls.key}",
+                *([f"crlfile {listener.tls.crl}"] if listener.tls.crl else []),
                 # Client certificates from the federation CA AND a password: a stolen
                 # password alone, or a certificate alone, does not get in.
                 "require_certificate true",

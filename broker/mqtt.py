@@ -822,6 +822,10 @@ def _is_tls_refusal(text: str) -> bool:
             "unknown ca",
             "bad certificate",
             "certificate required",
+            "certificate revoked",
+            "certificate expired",
+            "certificate unknown",
+            "unsupported certificate",
             "hostname mismatch",
             "wrong version number",
         )

@@ -31,7 +31,7 @@ import os
 import sys
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +243,7 @@ class Plan:
     rounds: int
     data_path: str
     max_frame_bytes: int
+    remove: list[str] = field(default_factory=list)
 
     def kit(self, name: str) -> Path:
         return self.out / name
@@ -350,6 +351,7 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     roster = _load_roster(out)
+    known: list[str] = []
     if roster is not None:
         if roster.get("federation") != plan.federation:
             raise ProvisionError(
@@ -363,6 +365,12 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
             )
         known = [n for n, v in roster.get("nodes", {}).items() if v.get("role") == "envoy"]
         plan.envoys = list(dict.fromkeys([*known, *plan.envoys]))
+    unknown = [r for r in plan.remove if r not in known]
+    if unknown:
+        raise ProvisionError(f"--remove: {', '.join(unknown)} is not an envoy of this kit")
+    plan.envoys = [e for e in plan.envoys if e not in plan.remove]
+    if not plan.envoys:
+        raise ProvisionError("a federation needs at least one envoy")
     names = [plan.director_id, *plan.envoys]
     if len(set(names)) != len(names):
         raise ProvisionError("node ids must be unique (the director's id included)")
@@ -378,6 +386,8 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
         write_private(ca_dir / "ca.key", key_pem)
         write_public(ca_dir / "ca.crt", cert_pem)
     ca = ((ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes())
+    for name in plan.remove:
+        _revoke(plan, name)
 
     keys: dict[str, NodeKeys] = {}
     for name in names:
@@ -393,6 +403,69 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
         _write_envoy_kit(plan, keys, name, index)
     _write_roster(plan, keys)
     return keys
+
+
+def _revoke(plan: Plan, name: str) -> None:
+    """Take an envoy out: its certificate goes on the CRL, its kit to removed/ (so that
+    adding the same id again makes fresh keys), and the rewrite that follows drops it from
+    the allow-list, password file, ACL and every peer list."""
+    kit = plan.kit(name)
+    revoked_path = plan.out / "ca" / "revoked.toml"
+    entries = _load_revoked(revoked_path)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    if (kit / "tls" / "client.crt").exists():
+        cert = x509.load_pem_x509_certificate((kit / "tls" / "client.crt").read_bytes())
+        entries.append(
+            {"node_id": name, "serial": format(cert.serial_number, "x"), "date": now.isoformat()}
+        )
+        lines = ["# Revoked client certificates (fedbus provision --remove). Do not edit.", ""]
+        for entry in entries:
+            lines += [
+                "[[revoked]]",
+                f'node_id = "{entry["node_id"]}"',
+                f'serial = "{entry["serial"]}"',
+                f'date = "{entry["date"]}"',
+                "",
+            ]
+        write_public(revoked_path, "\n".join(lines))
+    removed = plan.out / "removed"
+    removed.mkdir(mode=0o700, exist_ok=True)
+    kit.rename(removed / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}")
+    for stale in [
+        plan.kit("broker") / "keys" / f"{name}.pub",
+        plan.kit(plan.director_id) / "envoys" / f"{name}.sign.pub",
+        *(plan.kit(e) / "peers" / f"{name}.sign.pub" for e in plan.envoys),
+    ]:
+        stale.unlink(missing_ok=True)
+
+
+def _load_revoked(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open("rb") as fh:
+        return list(tomllib.load(fh).get("revoked", []))
+
+
+def make_crl(
+    ca_key_pem: bytes, ca_cert_pem: bytes, serials: Sequence[tuple[int, dt.datetime]]
+) -> bytes:
+    """A PEM CRL of the CA listing `serials` (serial, revocation date)."""
+    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        # The broker gets its CRL from the operator with every provision run, not from a
+        # distribution point: an expired CRL would only lock every node out.
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for serial, when in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
 def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, bytes]) -> None:
@@ -418,6 +491,11 @@ def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, by
         write_private(kit / "tls" / "server.key", key_pem)
         write_public(cert_path, cert_pem)
     write_public(kit / "tls" / "ca.crt", ca[1])
+    revoked = [
+        (int(e["serial"], 16), dt.datetime.fromisoformat(e["date"]))
+        for e in _load_revoked(plan.out / "ca" / "revoked.toml")
+    ]
+    write_public(kit / "tls" / "crl.pem", make_crl(*ca, revoked))
 
     # ZeroMQ broker daemon config (broker/daemon.py format): the CurveZMQ allow-list.
     for name, node in keys.items():
@@ -461,6 +539,7 @@ def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, by
                     ca=home / "tls" / "ca.crt",
                     cert=home / "tls" / "server.crt",
                     key=home / "tls" / "server.key",
+                    crl=home / "tls" / "crl.pem",
                 ),
             ),
         ),
@@ -613,7 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keys, certificates, configs and broker ACLs: one startup kit per node.",
     )
     p.add_argument("--federation", required=True)
-    p.add_argument("--envoys", required=True, help="comma-separated envoy ids, e.g. a,b,c")
+    p.add_argument("--envoys", default="", help="comma-separated envoy ids to add, e.g. a,b,c")
+    p.add_argument(
+        "--remove",
+        default="",
+        help="comma-separated envoy ids to take out (certificate revoked, keys dropped everywhere)",
+    )
     p.add_argument("--out", required=True, type=Path, help="folder of the kits (created)")
     p.add_argument("--transport", choices=("zmq", "mqtt"), default="zmq")
     p.add_argument("--broker-host", default="127.0.0.1", help="host name the nodes dial")
@@ -665,8 +749,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _plan(args: argparse.Namespace) -> Plan:
     federation = validate_id(args.federation, field="--federation")
     envoys = [e.strip() for e in args.envoys.split(",") if e.strip()]
-    if not envoys:
-        raise ProvisionError("--envoys: give at least one envoy id")
+    remove = [e.strip() for e in args.remove.split(",") if e.strip()]
+    if not envoys and not remove:
+        raise ProvisionError("give --envoys to add (or --remove to take out) at least one envoy")
+    if set(envoys) & set(remove):
+        raise ProvisionError("an envoy cannot be added and removed in the same run")
     for envoy in envoys:
         validate_id(envoy, field="--envoys entry")
         if envoy == "broadcast":
@@ -698,6 +785,7 @@ def _plan(args: argparse.Namespace) -> Plan:
         rounds=args.rounds,
         data_path=args.data,
         max_frame_bytes=args.max_frame_bytes,
+        remove=remove,
     )
 
 

@@ -14,7 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.bus import BusError
 from broker.connect import connect
+from broker.credentials import Credentials
 from broker.daemon import BrokerConfig
 from broker.mosquitto import AclFile, MosquittoProcess, free_port, parse_passwd, verify_password
 from broker.topics import Topics
@@ -281,3 +283,76 @@ def test_configs_mosquitto_examples_are_what_provision_writes(tmp_path: Path) ->
     examples = REPO / "configs" / "mosquitto"
     for name in ("mosquitto.conf", "mosquitto.acl"):
         assert (out / "broker" / name).read_text() == (examples / f"{name}.example").read_text()
+
+
+def test_remove_takes_an_envoy_out_everywhere(kits: Path) -> None:
+    before = _secrets(kits)
+    serial = x509.load_pem_x509_certificate(
+        (kits / "b" / "tls" / "client.crt").read_bytes()
+    ).serial_number
+    assert run(kits, "--transport", "mqtt", "--remove", "b", envoys="") == 0
+    assert not (kits / "b").exists()
+    assert len(list((kits / "removed").glob("b-*"))) == 1
+    director = load_director_config(kits / "director" / "director.toml")
+    assert set(director.envoy_signing_keys) == {"a", "c"}
+    assert set(load_envoy_config(kits / "a" / "envoy.toml").peer_signing_keys) == {"a", "c"}
+    assert not (kits / "a" / "peers" / "b.sign.pub").exists()
+    assert "b" not in parse_passwd((kits / "broker" / "mosquitto.passwd").read_text())
+    assert "user b" not in (kits / "broker" / "mosquitto.acl").read_text()
+    allowed = {i.node_id for i in BrokerConfig.load(kits / "broker" / "broker.toml").allow.values()}
+    assert allowed == {"director", "a", "c"}
+    crl = x509.load_pem_x509_crl((kits / "broker" / "tls" / "crl.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((kits / "ca" / "ca.crt").read_bytes())
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    # Nobody else's keys changed.
+    after = _secrets(kits)
+    for name, data in before.items():
+        if not name.startswith("b/"):
+            assert after[name] == data, name
+    # The same id again is a new envoy: fresh keys, not the revoked ones.
+    assert run(kits, "--transport", "mqtt", envoys="b") == 0
+    fresh = x509.load_pem_x509_certificate((kits / "b" / "tls" / "client.crt").read_bytes())
+    assert fresh.serial_number != serial
+    assert (kits / "b" / "signing.key").read_bytes() != before["b/signing.key"]
+
+
+def test_remove_refuses_unknown_envoys(kits: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(kits, "--remove", "zz", envoys="") == 2
+    assert "not an envoy" in capsys.readouterr().err
+    assert run(kits, "--remove", "director", envoys="") == 2
+
+
+async def test_mosquitto_refuses_a_revoked_certificate(tmp_path: Path) -> None:
+    """After --remove, the broker refuses the removed node's certificate at the TLS handshake,
+    even presented with another node's valid password."""
+    out = tmp_path / "kits"
+    port = free_port()
+    user = ["--mosquitto-user", "root"] if os.geteuid() == 0 else []
+    argv = ["--transport", "mqtt", "--port", str(port), "--bind-address", "127.0.0.1", *user]
+    assert run(out, *argv) == 0
+    stolen = tmp_path / "stolen"
+    stolen.mkdir()
+    for name in ("client.crt", "client.key"):
+        (stolen / name).write_bytes((out / "b" / "tls" / name).read_bytes())
+
+    def chimera() -> Credentials:
+        # a's login with b's certificate: the certificate alone decides here.
+        return Credentials(
+            username="a",
+            password=(out / "a" / "mqtt.password").read_text().strip(),
+            tls_ca=str(out / "ca" / "ca.crt"),
+            tls_cert=str(stolen / "client.crt"),
+            tls_key=str(stolen / "client.key"),
+        )
+
+    url = f"mqtts://127.0.0.1:{port}"
+    with MosquittoProcess(out / "broker" / "mosquitto.conf", (port,)):
+        bus = await connect(url, node_id="a", role="envoy", credentials=chimera())
+        await bus.close()  # b's certificate is valid before the removal
+    assert run(out, *argv, "--remove", "b", envoys="") == 0
+    with (
+        MosquittoProcess(out / "broker" / "mosquitto.conf", (port,)),
+        pytest.raises(BusError, match=r"(?i)revoked|certificate"),
+    ):
+        await connect(url, node_id="a", role="envoy", credentials=chimera(), timeout_s=20)
