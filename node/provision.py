@@ -2,7 +2,7 @@
 
     fedbus provision --federation NAME --envoys a,b,c --out kits/ [--transport zmq|mqtt]
                      [--broker-host H] [--port P] [--install-root /etc/fedbus]
-                     [--state-root /var/lib/fedbus]
+                     [--state-root /var/lib/fedbus] [--remove x,y]
 
 Kit layout (each folder is copied as a whole to its machine, under install-root/<name>):
 
@@ -19,7 +19,9 @@ Every private key is written 0600, atomically, once: running provision again ADD
 roster is the union of the old one and `--envoys`) and rewrites the public and derived files
 (configs, peer lists, ACL, allow-list), never an existing secret. Settings an operator edited
 in a node's config (its [data], training recipe, ...) are kept; only the fields provision
-manages are rewritten.
+manages are rewritten. `--remove` takes envoys out: their client certificates go on the CA's
+revocation list (broker/tls/crl.pem, enforced by Mosquitto), their kits move to removed/, and
+the rewrite drops them from every allow-list, password file, ACL and peer list.
 """
 
 from __future__ import annotations
