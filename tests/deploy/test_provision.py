@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.bus import BusError
 from broker.connect import connect
@@ -356,3 +358,56 @@ async def test_mosquitto_refuses_a_revoked_certificate(tmp_path: Path) -> None:
         pytest.raises(BusError, match=r"(?i)revoked|certificate"),
     ):
         await connect(url, node_id="a", role="envoy", credentials=chimera(), timeout_s=20)
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "remove"]),
+            st.sets(st.sampled_from("pqrst"), min_size=1, max_size=2),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_any_sequence_of_adds_and_removes_keeps_the_kits_consistent(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, set[str]]]
+) -> None:
+    out = tmp_path_factory.mktemp("seq") / "kits"
+    assert run(out, envoys="a") == 0
+    members = {"a"}
+    keys = {"a": (out / "a" / "signing.key").read_bytes()}
+    for op, ids in steps:
+        if op == "add":
+            assert run(out, envoys=",".join(sorted(ids))) == 0
+            members |= ids
+        else:
+            rc = run(out, "--remove", ",".join(sorted(ids)), envoys="")
+            if not ids <= members or members == ids:
+                assert rc == 2  # unknown envoy, or nobody left: refused, nothing changed
+                continue
+            assert rc == 0
+            members -= ids
+            for gone in ids:
+                keys.pop(gone, None)
+        for envoy in members:
+            keys.setdefault(envoy, (out / envoy / "signing.key").read_bytes())
+        # Invariants: the roster, every allow-list and every peer list are exactly `members`,
+        # and no kept envoy's key ever changed.
+        roster = tomllib.loads((out / "roster.toml").read_text())
+        assert {n for n, v in roster["nodes"].items() if v["role"] == "envoy"} == members
+        director = load_director_config(out / "director" / "director.toml")
+        assert set(director.envoy_signing_keys) == members
+        allowed = {
+            i.node_id for i in BrokerConfig.load(out / "broker" / "broker.toml").allow.values()
+        }
+        assert allowed == members | {"director"}
+        assert set(parse_passwd((out / "broker" / "mosquitto.passwd").read_text())) == members | {
+            "director"
+        }
+        for envoy in members:
+            assert set(load_envoy_config(out / envoy / "envoy.toml").peer_signing_keys) == members
+            assert (out / envoy / "signing.key").read_bytes() == keys[envoy]
