@@ -29,7 +29,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
+        "load_avg_1_5_15_min_at_end": os.getloadavg(),
         "cryptography": cryptography.__version__,
         "numpy": numpy.__version__,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
