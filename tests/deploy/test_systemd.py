@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import shlex
 import subprocess
@@ -207,16 +208,42 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
         daemon.wait()
 
 
-def test_mosquitto_runs_without_writable_executable_memory(tmp_path: Path) -> None:
-    from broker.mosquitto import mosquitto_binary
+async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Path) -> None:
+    """Mosquitto from a provisioned kit, under MDWE as its unit runs it, serves a TLS client."""
+    import asyncio
+
+    from broker.connect import connect
+    from broker.mosquitto import _accepts, free_port, mosquitto_binary
+    from broker.topics import Topics
+    from node.cli import _credentials
+    from node.config import load_envoy_config
 
     assert _has_mdwe()
-    result = subprocess.run(
-        [sys.executable, "-c", MDWE_EXEC, mosquitto_binary(), "-h"],
-        capture_output=True,
-        text=True,
+    out = tmp_path / "kits"
+    port = free_port()
+    argv = ["--federation", "fed", "--envoys", "a,b", "--out", str(out), "--port", str(port)]
+    argv += ["--transport", "mqtt", "--bind-address", "127.0.0.1"]
+    if os.geteuid() == 0:
+        argv += ["--mosquitto-user", "root"]
+    assert provision(argv) == 0
+    conf = out / "broker" / "mosquitto.conf"
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", MDWE_EXEC, mosquitto_binary(), "-c", str(conf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
-    assert "mosquitto version" in result.stdout + result.stderr
+    try:
+        while not _accepts("127.0.0.1", port):
+            assert daemon.poll() is None, daemon.stdout.read().decode()  # type: ignore[union-attr]
+            await asyncio.sleep(0.05)
+        cfg = load_envoy_config(out / "a" / "envoy.toml")
+        bus = await connect(cfg.bus_url, node_id="a", role="envoy", credentials=_credentials(cfg))
+        mine = bus.subscribe(Topics("fed").envoy("a"))
+        await mine.ready()  # TLS handshake, password check and SUBACK, all under MDWE
+        await bus.close()
+    finally:
+        daemon.terminate()
+        daemon.wait()
 
 
 @pytest.mark.slow
