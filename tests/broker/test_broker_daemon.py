@@ -258,3 +258,23 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
     )
     assert result.returncode == 0
     assert "torch" not in result.stderr
+
+
+def test_example_config_loads_once_keys_exist(tmp_path: Path) -> None:
+    import shutil
+
+    from broker.credentials import generate_curve_keypair
+
+    shutil.copy(ROOT / "configs" / "broker.toml", tmp_path / "broker.toml")
+    (tmp_path / "keys").mkdir()
+    write_secret_key(tmp_path / "keys" / "broker.key", generate_curve_keypair().secret)
+    for node in ("director", "envoy-1", "envoy-2", "envoy-3"):
+        (tmp_path / "keys" / f"{node}.pub").write_text(generate_curve_keypair().public + "\n")
+    cfg = BrokerConfig.load(tmp_path / "broker.toml")
+    assert cfg.federation == "demo" and len(cfg.allow) == 4
+    assert sorted(i.role for i in cfg.allow.values()) == ["director", "envoy", "envoy", "envoy"]
+    assert cfg.io_threads == 2
+    # Without the key files the error names the file that is missing.
+    (tmp_path / "keys" / "envoy-2.pub").unlink()
+    with pytest.raises(ConfigError, match=r"allow\[2\]\.public_key_file"):
+        BrokerConfig.load(tmp_path / "broker.toml")
