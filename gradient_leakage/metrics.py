@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "baseline_psnr",
     "chance_p_value",
+    "identified",
     "identify",
     "label_accuracy",
     "match_reconstructions",
@@ -164,6 +165,25 @@ def identify(reconstruction: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     if a.shape[1] != c.shape[1]:
         raise ValueError(f"image size mismatch: {a.shape[1]} vs candidates {c.shape[1]}")
     return torch.cdist(a, c).argmin(dim=1)
+
+
+def identified(
+    reconstruction: torch.Tensor, candidates: torch.Tensor, victims: torch.Tensor
+) -> torch.Tensor:
+    """Whether each victim is a nearest candidate (by MSE) of its reconstruction, shape (N,).
+
+    Ties count as identified: PneumoniaMNIST's test split holds pixel-identical duplicates
+    (e.g. test images 302 and 401), and a reconstruction equally near both did single out
+    the victim's picture; :func:`identify`'s argmin would name whichever comes first.
+    """
+    a = _as_batch(reconstruction, "reconstruction").flatten(1)
+    c = _as_batch(candidates, "candidates").flatten(1)
+    victims = torch.as_tensor(victims).long().flatten()
+    if victims.numel() != a.shape[0]:
+        raise ValueError(f"victims: {victims.numel()} indices for {a.shape[0]} reconstructions")
+    d = torch.cdist(a, c) ** 2
+    own = d[torch.arange(a.shape[0]), victims]
+    return own <= d.min(dim=1).values
 
 
 def baseline_psnr(mean_image: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:

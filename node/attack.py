@@ -47,6 +47,9 @@ from gradient_leakage.metrics import (
     psnr,
     ssim,
 )
+from gradient_leakage.metrics import (
+    identified as is_identified,
+)
 from gradient_leakage.observation import observe
 
 log = structlog.get_logger(__name__)
@@ -350,7 +353,9 @@ def score(
     rec_all = torch.cat(recs)
     p, s, e = psnr(rec_all, originals), ssim(rec_all, originals), mse(rec_all, originals)
     nearest = identify(rec_all, torch.from_numpy(data.candidates))
-    identified = nearest == torch.from_numpy(data.indices)
+    identified = is_identified(
+        rec_all, torch.from_numpy(data.candidates), torch.from_numpy(data.indices)
+    )
     base = baseline_psnr(torch.from_numpy(data.mean_image), originals)
     label_acc = [
         label_accuracy(rec_labels[g], data.labels[g * per : (g + 1) * per])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gradient_leakage.metrics import (
     baseline_psnr,
     chance_p_value,
+    identified,
     identify,
     label_accuracy,
     match_reconstructions,
@@ -88,6 +89,15 @@ def test_identify_finds_the_nearest_candidate() -> None:
     pool = images(20, seed=4)
     noisy = (pool[[3, 17]] + 0.02 * images(2, seed=5)).clamp(0, 1)
     assert identify(noisy, pool).tolist() == [3, 17]
+
+
+def test_identified_counts_ties_with_duplicate_candidates() -> None:
+    pool = images(6, seed=7)
+    pool[4] = pool[1]  # a pixel-identical duplicate, as PneumoniaMNIST's test split has
+    rec = (pool[[1, 4, 2]] + 0.01).clamp(0, 1)
+    assert identify(rec, pool).tolist() == [1, 1, 2]  # argmin names the first of the pair
+    assert identified(rec, pool, torch.tensor([4, 1, 2])).tolist() == [True, True, True]
+    assert identified(rec, pool, torch.tensor([0, 3, 5])).tolist() == [False, False, False]
 
 
 def test_baseline_psnr_is_the_mean_images_psnr() -> None:
