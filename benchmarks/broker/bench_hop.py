@@ -118,6 +118,17 @@ def start(target: Any, *args: Any) -> mp.Process:
 # -- load generation ---------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (Linux /proc): CPU the hop itself burnt, whatever else runs."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+LAST_HOP_CPU: list[float] = []
+
+
 def pump(
     ctx: zmq.Context,
     make_tx: Any,
@@ -126,8 +137,11 @@ def pump(
     recv: Any,
     payload: bytes,
     frames: int,
+    hop_pid: int | None = None,
 ) -> float:
-    """Send `frames` payloads with at most WINDOW in flight; return seconds for the run."""
+    """Send `frames` payloads with at most WINDOW in flight; return seconds for the run.
+
+    The CPU time the hop process spent during the timed part goes to LAST_HOP_CPU."""
     credits_ep = f"inproc://credits-{time.monotonic_ns()}"
     credit_rx = ctx.socket(zmq.PULL)
     credit_rx.bind(credits_ep)
@@ -141,11 +155,13 @@ def pump(
         # Warm-up frame, not timed: the connection and any subscription are up after it.
         recv(rx)
         credit_tx.send(b"")
+        cpu0 = cpu_seconds(hop_pid)
         t0 = time.perf_counter()
         for _ in range(frames):
             recv(rx)
             credit_tx.send(b"")
         span.append(time.perf_counter() - t0)
+        LAST_HOP_CPU[:] = [cpu_seconds(hop_pid) - cpu0]
         credit_tx.close(0)
         done.set()
 
@@ -228,6 +244,7 @@ def bench_c_proxy(payload: bytes, frames: int, keys: dict[str, Any] | None) -> f
             lambda s: s.recv(copy=False),
             payload,
             frames,
+            proc.pid,
         )
     finally:
         ctx.term()
@@ -266,7 +283,7 @@ def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> fl
                 return
 
     try:
-        return pump(ctx, make_tx, make_rx, send, recv, payload, frames)
+        return pump(ctx, make_tx, make_rx, send, recv, payload, frames, proc.pid)
     finally:
         ctx.term()
         proc.terminate()
@@ -317,12 +334,14 @@ def bench_bus_e2e(payload: bytes, frames: int, keys: dict[str, Any] | None) -> f
         await prod.publish(TOPICS.director, payload)
         while count < 1:
             await asyncio.sleep(0.001)
+        cpu0 = cpu_seconds(proc.pid)
         t0 = time.perf_counter()
         for _ in range(frames):
             await credits.acquire()
             await prod.publish(TOPICS.director, payload)
         await got.wait()
         elapsed = time.perf_counter() - t0
+        LAST_HOP_CPU[:] = [cpu_seconds(proc.pid) - cpu0]
         await task
         await prod.close()
         await cons.close()
@@ -349,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mib", type=float, default=4.0, help="frame size in MiB")
     parser.add_argument("--frames", type=int, default=200, help="timed frames per run")
+    parser.add_argument("--curve-frames", type=int, default=40, help="timed frames, CURVE runs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "broker" / "results" / "hop.json"
@@ -367,23 +387,35 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         mode_keys = keys if mode == "curve" else None
         runs: dict[str, list[float]] = {name: [] for name in BENCHES}
+        cpu: dict[str, list[float]] = {name: [] for name in BENCHES if name != "direct"}
+        frames = args.frames if mode == "plain" else args.curve_frames
+        gb = len(payload) * frames / 1e9
         for rep in range(args.repeats):
-            for name, fn in BENCHES.items():
-                seconds = fn(payload, args.frames, mode_keys)
-                gbps = len(payload) * args.frames / seconds / 1e9
+            # Alternate the order so slow drift of the machine's load hits both sides alike.
+            order = list(BENCHES) if rep % 2 == 0 else list(reversed(BENCHES))
+            for name in order:
+                LAST_HOP_CPU[:] = []
+                seconds = BENCHES[name](payload, frames, mode_keys)
+                gbps = gb / seconds
                 runs[name].append(gbps)
-                print(f"{mode:5s} rep {rep} {name:10s} {gbps:6.3f} GB/s", flush=True)
+                line = f"{mode:5s} rep {rep} {name:10s} {gbps:6.3f} GB/s"
+                if name in cpu and LAST_HOP_CPU:
+                    cpu[name].append(LAST_HOP_CPU[0] / gb)
+                    line += f"  hop CPU {cpu[name][-1]:.3f} s/GB"
+                print(line, flush=True)
         med = {name: statistics.median(v) for name, v in runs.items()}
         results[mode] = {
+            "frames_per_run": frames,
             "gb_per_s_median": med,
             "gb_per_s_runs": runs,
+            "hop_cpu_s_per_gb_median": {k: statistics.median(v) for k, v in cpu.items() if v},
+            "hop_cpu_s_per_gb_runs": cpu,
             "broker_vs_c_proxy": med["zmq_broker"] / med["c_proxy"],
             "bus_e2e_vs_c_proxy": med["bus_e2e"] / med["c_proxy"],
         }
     report = {
         "benchmark": "broker hop, one publisher -> one subscriber",
         "frame_bytes": len(payload),
-        "frames_per_run": args.frames,
         "repeats": args.repeats,
         "window_frames": WINDOW,
         "host": {
@@ -403,13 +435,18 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, args.out)
     print()
-    print("| mode | direct | C proxy hop | ZmqBroker hop | broker / C proxy | ZmqBus end to end |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| mode | direct | C proxy hop | ZmqBroker hop | broker / C proxy "
+        "| ZmqBus end to end | hop CPU s/GB: C proxy / ZmqBroker |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         m = r["gb_per_s_median"]
+        c = r["hop_cpu_s_per_gb_median"]
         print(
             f"| {mode} | {m['direct']:.2f} GB/s | {m['c_proxy']:.2f} GB/s | {m['zmq_broker']:.2f} GB/s "
-            f"| {r['broker_vs_c_proxy']:.2f}x | {m['bus_e2e']:.2f} GB/s |"
+            f"| {r['broker_vs_c_proxy']:.2f}x | {m['bus_e2e']:.2f} GB/s "
+            f"| {c.get('c_proxy', float('nan')):.3f} / {c.get('zmq_broker', float('nan')):.3f} |"
         )
     return 0
 
