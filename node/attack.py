@@ -110,6 +110,8 @@ class AttackConfig:
             raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
         if self.restarts < 1:
             raise ValueError(f"--restarts must be >= 1, got {self.restarts}")
+        if "parameters" in self.extra and self.attack not in ("ig", "adaptive"):
+            raise ValueError("--parameters applies to --attack ig or adaptive only")
         if self.source not in ("pneumoniamnist", "kermany"):
             raise ValueError(f"--source must be pneumoniamnist or kermany, got {self.source!r}")
 
@@ -520,6 +522,12 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     ap.add_argument("--arch", choices=("cnn", "resnet18"), default="cnn")
     ap.add_argument("--bottleneck", choices=("mean", "sample"), default="mean")
     ap.add_argument("--workers", type=int, default=1, help="attack processes in parallel")
+    ap.add_argument(
+        "--parameters",
+        default=None,
+        help="comma list of parameter names whose updates IG matches (a control for the "
+        "adaptive attack: e.g. conv1.weight on the undefended model)",
+    )
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     return AttackConfig(
@@ -546,6 +554,7 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
         bottleneck=a.bottleneck,
         workers=a.workers,
         quiet=a.quiet,
+        extra={"parameters": a.parameters.split(",")} if a.parameters else {},
     )
 
 
