@@ -103,3 +103,29 @@ def test_forced_complete_graph_gets_its_own_threshold() -> None:
     assert p.graph == "complete" and p.k == 39 and p.t == 40 - 4
     a = analyse(40, p.k, p.t, dropouts=4, corrupt=2, malicious=True)
     assert a.ok
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 3000),
+    drop=st.floats(0.0, 0.4),
+    corrupt=st.floats(0.0, 0.2),
+    malicious=st.booleans(),
+)
+def test_any_answer_of_the_finder_meets_the_targets(
+    n: int, drop: float, corrupt: float, malicious: bool
+) -> None:
+    try:
+        p = find_parameters(n, dropout_fraction=drop, corrupt_fraction=corrupt, malicious=malicious)
+    except ParameterError:
+        return  # refusing is allowed; answering wrongly is not
+    a = analyse(
+        n,
+        p.k,
+        p.t,
+        dropouts=math.ceil(drop * n - 1e-12),
+        corrupt=math.ceil(corrupt * n - 1e-12),
+        malicious=malicious,
+    )
+    assert a.ok, a
+    assert 2 <= p.t <= n and (p.graph == "complete") == (p.k == n - 1)
