@@ -33,6 +33,20 @@ SAMPLE_CAP = 65536
 EXTRA = 2  # w * loss, w * clip
 
 
+MAX_ATTEMPTS = 64
+
+
+def secagg_session(round: int, attempt: int) -> int:
+    """The SecAgg `round` of one try of a training round: unique per (round, attempt).
+
+    Every SecAgg message and every AEAD associated data carries it, so a late frame of an
+    aborted try is refused by the next try's state machines instead of corrupting them.
+    """
+    if not 0 <= attempt < MAX_ATTEMPTS:
+        raise ValueError(f"attempt {attempt} outside 0..{MAX_ATTEMPTS - 1}")
+    return round * MAX_ATTEMPTS + attempt
+
+
 class AggregationError(ValueError):
     """A participant's message that cannot be part of the aggregate (logged and dropped)."""
 

@@ -199,7 +199,7 @@ class DirectorConfig(_Section, kw_only=True):
     # How long to wait for min_envoys to come online before a round.
     wait_for_envoys_s: PosFloat = 120.0
     # A round aborted (too few survivors) is retried this many times before giving up.
-    max_attempts: PosInt = 3
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
     heartbeat_timeout_s: PosFloat = 10.0
     deadlines: Deadlines = msgspec.field(default_factory=Deadlines)
     train: TrainDefaults = msgspec.field(default_factory=TrainDefaults)

@@ -33,6 +33,7 @@ from node.aggregation import (
     Layout,
     Outgoing,
     PlainFedAvg,
+    secagg_session,
 )
 from node.checkpoint import (
     Checkpoint,
@@ -441,7 +442,7 @@ class Director:
         set_round(r, "round_start")
         t0 = self.clock()
         stage_times: dict[str, float] = {}
-        agg = self.aggregation_factory(round=r, participants=participants)
+        agg = self.aggregation_factory(round=secagg_session(r, attempt), participants=participants)
         plan = train_plan_for_round(self.cfg, r)
         deadlines = _deadlines(self.cfg)
         start = RoundStart(
@@ -450,6 +451,7 @@ class Director:
             plan=plan,
             deadlines=deadlines,
             secagg=getattr(agg, "params", None),
+            attempt=attempt,
         )
         self.log.info(
             "round_start", participants=participants, attempt=attempt, secure=agg.secure, lr=plan.lr
@@ -461,7 +463,9 @@ class Director:
         if result is None:
             reason = agg.failure or "aggregation failed"
             self.log.warning("round_aborted", reason=reason, attempt=attempt)
-            await self._send(BROADCAST, RoundEnd(status="aborted", reason=reason[:500]), round=r)
+            await self._send(
+                BROADCAST, RoundEnd(status="aborted", reason=reason[:500], attempt=attempt), round=r
+            )
             return False
         self.weights = {
             name: (self.weights[name] + result.mean_delta[name]).astype(np.float32)
@@ -503,7 +507,7 @@ class Director:
         self._checkpoint(r)
         with open(self.state_dir / ROUNDS_LOG, "a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
-        await self._send(BROADCAST, RoundEnd(status="completed"), round=r)
+        await self._send(BROADCAST, RoundEnd(status="completed", attempt=attempt), round=r)
         self.log.info(
             "round_end",
             survivors=result.survivors,

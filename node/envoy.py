@@ -27,7 +27,7 @@ import numpy as np
 
 from broker.bus import Bus, Will
 from broker.topics import Topics
-from node.aggregation import Layout, encode_update, qrange_for
+from node.aggregation import Layout, encode_update, qrange_for, secagg_session
 from node.config import EnvoyConfig, model_kwargs
 from node.logs import get_logger, set_round, set_stage
 from node.wire import Endpoint, read_key_file, subscribe_ready
@@ -203,6 +203,7 @@ class Envoy:
         )
         self.stage = "idle"
         self.round: int | None = None
+        self.attempt = 0
         self._round_task: asyncio.Task[None] | None = None
         self._client: Any | None = None
         self._client_round: int | None = None
@@ -304,7 +305,11 @@ class Envoy:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         elif isinstance(body, RoundEnd):
-            if env.round == self.round and body.status == "aborted":
+            if (
+                env.round == self.round
+                and body.attempt == self.attempt
+                and body.status == "aborted"
+            ):
                 self.log.info("round_aborted_by_director", reason=body.reason)
                 self._cancel_round()
             self._set_stage("idle")
@@ -331,6 +336,7 @@ class Envoy:
         # A new RoundStart supersedes whatever round was running (e.g. after a director restart).
         self._cancel_round()
         self.round = round
+        self.attempt = body.attempt
         set_round(round, "training")
         self._round_task = asyncio.create_task(self._run_round(round, body))
 
@@ -348,11 +354,12 @@ class Envoy:
 
             client = SecAggClient(
                 self.cfg.node_id,
-                round,
+                secagg_session(round, rs.attempt),
                 rs.secagg,
                 list(rs.selected),
                 signing_key=self.signing_key if rs.secagg.malicious else None,
                 peer_signing_keys=(self.peer_signing_keys or None) if rs.secagg.malicious else None,
+                server_id=self.cfg.director_id,
             )
             self._client, self._client_round = client, round
             self._crash_point(round, "advertise_keys")

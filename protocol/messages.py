@@ -46,6 +46,9 @@ class RoundStart(Message):
     plan: TrainPlan
     deadlines: dict[ShortText, Annotated[float, msgspec.Meta(gt=0)]]
     secagg: SecAggParams | None = None
+    # A round aborted below the threshold is retried under the same round number; the attempt
+    # tells the tries apart (late frames of an aborted try must not touch the next one).
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
 
 
 class PlainUpdate(Message):
@@ -76,6 +79,7 @@ class EvaluateResult(Message):
 class RoundEnd(Message):
     status: Annotated[str, msgspec.Meta(pattern="^(completed|aborted)$")]
     reason: ShortText = ""
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
 
 
 class Shutdown(Message):

@@ -108,12 +108,16 @@ class NumpyTrainer:
             if val_scores is not None
             else np.clip(0.3 * self.val_labels + 0.35 + 0.2 * rng.random(40), 0, 1)
         )
-        self.gate: asyncio.Event | None = None
+        self.delay_s = 0.0  # simulated training time (runs in the envoy's worker thread)
 
     def train(
         self, weights: Mapping[str, np.ndarray], plan: TrainPlan, *, seed: int
     ) -> tuple[dict[str, np.ndarray], int, float]:
         self.calls += 1
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         new = {k: (v + 0.5 * (self.target - v)).astype(np.float32) for k, v in weights.items()}
         return new, self.num_samples, abs(self.target)
 

@@ -95,3 +95,59 @@ async def test_secure_round_survives_a_crash_at_any_stage(tmp_path, stage):
         ckpt = load_checkpoint(fed.director_cfg.state_dir)
         for k, v in ckpt.weights_numpy().items():
             np.testing.assert_allclose(v, want[k], atol=1e-5)
+
+
+async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_path):
+    """Reordered frames: RoundEnd(aborted, attempt 0) arrives after RoundStart(attempt 1)."""
+    from broker.topics import Topics
+    from node.wire import Endpoint, read_key_file
+    from protocol.codec import Codec
+    from protocol.messages import PlainUpdate, RoundEnd, RoundStart, TrainPlan
+    from protocol.tensors import state_from_numpy
+    from tests.node.nodeharness import FED, initial
+
+    fed = make_fed(tmp_path, 2, secure=False, rounds=1)
+    fed.trainers["envoy-1"].delay_s = 0.3
+    envoy = fed.start_envoy("envoy-1")
+    await asyncio.sleep(0.05)
+    t = Topics(FED)
+    director = Endpoint(
+        fed.broker.connect("director"),
+        node_id="director",
+        federation=FED,
+        codec=Codec(),
+        signing_key=read_key_file(fed.director_cfg.signing_key),
+    )
+    updates = director.bus.subscribe(t.director)
+    start = RoundStart(
+        weights=state_from_numpy(initial()),
+        selected=["envoy-1", "envoy-2"],
+        plan=TrainPlan(local_epochs=1, batch_size=1, lr=0.1),
+        deadlines={"training": 5.0},
+        attempt=1,
+    )
+    await director.send(t.broadcast, round=1, recipient="*", body=start)
+    while envoy._round_task is None:  # until the envoy has taken the RoundStart
+        await asyncio.sleep(0.01)
+    task = envoy._round_task
+    assert envoy.attempt == 1
+    late = RoundEnd(status="aborted", reason="attempt 0 failed", attempt=0)
+    await director.send(t.broadcast, round=1, recipient="*", body=late)
+    await asyncio.wait([task])  # ends either way: trained, or cancelled by the abort
+    assert not task.cancelled()
+    codec = Codec()
+    async for frame in updates:
+        env = codec.decode(frame)
+        if isinstance(env.body, PlainUpdate):
+            break
+    assert env.round == 1 and env.sender == "envoy-1"
+    # The matching abort does cancel.
+    await director.send(t.broadcast, round=1, recipient="*", body=start)
+    await director.send(
+        t.broadcast, round=1, recipient="*", body=RoundEnd(status="aborted", attempt=1)
+    )
+    await asyncio.sleep(0.6)
+    assert envoy._round_task is None
+    sent = [f for sender, _t, f in fed.broker.log if sender == "envoy-1"]
+    assert sum(isinstance(codec.decode(f).body, PlainUpdate) for f in sent) == 1
+    await fed.stop()
