@@ -50,7 +50,7 @@ class BrokerConfig:
     heartbeat_ivl_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     sndhwm: int = 1000
-    io_threads: int = 2
+    io_threads: int = 1
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, insecure: bool = False) -> BrokerConfig:
@@ -115,7 +115,7 @@ class BrokerConfig:
             "max_frame_bytes", data.get("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES), int
         )
         sndhwm = positive("sndhwm", data.get("sndhwm", 1000), int)
-        io_threads = positive("io_threads", data.get("io_threads", 2), int)
+        io_threads = positive("io_threads", data.get("io_threads", 1), int)
         hb = data.get("heartbeat", {})
         if not isinstance(hb, dict):
             raise fail("heartbeat", "must be a table")

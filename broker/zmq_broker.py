@@ -14,6 +14,8 @@ Design, and why:
 * A slow subscriber must not stall the federation: the ROUTER is `ROUTER_MANDATORY` and sends
   are non-blocking, so a full pipe drops the frame for that subscriber only (and logs it),
   like an MQTT broker's per-client queue limit.
+* One libzmq I/O thread by default, like zmq.proxy: a second one spends more CPU handing
+  frames across threads than it saves (benchmarks/broker/bench_hop.py, hop CPU per GB).
 * Retained frames and last wills emulate MQTT so nodes behave the same on both transports.
   A will fires when a session's heartbeats stop or its connection drops without a BYE.
 """
@@ -108,7 +110,7 @@ class ZmqBroker:
         heartbeat_ivl_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         sndhwm: int = 1000,
-        io_threads: int = 2,
+        io_threads: int = 1,
     ) -> None:
         self.federation = validate_id(federation, field="federation")
         if not insecure_no_auth:

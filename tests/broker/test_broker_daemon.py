@@ -273,7 +273,7 @@ def test_example_config_loads_once_keys_exist(tmp_path: Path) -> None:
     cfg = BrokerConfig.load(tmp_path / "broker.toml")
     assert cfg.federation == "demo" and len(cfg.allow) == 4
     assert sorted(i.role for i in cfg.allow.values()) == ["director", "envoy", "envoy", "envoy"]
-    assert cfg.io_threads == 2
+    assert cfg.io_threads == 1
     # Without the key files the error names the file that is missing.
     (tmp_path / "keys" / "envoy-2.pub").unlink()
     with pytest.raises(ConfigError, match=r"allow\[2\]\.public_key_file"):
