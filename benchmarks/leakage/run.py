@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--states", default="untrained,trained")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--render", action="store_true", help="only redraw the figure and table from --out"
+    )
     return p.parse_args(argv)
 
 
@@ -153,6 +156,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        report = json.loads(args.out.read_text())
+        figure(report["results"], args.out.with_suffix(".png"))
+        print(markdown(report))
+        return 0
     torch.set_num_threads(1)
     defenses = args.defenses.split(",")
     attacks = args.attacks.split(",")
@@ -191,8 +199,25 @@ def main(argv: list[str] | None = None) -> int:
                         f"{s['images']} labels {s['label_accuracy']:.2f} {s['seconds']:.0f}s",
                         flush=True,
                     )
+                    write_report(args, argv, accuracy, results, started, final=False)
+    write_report(args, argv, accuracy, results, started, final=True)
+    return 0
+
+
+def write_report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    accuracy: dict[str, dict[str, Any]],
+    results: list[dict[str, Any]],
+    started: float,
+    *,
+    final: bool,
+) -> None:
+    """Write the JSON (after every row, so a cut run keeps what it measured) and, at the
+    end, the figure and the markdown table."""
     out = {
         "benchmark": "leakage",
+        "complete": final,
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
@@ -216,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp_json = args.out.with_name(f".{args.out.name}.tmp")
     tmp_json.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp_json, args.out)
-    figure(results, args.out.with_suffix(".png"))
-    print(markdown(out))
-    return 0
+    if final:
+        figure(results, args.out.with_suffix(".png"))
+        print(markdown(out))
 
 
 if __name__ == "__main__":
