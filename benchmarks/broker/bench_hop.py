@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    load_before = os.getloadavg()
     payload = os.urandom(int(args.mib * (1 << 20)))
     keys = {name: generate_curve_keypair() for name in ("server", "producer", "consumer")}
     results: dict[str, dict[str, Any]] = {}
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "pyzmq": zmq.__version__,
             "libzmq": zmq.zmq_version(),
+            # Other work on the machine skews every figure; record how busy it was.
+            "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
         },
         "command": "python benchmarks/broker/bench_hop.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
