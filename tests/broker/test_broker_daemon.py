@@ -278,3 +278,20 @@ def test_example_config_loads_once_keys_exist(tmp_path: Path) -> None:
     (tmp_path / "keys" / "envoy-2.pub").unlink()
     with pytest.raises(ConfigError, match=r"allow\[2\]\.public_key_file"):
         BrokerConfig.load(tmp_path / "broker.toml")
+
+
+def test_fedbus_broker_entry_point_loads_no_torch() -> None:
+    # `fedbus broker` goes through node.cli: the CLI must hand over before importing torch.
+    code = (
+        "import sys\n"
+        "from node.cli import main\n"
+        "try:\n"
+        "    rc = main(['broker', '--help'])\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
+        "assert rc in (0, None), rc\n"
+        "assert 'torch' not in sys.modules, 'fedbus broker imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fedbus broker" in result.stdout
