@@ -33,7 +33,6 @@ import random
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -48,6 +47,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker.bus import Bus, BusError, Will
 from broker.credentials import Credentials
+from broker.subscription import Subscription as BaseSubscription
 from broker.topics import (
     ROLES,
     acl_allows,
@@ -62,7 +62,6 @@ DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 # Room for MQTT headers, the topic and v5 properties on top of the payload (see mosquitto.py).
 PACKET_OVERHEAD_BYTES = 70 * 1024
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-_CLOSED = object()
 
 # CONNACK reason codes after which retrying is pointless (MQTT 5 section 3.2.2.2, and the
 # 3.1.1 return codes 1-5 that paho maps to them).
@@ -143,61 +142,8 @@ class _Client(aiomqtt.Client):
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
-class Subscription(AsyncIterator[bytes]):
-    """Frames on one topic filter, in arrival order. Iterate it; `aclose()` to leave.
-
-    The first `__anext__` (or `await sub.ready()`) raises BusError if the subscription was
-    refused. Iteration ends when the subscription or the bus is closed.
-    """
-
-    def __init__(self, bus: MqttBus, topic_filter: str) -> None:
-        self.topic_filter = topic_filter
-        self._bus = bus
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.closed = False
-
-    def __repr__(self) -> str:
-        return f"Subscription({self.topic_filter!r}, pending={self._queue.qsize()})"
-
-    async def ready(self) -> None:
-        """Wait until the broker confirmed the subscription (BusError if refused)."""
-        await asyncio.shield(self._acked)
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if not self._acked.done() or self._acked.exception() is not None:
-            await self.ready()
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # stay closed for later readers
-            raise StopAsyncIteration
-        return item
-
-    def get_nowait(self) -> bytes | None:
-        """A frame already here, or None."""
-        try:
-            item = self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)
-            return None
-        return item
-
-    async def aclose(self) -> None:
-        if not self.closed:
-            self._finish()
-            await self._bus._unsubscribe(self)
-
-    def _finish(self, exc: BaseException | None = None) -> None:
-        self.closed = True
-        if not self._acked.done():
-            self._acked.set_exception(exc or BusError("subscription closed"))
-            self._acked.exception()  # mark retrieved: nobody may be waiting
-        self._queue.put_nowait(_CLOSED)
+class Subscription(BaseSubscription):
+    """A subscription on an `MqttBus`."""
 
 
 class _Deduplicator:
