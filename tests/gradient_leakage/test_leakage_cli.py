@@ -72,6 +72,8 @@ def test_attack_command_refuses_bad_arguments(
     assert "multiple" in capsys.readouterr().err
     assert main(["--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "results.json").exists()
+    assert main(["--attack", "dlg", "--parameters", "conv1.weight", "--out", str(tmp_path)]) == 2
+    assert "--parameters" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--attack", "nope"])
 
