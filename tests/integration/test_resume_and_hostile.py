@@ -201,6 +201,11 @@ def test_hostile_frames_to_director_and_envoys_are_refused(tmp_path):
         done = {"flag": False}
 
         async def phase2():
+            # Flood only once the director is subscribed and running rounds: frames published
+            # before it subscribes reach nobody, and a loaded machine can take long to start it.
+            while '"round_start"' not in director.log.read_text():
+                assert director.popen.poll() is None, director.log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
             flood = asyncio.create_task(
                 _flood(fed, "envoy-3", "envoy", [t.director], lambda: done["flag"], 1 << 20)
             )

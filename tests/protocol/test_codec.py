@@ -38,7 +38,7 @@ def _valid_frame() -> bytes:
 
 
 @pytest.mark.parametrize("cls", ALL_MESSAGES, ids=lambda c: c.__name__)
-@SETTINGS
+@settings(SETTINGS, max_examples=40)
 @given(data=st.data())
 def test_every_message_type_round_trips(cls: type, data: st.DataObject) -> None:
     body = data.draw(struct_strategy(cls))
