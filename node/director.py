@@ -58,6 +58,7 @@ from protocol.messages import (
     StatusRequest,
     TrainPlan,
 )
+from protocol.secagg.messages import SecAggUnmaskResponse
 from protocol.tensors import state_from_numpy
 
 ROUNDS_LOG = "rounds.jsonl"
@@ -589,6 +590,10 @@ class Director:
             if env is None:
                 break
             body = env.body
+            if env.round == r and isinstance(body, SecAggUnmaskResponse):
+                # The server unmasks as soon as t responses are in; the rest arrive late.
+                self.log.debug("late_unmask_response", sender=env.sender)
+                continue
             if env.round != r or not isinstance(body, EvaluateResult):
                 self.log.warning(
                     "unexpected_message", sender=env.sender, type=env.type, round=env.round
