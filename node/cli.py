@@ -28,6 +28,18 @@ commands:
 `fedbus COMMAND --help` for the options of each command."""
 
 
+def _load_fault_plan(path: str | Path | None) -> Any:
+    """The fault plan at `path` (None without one); ValueError names the file and field."""
+    if not path:
+        return None
+    from broker.faults import FaultPlan, FaultPlanError
+
+    try:
+        return FaultPlan.load(path)
+    except (FaultPlanError, OSError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _credentials(cfg: Any) -> Any:
     """broker.credentials.Credentials from a config's [credentials] file paths."""
     from broker.credentials import Credentials, read_key_file
@@ -125,15 +137,11 @@ def director_main(argv: Sequence[str]) -> int:
         print(f"fedbus director: {exc}", file=sys.stderr)
         return 2
     log = setup_logging(cfg.node_id)
-    plan = None
-    if args.faults:
-        from broker.faults import FaultPlan, FaultPlanError
-
-        try:
-            plan = FaultPlan.load(args.faults)
-        except (FaultPlanError, OSError) as exc:
-            print(f"fedbus director: {exc}", file=sys.stderr)
-            return 2
+    try:
+        plan = _load_fault_plan(args.faults)
+    except ValueError as exc:
+        print(f"fedbus director: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> int:
         from broker.bus import BusError
@@ -192,15 +200,11 @@ def envoy_main(argv: Sequence[str]) -> int:
         print(f"fedbus envoy: {exc}", file=sys.stderr)
         return 2
     log = setup_logging(cfg.node_id)
-    plan = None
-    if cfg.faults:
-        from broker.faults import FaultPlan, FaultPlanError
-
-        try:
-            plan = FaultPlan.load(cfg.faults)
-        except (FaultPlanError, OSError) as exc:
-            print(f"fedbus envoy: {exc}", file=sys.stderr)
-            return 2
+    try:
+        plan = _load_fault_plan(cfg.faults)
+    except ValueError as exc:
+        print(f"fedbus envoy: {exc}", file=sys.stderr)
+        return 2
     try:
         from node.envoy import LocalData, TorchTrainer, load_local_data
         from node.training.data import DataUnavailable
