@@ -86,6 +86,10 @@ class AttackConfig:
     tv: float | None = None
     lr: float | None = None
     arch: str = "cnn"
+    # None: the federation's default normalisation (batch norm). See benchmarks/leakage:
+    # batch norm at batch 1 makes the gradient hypersensitive to pixel noise, which stops
+    # every optimisation attack here, so the defence is measured on the group-norm variant.
+    norm: str | None = None
     bottleneck: str = "mean"
     workers: int = 1
     frames: int = 40
@@ -184,7 +188,7 @@ def build_attacked_model(cfg: AttackConfig) -> torch.nn.Module:
     from node.training.model import build_model
     from node.training.weights import set_weights
 
-    model = build_model(cfg.arch, cfg.defense, image_size=28, seed=cfg.seed)
+    model = build_model(cfg.arch, cfg.defense, image_size=28, seed=cfg.seed, norm=cfg.norm)
     if cfg.trained:
         set_weights(model, load_trained_weights(cfg.trained))
     return model
@@ -520,6 +524,12 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     ap.add_argument("--tv", type=float, default=None, help="total-variation weight (IG)")
     ap.add_argument("--lr", type=float, default=None, help="attack step size")
     ap.add_argument("--arch", choices=("cnn", "resnet18"), default="cnn")
+    ap.add_argument(
+        "--norm",
+        choices=("batch", "group", "none"),
+        default=None,
+        help="the model's normalisation (default: the federation's, batch)",
+    )
     ap.add_argument("--bottleneck", choices=("mean", "sample"), default="mean")
     ap.add_argument("--workers", type=int, default=1, help="attack processes in parallel")
     ap.add_argument(
@@ -551,6 +561,7 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
         tv=a.tv,
         lr=a.lr,
         arch=a.arch,
+        norm=a.norm,
         bottleneck=a.bottleneck,
         workers=a.workers,
         quiet=a.quiet,

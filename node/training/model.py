@@ -29,7 +29,7 @@ from gradient_leakage.bottleneck import Bottleneck, ConvVariationalBottleneck, V
 
 ARCHS = ("cnn", "resnet18")
 DEFENSES = ("cvb", "precode", "none")
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "none")
 # PneumoniaMNIST train pixel statistics (of x / 255): centring the input keeps the first
 # conv's gradients, and hence the learning rate that works, independent of the data set.
 PIXEL_MEAN = 0.572
@@ -43,6 +43,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
         # Groups of 4 channels: GroupNorm keeps no running statistics, so nothing
         # client-specific is averaged by FedAvg under label skew (the known BN problem).
         return nn.GroupNorm(max(1, channels // 4), channels)
+    if kind == "none":
+        return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -137,7 +139,7 @@ class CompactCNN(FedModel):
         super().__init__()
         w = width
         self.preprocess = Preprocess(image_size)
-        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=norm == "none")
         self.cvb = (
             ConvVariationalBottleneck(w, cvb_latent_channels) if defense == "cvb" else nn.Identity()
         )
@@ -146,7 +148,7 @@ class CompactCNN(FedModel):
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"),
                 _norm(norm, cout),
                 nn.ReLU(inplace=True),
             ]

@@ -21,7 +21,7 @@ def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
     rc = main(
         [
             "--defense", "cvb", "--attack", "ig", "--images", "1", "--iterations", "4",
-            "--out", str(out), "--data", str(SHARED / "pneumoniamnist.npz"), "--quiet",
+            "--norm", "group", "--out", str(out), "--data", str(SHARED / "pneumoniamnist.npz"), "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -31,6 +31,7 @@ def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
         assert isinstance(summary[key], float), key
     assert summary["chance"] == pytest.approx(1 / 624)
     assert summary["images"] == 1 and len(report["images"]) == 1
+    assert report["config"]["norm"] == "group"
     image = report["images"][0]
     assert 0 <= image["index"] < 624 and 0 <= image["nearest"] < 624
     assert image["identified"] == (image["index"] == image["nearest"])

@@ -112,3 +112,12 @@ def test_bad_choices_are_refused() -> None:
         build_model("cnn", "none", 8)
     with pytest.raises(ValueError, match="norm"):
         build_model("cnn", "none", 28, norm="layer")
+
+
+def test_norm_none_has_no_normalisation_and_biased_convolutions() -> None:
+    model = build_model("cnn", "none", 28, seed=0, norm="none")
+    kinds = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+    assert not any(isinstance(m, kinds) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.bias is not None for c in convs)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 2)
