@@ -79,6 +79,24 @@ def test_attack_command_refuses_bad_arguments(
         main(["--attack", "nope"])
 
 
+def test_trained_weights_must_match_the_norm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.training.model import build_model
+    from node.training.weights import get_weights
+
+    weights = tmp_path / "bn.npz"
+    np.savez(weights, **get_weights(build_model("cnn", "none", 28, seed=3, norm="batch")))
+    common = ["--defense", "none", "--images", "1", "--iterations", "2", "--quiet"]
+    common += ["--data", str(SHARED / "pneumoniamnist.npz"), "--trained", str(weights)]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2  # default norm is group
+    err = capsys.readouterr().err
+    assert "batch-norm" in err and "--norm" in err
+    assert not (tmp_path / "a" / "results.json").exists()
+    assert main([*common, "--norm", "batch", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["config"]["norm"] == "batch"
+
+
 def test_grid_and_animation_files(tmp_path: Path) -> None:
     originals = torch.rand(3, 1, 8, 8)
     frames = [torch.rand(3, 1, 8, 8) for _ in range(5)]
