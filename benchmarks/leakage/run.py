@@ -1,9 +1,10 @@
 """Leakage table: every attack x every defence, on the untrained and on a trained model.
 
-For each defence (none, cvb, precode) the model is built with the same seed; the
-"trained" state is a short centralised training with the envoys' own `train_local`
-(the `ml` team's FedAvg simulation keeps no weights), on the PneumoniaMNIST train split,
-then scored on the test split at the Youden threshold chosen on the validation split.
+For each defence (none, cvb, precode) the model is built with the same seed. The "trained"
+state is the best model of a federated run (`--trained-from DEFENSE=RUN_DIR`, a `fedbus
+demo` output such as benchmarks/leakage/federated_accuracy.py writes), or, for a defence
+without one, a short centralised training with the envoys' own `train_local` on the
+PneumoniaMNIST train split, scored on the test split at the threshold chosen on validation.
 Each attack (ig, dlg, idlg, adaptive) then attacks the same victims (16 test images,
 fixed seed) through `node.attack.run`, exactly what `fedbus attack` does.
 
@@ -63,6 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--defenses", default=",".join(DEFENSES))
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--states", default="untrained,trained")
+    p.add_argument("--norm", choices=("batch", "group", "none"), default="group")
+    p.add_argument(
+        "--trained-from",
+        action="append",
+        default=[],
+        metavar="DEFENSE=RUN_DIR",
+        help="the trained state of DEFENSE: the best model of this federated run",
+    )
+    p.add_argument("--workers", type=int, default=1, help="attack processes per row")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
         "--render", action="store_true", help="only redraw the figure and table from --out"
@@ -72,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train(defense: str, args: argparse.Namespace, ds: Any) -> tuple[dict[str, np.ndarray], dict]:
     """Short centralised training with the envoy's recipe; test metrics at the val threshold."""
-    model = build_model("cnn", defense, seed=args.seed)
+    model = build_model("cnn", defense, seed=args.seed, norm=args.norm)
     plan = TrainPlan(
         local_epochs=args.epochs, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
         kl_beta=args.kl_beta,
@@ -92,6 +102,20 @@ def train(defense: str, args: argparse.Namespace, ds: Any) -> tuple[dict[str, np
         f"kl_beta {args.kl_beta}, augmentation on",
     }
     return get_weights(model), metrics
+
+
+def federated_metrics(run_dir: Path) -> dict[str, Any]:
+    """Test metrics of a `fedbus demo` run (its best round, threshold from validation)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    final = report["final"]
+    return {
+        "test_accuracy": float(final["test"]["accuracy"]),
+        "test_auc": float(final["test"]["auc"]),
+        "threshold_from_val": float(final["threshold"]),
+        "train_seconds": float(report["seconds"]),
+        "recipe": f"federated: fedbus demo, {report['envoys']} envoys, "
+        f"{report['rounds_requested']} rounds, best round {final['best_round']} ({run_dir})",
+    }
 
 
 def figure(results: list[dict[str, Any]], path: Path) -> None:
@@ -171,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     accuracy: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         weights_of: dict[str, str | None] = {}
+        federated = dict(item.split("=", 1) for item in args.trained_from)
         for d in defenses:
-            if "trained" in states:
+            if "trained" in states and d in federated:
+                weights_of[d] = str(Path(federated[d]) / "director")  # its checkpoint
+                accuracy[d] = federated_metrics(Path(federated[d]))
+            elif "trained" in states:
                 w, m = train(d, args, ds)
                 accuracy[d] = m
                 weights_of[d] = os.path.join(tmp, f"{d}.npz")
@@ -187,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = AttackConfig(
                         defense=d, attack=a, images=args.images, seed=args.seed,
                         data=args.data, iterations=iters, kl_beta=args.kl_beta,
+                        norm=args.norm, workers=args.workers,
                         trained=weights_of[d] if state == "trained" else None,
                         out=os.path.join(tmp, f"{state}-{d}-{a}"), quiet=True,
                     )  # fmt: skip
@@ -231,6 +260,7 @@ def write_report(
             "ig_iterations": args.ig_iterations,
             "lbfgs_steps": args.lbfgs_steps,
             "threat": "single gradient, batch 1",
+            "norm": args.norm,
             "kl_beta": args.kl_beta,
         },
         "accuracy": accuracy,
