@@ -288,7 +288,7 @@ def attack_groups(
     )
     out = []
     for v, res in enumerate(results):
-        best_trial = int(np.nanargmin(res.trial_losses)) if res.trial_losses else 0
+        best_trial = _best_trial(res.trial_losses)
         out.append(
             {
                 "images": res.images.numpy(),
@@ -300,6 +300,15 @@ def attack_groups(
             }
         )
     return out
+
+
+def _best_trial(losses: Sequence[float]) -> int:
+    """The restart with the lowest final objective; the first when none is finite (an
+    L-BFGS run that diverged on every restart still returns its last finite iterate)."""
+    arr = np.asarray(losses, dtype=float)
+    return (
+        int(np.nanargmin(np.where(np.isfinite(arr), arr, np.nan))) if np.isfinite(arr).any() else 0
+    )
 
 
 def _worker(

@@ -111,3 +111,18 @@ def test_grid_and_animation_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         save_grid(tmp_path / "bad.png", originals, frames[0], psnr=[1.0], ssim=[1.0])
     assert not (tmp_path / "bad.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("losses", "best"),
+    [
+        ([], 0),
+        ([float("nan")], 0),
+        ([float("nan"), float("inf")], 0),
+        ([3.0, float("nan"), 1.0], 2),
+    ],
+)
+def test_best_trial_survives_diverged_restarts(losses: list[float], best: int) -> None:
+    from node.attack import _best_trial
+
+    assert _best_trial(losses) == best
