@@ -189,7 +189,7 @@ class ResNet18(FedModel):
         super().__init__()
         from torchvision.models import resnet18
 
-        norm_layer = nn.BatchNorm2d if norm == "batch" else (lambda c: _norm("group", c))
+        norm_layer = nn.BatchNorm2d if norm == "batch" else (lambda c: _norm(norm, c))
         base = resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer)
         self.preprocess = Preprocess(image_size)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)

@@ -121,3 +121,11 @@ def test_norm_none_has_no_normalisation_and_biased_convolutions() -> None:
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.bias is not None for c in convs)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+
+
+@pytest.mark.parametrize(("norm", "kind"), [("group", torch.nn.GroupNorm), ("none", None)])
+def test_resnet_uses_the_norm_it_is_asked_for(norm: str, kind: type | None) -> None:
+    model = build_model("resnet18", "none", 28, seed=0, norm=norm)
+    norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)
+    found = {type(m) for m in model.modules() if isinstance(m, norms)}
+    assert found == ({kind} if kind else set())
