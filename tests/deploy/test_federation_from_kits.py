@@ -22,15 +22,14 @@ import pytest
 from broker.mosquitto import MosquittoProcess, free_port
 from node.config import dump_toml
 from node.provision import main as provision
+from tests.datafiles import PNEUMONIAMNIST
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOYS = ("hospital-a", "hospital-b", "hospital-c")
 
 
 def data_path() -> Path:
-    path = Path(
-        os.environ.get("FEDBUS_DATA", REPO.parent / "shared" / "data" / "pneumoniamnist.npz")
-    )
+    path = PNEUMONIAMNIST
     assert path.is_file(), f"PneumoniaMNIST not found at {path}: set FEDBUS_DATA"
     return path
 

@@ -9,8 +9,6 @@ states this and these tests keep the statement true for the models we ship.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,8 +16,9 @@ import torch
 from gradient_leakage.attacks import gradient_distance
 from gradient_leakage.observation import observe, simulate
 from node.training.model import build_model
+from tests.datafiles import PNEUMONIAMNIST
 
-DATA_NPZ = Path(__file__).resolve().parents[3] / "shared" / "data" / "pneumoniamnist.npz"
+DATA_NPZ = PNEUMONIAMNIST
 
 
 def _victim() -> tuple[torch.Tensor, torch.Tensor]:

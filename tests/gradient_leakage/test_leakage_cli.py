@@ -12,8 +12,9 @@ from PIL import Image
 
 from gradient_leakage.figures import save_animation, save_grid
 from node.attack import main
+from tests.datafiles import PNEUMONIAMNIST
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = PNEUMONIAMNIST.parent
 
 
 def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
@@ -21,7 +22,7 @@ def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
     rc = main(
         [
             "--defense", "cvb", "--attack", "ig", "--images", "1", "--iterations", "4",
-            "--norm", "group", "--out", str(out), "--data", str(SHARED / "pneumoniamnist.npz"), "--quiet",
+            "--norm", "group", "--out", str(out), "--data", str(PNEUMONIAMNIST), "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -88,7 +89,7 @@ def test_trained_weights_must_match_the_norm(
     weights = tmp_path / "bn.npz"
     np.savez(weights, **get_weights(build_model("cnn", "none", 28, seed=3, norm="batch")))
     common = ["--defense", "none", "--images", "1", "--iterations", "2", "--quiet"]
-    common += ["--data", str(SHARED / "pneumoniamnist.npz"), "--trained", str(weights)]
+    common += ["--data", str(PNEUMONIAMNIST), "--trained", str(weights)]
     assert main([*common, "--out", str(tmp_path / "a")]) == 2  # default norm is group
     err = capsys.readouterr().err
     assert "batch-norm" in err and "--norm" in err

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.datafiles import PNEUMONIAMNIST
+
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("FEDBUS_DATA", REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
+DATA = PNEUMONIAMNIST
 
 # A small, fast recipe: what changes is the amount of work, not the code paths.
 SMALL = [

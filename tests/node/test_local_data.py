@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from node.config import EnvoyConfig, parse_config
 from node.envoy import load_local_data
+from tests.datafiles import KERMANY_SAMPLE, PNEUMONIAMNIST
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-NPZ = SHARED / "pneumoniamnist.npz"
+NPZ = PNEUMONIAMNIST
 
 
 def cfg(tmp_path, data: dict) -> EnvoyConfig:
@@ -79,7 +77,7 @@ def test_image_folder_is_one_hospitals_data(tmp_path):
             tmp_path,
             {
                 "source": "image_folder",
-                "path": str(SHARED / "kermany-sample"),
+                "path": str(KERMANY_SAMPLE),
                 "image_size": 28,
                 "val_fraction": 0.25,
                 "partition": {"scheme": "folder"},

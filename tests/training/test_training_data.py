@@ -23,10 +23,10 @@ from node.training.data import (
     md5_of,
     stratified_holdout,
 )
+from tests.datafiles import KERMANY_SAMPLE, PNEUMONIAMNIST
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-NPZ = SHARED / "pneumoniamnist.npz"
-KERMANY = SHARED / "kermany-sample"
+NPZ = PNEUMONIAMNIST
+KERMANY = KERMANY_SAMPLE
 
 
 def test_pneumoniamnist_splits_shapes_and_labels() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +22,9 @@ from node.training.train import (
 )
 from node.training.weights import get_weights
 from protocol.messages import TrainPlan
+from tests.datafiles import PNEUMONIAMNIST
 
-NPZ = Path(__file__).resolve().parents[3] / "shared" / "data" / "pneumoniamnist.npz"
+NPZ = PNEUMONIAMNIST
 
 
 @pytest.fixture(scope="module")
