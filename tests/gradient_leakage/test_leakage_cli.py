@@ -127,3 +127,20 @@ def test_best_trial_survives_diverged_restarts(losses: list[float], best: int) -
     from node.attack import _best_trial
 
     assert _best_trial(losses) == best
+
+
+def test_the_contrast_prior_changes_the_reported_contrast_not_the_attack(tmp_path: Path) -> None:
+    common = [
+        "--defense", "none", "--attack", "ig", "--images", "2", "--iterations", "5",
+        "--data", str(PNEUMONIAMNIST), "--quiet",
+    ]  # fmt: skip
+    reports: dict[str, dict] = {}
+    for prior in ("population", "neighbours"):
+        out = tmp_path / prior
+        assert main([*common, "--contrast-prior", prior, "--out", str(out)]) == 0
+        reports[prior] = json.loads((out / "results.json").read_text())
+        assert reports[prior]["config"]["contrast_prior"] == prior
+    # Same attack, same objective: only the reported contrast differs, and so the scores.
+    a, b = (reports[k]["images"] for k in ("population", "neighbours"))
+    assert [i["index"] for i in a] == [i["index"] for i in b]
+    assert any(abs(x["psnr"] - y["psnr"]) > 1e-6 for x, y in zip(a, b, strict=True))
