@@ -21,14 +21,24 @@ The attacker runs the model in training mode (batch-norm as in the victim's step
 default, takes the bottleneck's deterministic mean path: it knows the weights but cannot
 know the noise the victim drew. ``bottleneck="sample"`` draws fresh noise every iteration
 instead (an expectation-over-noise attacker).
+
+Inverting Gradients can differentiate through a smooth stand-in for ReLU
+(``smooth_relu=beta``: Softplus of sharpness beta, see :func:`relus_as_softplus`). Gradient
+matching differentiates the simulated *gradient* with respect to the image; through a ReLU
+that second derivative ignores which units the image switches on and off (the ReLU's
+derivative is a step, whose own derivative is zero), so the attack cannot steer the
+activation pattern and stalls in a local minimum. The observation still comes from the
+victim's exact model; every restart is scored on the exact model too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +68,7 @@ __all__ = [
     "build_attack",
     "gradient_distance",
     "infer_labels",
+    "relus_as_softplus",
     "total_variation",
 ]
 
@@ -121,6 +132,35 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
     return dx + dy
+
+
+@contextmanager
+def relus_as_softplus(model: nn.Module, beta: float) -> Iterator[None]:
+    """Within the block, every ``nn.ReLU`` module of ``model`` is ``Softplus(beta)``.
+
+    Parameters are untouched, so simulated updates still compare with the observation;
+    the larger ``beta``, the closer to ReLU (and the rougher the landscape). The original
+    modules are back on exit, whatever happens. Raises if the model has no ``nn.ReLU``
+    module: a ReLU called functionally cannot be swapped, and an option that silently does
+    nothing would mislead.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta={beta} must be > 0")
+    relus = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.ReLU)
+    ]
+    if not relus:
+        raise ValueError("smooth_relu: the model has no nn.ReLU module to replace")
+    try:
+        for parent, name, _ in relus:
+            setattr(parent, name, nn.Softplus(beta=beta))
+        yield
+    finally:
+        for parent, name, child in relus:
+            setattr(parent, name, child)
 
 
 def _output_layer(model: nn.Module) -> tuple[str, str | None]:
@@ -481,7 +521,9 @@ class InvertingGradients(GradientAttack):
     weight 0.1 (inversefed's default, mean-difference TV), Adam with learning rate 0.1 on the
     sign of the gradient, pixels boxed into ``box``, learning rate times 0.1 at 3/8, 5/8 and
     7/8 of 24,000 iterations, N(0, 1) init, best of ``restarts`` by final objective. Labels
-    are recovered with :func:`infer_labels` unless given.
+    are recovered with :func:`infer_labels` unless given. ``smooth_relu`` (off in the paper)
+    optimises through Softplus(``smooth_relu``) in place of every ReLU (see the module
+    docstring); the final objective that ranks restarts is always the exact model's.
     """
 
     name = "ig"
@@ -500,6 +542,7 @@ class InvertingGradients(GradientAttack):
         bottleneck: BottleneckMode = "mean",
         contrast: tuple[float, float] | None = None,
         parameters: Sequence[str] | None = None,
+        smooth_relu: float | None = None,
     ) -> None:
         super().__init__(
             iterations=iterations,
@@ -512,12 +555,21 @@ class InvertingGradients(GradientAttack):
             raise ValueError(f"lr={lr} must be > 0 and tv_weight={tv_weight} >= 0")
         if init not in ("randn", "rand", "zeros"):
             raise ValueError(f"init={init!r}: expected randn, rand or zeros")
+        if smooth_relu is not None and smooth_relu <= 0:
+            raise ValueError(f"smooth_relu={smooth_relu} must be > 0 (None: the exact ReLU)")
         self.lr = lr
         self.tv_weight = tv_weight
         self.signed = signed
         self.lr_decay = lr_decay
         self.init_kind = init
         self.parameters = list(parameters) if parameters is not None else None
+        self.smooth_relu = smooth_relu
+
+    def _smoothed(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """The model as the optimisation differentiates through it."""
+        if self.smooth_relu is None:
+            return contextlib.nullcontext()
+        return relus_as_softplus(model, self.smooth_relu)
 
     def matched_parameters(self, model: nn.Module, image_shape: Sequence[int]) -> list[str]:
         if self.parameters is not None:
@@ -543,26 +595,27 @@ class InvertingGradients(GradientAttack):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
         )
-        for it in range(1, self.iterations + 1):
-            optimizer.zero_grad()
-            loss = self._objective(model, obs, x, y, names)
-            (grad,) = torch.autograd.grad(loss, [x])
-            x.grad = grad.sign() if self.signed else grad
-            optimizer.step()
-            scheduler.step()
-            self._clamp(x)
-            if progress is not None and (it % progress_every == 0 or it == self.iterations):
-                progress(
-                    AttackProgress(
-                        self.name,
-                        trial,
-                        self.restarts,
-                        it,
-                        self.iterations,
-                        float(loss.detach()),
-                        x.detach().clone(),
+        with self._smoothed(model):
+            for it in range(1, self.iterations + 1):
+                optimizer.zero_grad()
+                loss = self._objective(model, obs, x, y, names)
+                (grad,) = torch.autograd.grad(loss, [x])
+                x.grad = grad.sign() if self.signed else grad
+                optimizer.step()
+                scheduler.step()
+                self._clamp(x)
+                if progress is not None and (it % progress_every == 0 or it == self.iterations):
+                    progress(
+                        AttackProgress(
+                            self.name,
+                            trial,
+                            self.restarts,
+                            it,
+                            self.iterations,
+                            float(loss.detach()),
+                            x.detach().clone(),
+                        )
                     )
-                )
         final = float(self._objective(model, obs, x, y, names).detach())
         return Reconstruction(images=x.detach().clone(), labels=y.detach().clone(), loss=final)
 
@@ -672,39 +725,45 @@ class InvertingGradients(GradientAttack):
         x.requires_grad_(True)
         tv = self.tv_weight
 
-        def one(xk: torch.Tensor, yk: torch.Tensor, tk: dict[str, torch.Tensor]) -> torch.Tensor:
-            sim = simulate_functional(model, xk, yk, spec, names)
-            loss = gradient_distance(sim, tk, names, "cosine")
-            return loss + tv * total_variation(xk) if tv else loss
+        def objective_of(net: nn.Module) -> Callable[..., torch.Tensor]:
+            def one(
+                xk: torch.Tensor, yk: torch.Tensor, tk: dict[str, torch.Tensor]
+            ) -> torch.Tensor:
+                sim = simulate_functional(net, xk, yk, spec, names)
+                loss = gradient_distance(sim, tk, names, "cosine")
+                return loss + tv * total_variation(xk) if tv else loss
 
-        objective = torch.func.vmap(one, randomness="different")
+            return torch.func.vmap(one, randomness="different")
+
+        objective = objective_of(model)
         optimizer = torch.optim.Adam([x], lr=self.lr)
         milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
         )
         victims = tuple(range(len(observations)))
-        for it in range(1, self.iterations + 1):
-            optimizer.zero_grad()
-            losses = objective(x, ys, targets)
-            (g,) = torch.autograd.grad(losses.sum(), [x])
-            x.grad = g.sign() if self.signed else g
-            optimizer.step()
-            scheduler.step()
-            self._clamp(x)
-            if progress is not None and (it % progress_every == 0 or it == self.iterations):
-                progress(
-                    AttackProgress(
-                        self.name,
-                        trial,
-                        self.restarts,
-                        it,
-                        self.iterations,
-                        float(losses.detach().mean()),
-                        x.detach().flatten(0, 1).clone(),
-                        victims,
+        with self._smoothed(model):
+            for it in range(1, self.iterations + 1):
+                optimizer.zero_grad()
+                losses = objective(x, ys, targets)
+                (g,) = torch.autograd.grad(losses.sum(), [x])
+                x.grad = g.sign() if self.signed else g
+                optimizer.step()
+                scheduler.step()
+                self._clamp(x)
+                if progress is not None and (it % progress_every == 0 or it == self.iterations):
+                    progress(
+                        AttackProgress(
+                            self.name,
+                            trial,
+                            self.restarts,
+                            it,
+                            self.iterations,
+                            float(losses.detach().mean()),
+                            x.detach().flatten(0, 1).clone(),
+                            victims,
+                        )
                     )
-                )
         with torch.no_grad():
             final = objective(x, ys, targets)
         return [

@@ -35,14 +35,15 @@ class TinyMLP(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """A small convolutional net; ``defense="cvb"`` puts a CVB right after conv1."""
+    """A small convolutional net; ``defense="cvb"`` puts a CVB right after conv1;
+    ``act="relu"`` swaps the sigmoids for ReLUs (the federation's activation)."""
 
-    def __init__(self, seed: int = 0, defense: str = "none") -> None:
+    def __init__(self, seed: int = 0, defense: str = "none", act: str = "sigmoid") -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
         self.cvb = ConvVariationalBottleneck(8, 8) if defense == "cvb" else nn.Identity()
-        self.act = nn.Sigmoid()
+        self.act = nn.ReLU() if act == "relu" else nn.Sigmoid()
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.fc = nn.Linear(8 * SIZE * SIZE, 2)
 

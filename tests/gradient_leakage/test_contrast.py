@@ -34,7 +34,7 @@ def test_a_reference_seen_at_any_contrast_comes_back_exactly(index: int, contras
 @given(seed=st.integers(0, 10_000), contrast=st.floats(0.05, 20.0))
 def test_the_estimate_reads_only_the_shape(seed: int, contrast: float) -> None:
     prior = ContrastPrior(references(), CENTER, k=3)
-    x = references(3, seed=seed + 1)
+    x = references(3, seed=seed + 1).double()
     scaled = CENTER + contrast * (x - CENTER)
     torch.testing.assert_close(prior.estimate(scaled), prior.estimate(x))
     # and the result lies on the input's own ray: same shape, new contrast

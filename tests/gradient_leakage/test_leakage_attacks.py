@@ -15,7 +15,10 @@ from gradient_leakage.attacks import (
     AttackProgress,
     InvertingGradients,
     build_attack,
+    gradient_distance,
     infer_labels,
+    relus_as_softplus,
+    total_variation,
 )
 from gradient_leakage.metrics import psnr
 from gradient_leakage.observation import (
@@ -224,3 +227,45 @@ def test_bad_configuration_is_refused() -> None:
         ig(iterations=1, parameters=["missing.weight"]).reconstruct(model, obs, SHAPE)
     with pytest.raises(ValueError, match="images"):
         simulate(model, smooth_images(2, 0), torch.tensor([0, 1]), obs)
+
+
+def test_relus_as_softplus_swaps_every_relu_and_puts_them_back() -> None:
+    from node.training.model import build_model
+
+    model = build_model("cnn", "cvb", image_size=16, seed=0, norm="group")
+    relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    x = torch.rand((2, 1, 16, 16), generator=torch.Generator().manual_seed(5))
+    model.eval()  # the bottleneck's mean path: deterministic outputs to compare
+    before = model(x)
+    with relus_as_softplus(model, 1000.0):
+        assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+        assert sum(isinstance(m, torch.nn.Softplus) for m in model.modules()) == len(relus)
+        # Sharp softplus is ReLU up to log(2) / beta per unit.
+        torch.testing.assert_close(model(x), before, atol=0.05, rtol=0)
+    assert [m for m in model.modules() if isinstance(m, torch.nn.ReLU)] == relus
+    torch.testing.assert_close(model(x), before)
+    with pytest.raises(RuntimeError, match="inside"), relus_as_softplus(model, 10.0):
+        raise RuntimeError("inside")
+    assert [m for m in model.modules() if isinstance(m, torch.nn.ReLU)] == relus
+    with pytest.raises(ValueError, match=r"no nn\.ReLU"), relus_as_softplus(TinyCNN(), 10.0):
+        pass
+    with pytest.raises(ValueError, match="beta"), relus_as_softplus(model, 0.0):
+        pass
+    with pytest.raises(ValueError, match="smooth_relu"):
+        ig(smooth_relu=-1.0)
+
+
+def test_smooth_relu_is_scored_on_the_exact_model_and_batches_exactly() -> None:
+    model = TinyCNN(act="relu")
+    observations = [observe(model, *victim(seed=s, label=s % 2)) for s in (1, 2)]
+    attack = ig(iterations=5, smooth_relu=5.0, tv_weight=0.1)
+    together = attack.reconstruct_many(model, observations, SHAPE, seeds=[4, 5])
+    for obs, seed, rec in zip(observations, [4, 5], together, strict=True):
+        alone = attack.reconstruct(model, obs, SHAPE, seed=seed)
+        torch.testing.assert_close(alone.images, rec.images, atol=1e-5, rtol=0)
+        names = [n for n, _ in model.named_parameters()]
+        sim = simulate(model, rec.images, rec.labels, obs, names=names)
+        exact = gradient_distance(sim, obs.target, names, "cosine") + 0.1 * total_variation(
+            rec.images
+        )
+        assert rec.loss == pytest.approx(float(exact), abs=1e-5)

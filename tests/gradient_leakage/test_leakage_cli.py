@@ -33,6 +33,7 @@ def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
     assert summary["chance"] == pytest.approx(1 / 624)
     assert summary["images"] == 1 and len(report["images"]) == 1
     assert report["config"]["norm"] == "group"
+    assert summary["smooth_relu"] == 30.0  # IG's default stand-in for ReLU
     image = report["images"][0]
     assert 0 <= image["index"] < 624 and 0 <= image["nearest"] < 624
     assert image["identified"] == (image["index"] == image["nearest"])
@@ -76,6 +77,11 @@ def test_attack_command_refuses_bad_arguments(
     assert not (tmp_path / "results.json").exists()
     assert main(["--attack", "dlg", "--parameters", "conv1.weight", "--out", str(tmp_path)]) == 2
     assert "--parameters" in capsys.readouterr().err
+    assert main(["--attack", "dlg", "--smooth-relu", "10", "--out", str(tmp_path)]) == 2
+    assert "--smooth-relu" in capsys.readouterr().err
+    assert main(["--smooth-relu", "-1", "--out", str(tmp_path)]) == 2
+    assert "--smooth-relu" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
     with pytest.raises(SystemExit):
         main(["--attack", "nope"])
 
