@@ -571,6 +571,50 @@ class InvertingGradients(GradientAttack):
             return contextlib.nullcontext()
         return relus_as_softplus(model, self.smooth_relu)
 
+    def _descend(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        objective: Callable[[torch.Tensor], torch.Tensor],
+        trial: int,
+        progress: ProgressFn | None,
+        progress_every: int,
+        victims: tuple[int, ...] | None = None,
+    ) -> None:
+        """Signed Adam on ``x`` in place, stepped learning rate, through the smoothed model.
+
+        ``objective`` gives one loss, or one per victim when ``victims`` says ``x`` holds
+        several (victim first); they never interact, so their sum is descended.
+        """
+        optimizer = torch.optim.Adam([x], lr=self.lr)
+        milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
+        )
+        with self._smoothed(model):
+            for it in range(1, self.iterations + 1):
+                optimizer.zero_grad()
+                losses = objective(x)
+                (grad,) = torch.autograd.grad(losses.sum(), [x])
+                x.grad = grad.sign() if self.signed else grad
+                optimizer.step()
+                scheduler.step()
+                self._clamp(x)
+                if progress is not None and (it % progress_every == 0 or it == self.iterations):
+                    images = x.detach() if victims is None else x.detach().flatten(0, 1)
+                    progress(
+                        AttackProgress(
+                            self.name,
+                            trial,
+                            self.restarts,
+                            it,
+                            self.iterations,
+                            float(losses.detach().mean()),
+                            images.clone(),
+                            victims or (0,),
+                        )
+                    )
+
     def matched_parameters(self, model: nn.Module, image_shape: Sequence[int]) -> list[str]:
         if self.parameters is not None:
             known = {n for n, _ in model.named_parameters()}
@@ -590,32 +634,14 @@ class InvertingGradients(GradientAttack):
     def _trial(self, model, obs, shape, names, labels, generator, trial, progress, progress_every):  # type: ignore[override]
         y = labels if labels is not None else infer_labels(model, obs, shape[1:])
         x = self._init(shape, self.init_kind, generator)
-        optimizer = torch.optim.Adam([x], lr=self.lr)
-        milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
+        self._descend(
+            model,
+            x,
+            lambda z: self._objective(model, obs, z, y, names),
+            trial,
+            progress,
+            progress_every,
         )
-        with self._smoothed(model):
-            for it in range(1, self.iterations + 1):
-                optimizer.zero_grad()
-                loss = self._objective(model, obs, x, y, names)
-                (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad.sign() if self.signed else grad
-                optimizer.step()
-                scheduler.step()
-                self._clamp(x)
-                if progress is not None and (it % progress_every == 0 or it == self.iterations):
-                    progress(
-                        AttackProgress(
-                            self.name,
-                            trial,
-                            self.restarts,
-                            it,
-                            self.iterations,
-                            float(loss.detach()),
-                            x.detach().clone(),
-                        )
-                    )
         final = float(self._objective(model, obs, x, y, names).detach())
         return Reconstruction(images=x.detach().clone(), labels=y.detach().clone(), loss=final)
 
@@ -725,45 +751,16 @@ class InvertingGradients(GradientAttack):
         x.requires_grad_(True)
         tv = self.tv_weight
 
-        def objective_of(net: nn.Module) -> Callable[..., torch.Tensor]:
-            def one(
-                xk: torch.Tensor, yk: torch.Tensor, tk: dict[str, torch.Tensor]
-            ) -> torch.Tensor:
-                sim = simulate_functional(net, xk, yk, spec, names)
-                loss = gradient_distance(sim, tk, names, "cosine")
-                return loss + tv * total_variation(xk) if tv else loss
+        def one(xk: torch.Tensor, yk: torch.Tensor, tk: dict[str, torch.Tensor]) -> torch.Tensor:
+            sim = simulate_functional(model, xk, yk, spec, names)
+            loss = gradient_distance(sim, tk, names, "cosine")
+            return loss + tv * total_variation(xk) if tv else loss
 
-            return torch.func.vmap(one, randomness="different")
-
-        objective = objective_of(model)
-        optimizer = torch.optim.Adam([x], lr=self.lr)
-        milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
-        )
+        objective = torch.func.vmap(one, randomness="different")
         victims = tuple(range(len(observations)))
-        with self._smoothed(model):
-            for it in range(1, self.iterations + 1):
-                optimizer.zero_grad()
-                losses = objective(x, ys, targets)
-                (g,) = torch.autograd.grad(losses.sum(), [x])
-                x.grad = g.sign() if self.signed else g
-                optimizer.step()
-                scheduler.step()
-                self._clamp(x)
-                if progress is not None and (it % progress_every == 0 or it == self.iterations):
-                    progress(
-                        AttackProgress(
-                            self.name,
-                            trial,
-                            self.restarts,
-                            it,
-                            self.iterations,
-                            float(losses.detach().mean()),
-                            x.detach().flatten(0, 1).clone(),
-                            victims,
-                        )
-                    )
+        self._descend(
+            model, x, lambda z: objective(z, ys, targets), trial, progress, progress_every, victims
+        )
         with torch.no_grad():
             final = objective(x, ys, targets)
         return [
