@@ -13,9 +13,11 @@ the pixel box; call that its *box limit*. The ``k`` references whose unit-RMS sh
 most similar to the reconstruction's vote, by geometric mean, on how close to its box limit
 an X-ray of that shape comes, and the reconstruction is stretched that far. Voting on the
 fraction rather than on the RMS itself carries over to atypical victims: an image with a
-black frame sits at its box limit whatever its neighbours' contrast (on PneumoniaMNIST test
-shapes the error in RMS drops from 18 % with the population's RMS to 11 % voting on the RMS
-and lower still voting on the fraction; tests/gradient_leakage/test_contrast.py).
+black frame sits at its box limit whatever its neighbours' contrast. Given the true shapes
+of the 624 PneumoniaMNIST test images, the images come back at 34.2 dB on average with the
+population's RMS, 39.7 dB voting on the RMS, 40.3 dB voting on the fraction (the one with
+a black frame: 11.5, 13.5 and 22.7 dB); tests/gradient_leakage/test_contrast.py keeps the
+vote ahead of the population's RMS.
 """
 
 from __future__ import annotations
