@@ -1,0 +1,64 @@
+"""Atomic files: the target holds the old or the new content, never a mix, and no temp is left."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from broker.files import atomic_path, atomic_write_bytes, read_toml
+from protocol.configfile import ConfigError
+
+
+def test_write_replaces_with_requested_mode(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "key"
+    atomic_write_bytes(target, b"old")
+    old_umask = os.umask(0)
+    try:
+        atomic_write_bytes(target, b"secret", mode=0o600)
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"secret"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in target.parent.iterdir()) == ["key"]
+
+
+def test_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "checkpoint"
+    atomic_write_bytes(target, b"good")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+def test_atomic_path_renames_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "plot.png"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path
+        tmp.write_bytes(b"png")
+    assert target.read_bytes() == b"png"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("plotting failed")
+    assert target.read_bytes() == b"png"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_read_toml_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.toml: config file not found"):
+        read_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("a = [")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_toml(tmp_path)
