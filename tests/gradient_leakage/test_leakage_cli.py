@@ -130,7 +130,7 @@ def test_grid_and_animation_files(tmp_path: Path) -> None:
     ],
 )
 def test_best_trial_survives_diverged_restarts(losses: list[float], best: int) -> None:
-    from node.attack import _best_trial
+    from node.attack.cli import _best_trial
 
     assert _best_trial(losses) == best
 
