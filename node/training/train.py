@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from torch import Tensor, nn
 
 from node.training.metrics import DEFAULT_BINS, score_histograms
 from protocol.messages import TrainPlan
+
+if TYPE_CHECKING:
+    from node.training.privacy import DPConfig
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, running loss)
 CLASS_WEIGHTING = ("balanced", "none")
@@ -146,6 +150,7 @@ def train_local(
     flip: bool = True,
     max_grad_norm: float | None = 5.0,
     augment_strength: float = 1.0,
+    privacy: DPConfig | None = None,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -154,7 +159,17 @@ def train_local(
     bottleneck's mean can grow to outrun its noise; clipping keeps both from kicking the
     momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
     the rotation, scale, shift and jitter ranges of `augment_batch` together.
+
+    `privacy` switches to record-level differentially private training (DP-SGD, see
+    node/training/privacy.py), which replaces the class weighting and the global clip.
     """
+    if privacy is not None:
+        from node.training.privacy import train_local_dp
+
+        return train_local_dp(
+            model, images, labels, plan, privacy, seed=seed, progress=progress, flip=flip,
+            augment_strength=augment_strength,
+        )  # fmt: skip
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
     n = int(y_all.shape[0])
