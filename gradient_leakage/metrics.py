@@ -299,9 +299,13 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
     this well by chance."""
     if not 0 <= successes <= trials or not 0 <= p <= 1:
         raise ValueError(f"bad counts: successes={successes} trials={trials} p={p}")
-    return float(
-        sum(
-            math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
-            for k in range(successes, trials + 1)
-        )
-    )
+    if successes == 0:
+        return 1.0
+
+    def pmf(k: int) -> float:
+        return math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
+
+    # Sum the shorter side: the tail itself, or one minus the head.
+    if successes > trials / 2:
+        return float(sum(pmf(k) for k in range(successes, trials + 1)))
+    return float(max(0.0, 1.0 - sum(pmf(k) for k in range(successes))))

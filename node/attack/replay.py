@@ -386,7 +386,7 @@ def victim_update(
 ) -> tuple[Params, Params]:
     """What the envoy sends: (parameter changes, running-statistic changes) of its real
     ``train_local`` on a copy of ``model``."""
-    trained = copy.deepcopy(model)
+    trained = _copy(model)
     recipe.train(trained, images, labels, seed)
     before = dict(model.named_parameters())
     params = {n: (p.detach() - before[n].detach()) for n, p in trained.named_parameters()}
@@ -395,6 +395,21 @@ def victim_update(
         n: b.detach() - old[n].detach() for n, b in trained.named_buffers() if b.is_floating_point()
     }
     return params, buffers
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``; a bottleneck's record of its last forward (part of an
+    attack's autograd graph, which cannot be copied) is left behind."""
+    from gradient_leakage.bottleneck import Bottleneck
+
+    held = [(m, m.last_mu, m.last_sigma) for m in model.modules() if isinstance(m, Bottleneck)]
+    try:
+        for m, _, _ in held:
+            m.last_mu = m.last_sigma = None
+        return copy.deepcopy(model)
+    finally:
+        for m, mu, sigma in held:
+            m.last_mu, m.last_sigma = mu, sigma
 
 
 def with_plan(recipe: EnvoyRecipe, **changes: Any) -> EnvoyRecipe:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -337,7 +338,10 @@ def train_local_dp(
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"DP training diverged at step {step}")
-                loss.backward()
+                with warnings.catch_warnings():
+                    # The images need no gradient; Opacus's module hooks still fire, as wanted.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 clipped += _count_clipped(optimizer, dp.max_grad_norm)
                 optimizer.step()
                 k = int(idx.numel())
