@@ -57,9 +57,12 @@ class Cell:
         )
 
 
-# Iteration counts per cell: a 48-victim cell of Inverting Gradients on the deployed update
-# costs about 37 ms of CPU per victim and iteration (batch norm: no batching of victims),
-# so 500 iterations are 890 CPU-s; the stress test batches its victims (28 ms).
+# Iteration counts per cell. Victim envoys hold ENVOY_IMAGES images each (one local step at
+# batch 8): on the deployed batch-norm model an envoy's batch is attacked as one (no
+# batching across envoys), about 0.1 CPU-s per iteration for 8 images, so a 48-victim cell
+# at 500 iterations is about 300-600 CPU-s on a quiet core; the stress test batches its
+# single-image victims (about 23 ms per victim and iteration).
+ENVOY_IMAGES = 8
 IG_ITERS = 500
 EOT_SAMPLES = 2
 
@@ -90,8 +93,8 @@ def plan(name: str, trained: bool) -> list[Cell]:
             Cell(state, "update", "cvb", "two-stage", IG_ITERS),
             Cell(state, "update+bn", "none", "ig", IG_ITERS),
             Cell(state, "update+bn", "cvb", "ig", IG_ITERS),
-            Cell(state, "aggregate", "none", "ig", IG_ITERS // 5, {"envoys": 5}),
-            Cell(state, "aggregate", "cvb", "ig", IG_ITERS // 5, {"envoys": 5}),
+            Cell(state, "aggregate", "none", "ig", IG_ITERS, {"envoys": 3}),
+            Cell(state, "aggregate", "cvb", "ig", IG_ITERS, {"envoys": 3}),
         ]
     return stress + full
 
@@ -130,6 +133,7 @@ def config_of(
         threat=cell.threat,
         defense=cell.defense,
         images=args.images,
+        envoy_images=ENVOY_IMAGES,
         seed=args.seed,
         data=args.data,
         config=args.config,

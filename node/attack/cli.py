@@ -97,7 +97,7 @@ class AttackConfig:
     attack: str = "ig"
     threat: str = "update"
     images: int = 48
-    envoy_images: int = 1
+    envoy_images: int = 8
     envoys: int = 5
     batch: int = 1  # --threat gradient: images per gradient
     config: str | None = None  # the director config (default configs/director.toml)
@@ -685,8 +685,9 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     ap.add_argument(
         "--envoy-images",
         type=int,
-        default=1,
-        help="images each victim envoy trains on (default 1: the smallest envoy, the worst case)",
+        default=8,
+        help="images each victim envoy trains on: one local step of 8 by default (with "
+        "batch norm one image is no worst case: per-image normalisation defeats every attack)",
     )
     ap.add_argument("--envoys", type=int, default=5, help="envoys in a secure aggregate")
     ap.add_argument("--batch", type=int, default=1, help="--threat gradient: images per gradient")
