@@ -63,6 +63,10 @@ class Cell:
 # at 500 iterations is about 300-600 CPU-s on a quiet core; the stress test batches its
 # single-image victims (about 23 ms per victim and iteration).
 ENVOY_IMAGES = 8
+# The noise multiplier of a typical envoy of the epsilon-3 federation (940 records, 128
+# expected per step, 7 steps a round, 20 rounds, delta 1e-5: node.training.privacy's
+# calibrate_noise gives 2.69); the IG row under DP attacks an envoy training with it.
+SIGMA_EPSILON_3 = 2.69
 IG_ITERS = 500
 EOT_SAMPLES = 2
 
@@ -96,6 +100,14 @@ def plan(name: str, trained: bool) -> list[Cell]:
             Cell(state, "aggregate", "none", "ig", IG_ITERS, {"envoys": 3}),
             Cell(state, "aggregate", "cvb", "ig", IG_ITERS, {"envoys": 3}),
         ]
+    # Under DP (group norm: DP refuses batch norm), beside the same model without DP.
+    full += [
+        Cell("round1", "update", "cvb", "ig", IG_ITERS, {"norm": "group"}, "group norm, no DP"),
+        Cell(
+            "round1", "update", "cvb", "ig", IG_ITERS,
+            {"norm": "group", "dp_noise": SIGMA_EPSILON_3}, "DP-SGD at epsilon 3",
+        ),
+    ]  # fmt: skip
     return stress + full
 
 

@@ -67,6 +67,7 @@ from node.attack.deployed import (
     load_deployment,
     observe_group,
 )
+from node.training.privacy import DPConfig, check_model
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +106,9 @@ class AttackConfig:
     norm: str | None = None
     arch: str | None = None
     kl_beta: float | None = None  # None: the config's [train] kl_beta
+    # DP-SGD on the victims (noise multiplier, per-record clip); None: the plain recipe
+    dp_noise: float | None = None
+    dp_clip: float = 1.0
     trained: str | None = None
     round: int | None = None
     victims: str = "report"
@@ -273,6 +277,9 @@ def deployment_of(cfg: AttackConfig) -> Deployment:
         norm=cfg.norm,
         arch=cfg.arch,
         kl_beta=cfg.kl_beta,
+        privacy=None
+        if cfg.dp_noise is None
+        else DPConfig(noise_multiplier=cfg.dp_noise, max_grad_norm=cfg.dp_clip, sample_rate=1.0),
     )
 
 
@@ -395,6 +402,8 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     cfg.validate()
     started = time.monotonic()
     deployment = deployment_of(cfg)  # fail on a bad config before any work
+    if deployment.recipe.privacy is not None:
+        check_model(deployment.build_model())  # DP refuses batch norm: say so now
     data = load_data(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -702,6 +711,15 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     )
     ap.add_argument("--trained", default=None, help="weights: a director state folder or an .npz")
     ap.add_argument("--round", type=int, default=None, help="attacked round (its learning rate)")
+    ap.add_argument(
+        "--dp-noise",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="victims train with DP-SGD at this noise multiplier (every record in the one "
+        "step; needs --norm group)",
+    )
+    ap.add_argument("--dp-clip", type=float, default=1.0, help="DP-SGD per-record clip norm")
     ap.add_argument("--victims", choices=VICTIM_SETS, default="report")
     ap.add_argument("--out", default=None, help="output folder (default runs/attack-ATTACK)")
     ap.add_argument("--data", default=None, help="PneumoniaMNIST npz/folder, or a Kermany folder")
@@ -764,6 +782,8 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
         norm=a.norm,
         arch=a.arch,
         kl_beta=a.kl_beta,
+        dp_noise=a.dp_noise,
+        dp_clip=a.dp_clip,
         trained=a.trained,
         round=a.round,
         victims=a.victims,

@@ -36,6 +36,7 @@ from torch import nn
 
 from gradient_leakage.observation import Observation, observe
 from node.attack.replay import EnvoyProgram, EnvoyRecipe, fed_batches, victim_update
+from node.training.privacy import DPConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DIRECTOR_CONFIG = REPO / "configs" / "director.toml"
@@ -109,10 +110,12 @@ def load_deployment(
     norm: str | None = None,
     arch: str | None = None,
     kl_beta: float | None = None,
+    privacy: DPConfig | None = None,
 ) -> Deployment:
     """The deployment the director config describes; ``defense``/``norm``/``arch`` override
     its ``[model]`` (controls and the stress test), ``kl_beta`` its KL weight (explicitly
-    only: by default the attack uses the federation's own)."""
+    only: by default the attack uses the federation's own); ``privacy`` makes the envoys
+    train with DP-SGD (every record in the one step: see ``EnvoyRecipe``)."""
     from node.config import load_director_config, model_kwargs
     from node.director import train_plan_for_round
 
@@ -139,7 +142,7 @@ def load_deployment(
         config_path=str(path),
         model_kwargs=kwargs,
         init_seed=cfg.model.init_seed,
-        recipe=EnvoyRecipe.deployed(plan),
+        recipe=EnvoyRecipe.deployed(plan, privacy),
         round=attacked,
         weights=weights,
         weights_source=source,

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradient_leakage.bottleneck import NoiseSource, noise_from
+from gradient_leakage.bottleneck import Bottleneck, NoiseSource, noise_from
+from node.training.privacy import DPConfig
 from node.training.train import augment_batch, class_weights, images_to_tensor, train_local
 from protocol.messages import TrainPlan
 
@@ -58,20 +59,30 @@ class EnvoyRecipe:
     flip: bool = True
     max_grad_norm: float | None = 5.0
     augment_strength: float = 1.0
+    # DP-SGD (node.training.privacy): per-record clipping and noise instead of the class
+    # weights and the global clip. Replayed with every record in every step (sample rate 1),
+    # the one DP setting in which the attacker knows which records each step used.
+    privacy: DPConfig | None = None
 
     @classmethod
-    def deployed(cls, plan: TrainPlan) -> EnvoyRecipe:
+    def deployed(cls, plan: TrainPlan, privacy: DPConfig | None = None) -> EnvoyRecipe:
         return cls(
             plan=plan,
             class_weighting=_train_local_default("class_weighting"),
             flip=_train_local_default("flip"),
             max_grad_norm=_train_local_default("max_grad_norm"),
             augment_strength=_train_local_default("augment_strength"),
+            privacy=privacy,
         )
 
     def __post_init__(self) -> None:
         if getattr(self.plan, "optimizer", "sgd") != "sgd":
             raise ValueError("the replay follows train_local's SGD only")
+        if self.privacy is not None and self.privacy.sample_rate != 1.0:
+            raise ValueError(
+                "a DP update is replayed with sample rate 1 only (which records a Poisson "
+                "sample drew is one more secret)"
+            )
 
     def train(self, model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, seed: int):
         """The envoy's own ``train_local`` with this recipe (the victim's side)."""
@@ -85,6 +96,7 @@ class EnvoyRecipe:
             flip=self.flip,
             max_grad_norm=self.max_grad_norm,
             augment_strength=self.augment_strength,
+            privacy=self.privacy,
         )
 
     def schedule(self, n: int) -> list[int]:
@@ -92,6 +104,8 @@ class EnvoyRecipe:
         epochs), exactly as it cuts them (a lone last sample is folded away)."""
         if n < 1:
             raise ValueError("no training samples")
+        if self.privacy is not None:
+            return [n] * self.privacy.steps_per_round(n, self.plan)
         batch = min(self.plan.batch_size, n)
         steps = max(1, n // batch if n % batch == 1 else math.ceil(n / batch))
         sizes = [batch] * (steps - 1) + [n - batch * (steps - 1)]
@@ -125,10 +139,23 @@ def fed_batches(
     n = int(y_all.shape[0])
     size = int(getattr(model, "image_size", x_all.shape[-1]))
     sizes = recipe.schedule(n)
-    per_epoch = len(sizes) // recipe.plan.local_epochs
     s = recipe.augment_strength
     gen = torch.Generator().manual_seed(seed)
     xs, idxs = [], []
+    if recipe.privacy is not None:  # train_local_dp: a Poisson mask per step (rate 1: all)
+        for _ in sizes:
+            idx = torch.nonzero(torch.rand(n, generator=gen) < 1.0).flatten()
+            x = x_all[idx]
+            if recipe.plan.augment:
+                x = augment_batch(
+                    x, size, gen, max_rotate_deg=10.0 * s, max_scale=0.10 * s,
+                    max_shift=0.08 * s, jitter=0.10 * s, flip=recipe.flip,
+                )  # fmt: skip
+            xs.append(x)
+            idxs.append(idx)
+        index = torch.cat(idxs)
+        return FedBatches(torch.cat(xs), y_all[index], index, tuple(sizes))
+    per_epoch = len(sizes) // recipe.plan.local_epochs
     for _ in range(recipe.plan.local_epochs):
         perm = torch.randperm(n, generator=gen)
         start = 0
@@ -265,21 +292,79 @@ def replay(
             # Training-mode batch norm normalises by the batch and only writes the running
             # statistics, in place: hand it copies and follow the statistics here instead.
             state = {**current, **{n: b.clone() for n, b in buffers0.items()}}
-            with _batch_norm_inputs(model) as bn_inputs:
-                logits = functional_call(model, state, (x,))
-            loss = weighted_cross_entropy(logits, y, weight)
-            if plan.kl_beta > 0 and kl_fn is not None:
-                loss = loss + plan.kl_beta * kl_fn()
-            if model.training:
-                running.update(_running_stats(model, bn_inputs, {**buffers0, **running}))
-            grads = torch.autograd.grad(
-                loss, [current[n] for n in names], create_graph=create_graph, allow_unused=True
-            )
+            if recipe.privacy is not None:
+                grads = _dp_gradient(model, state, x, y, recipe, names, create_graph)
+            else:
+                with _batch_norm_inputs(model) as bn_inputs:
+                    logits = functional_call(model, state, (x,))
+                loss = weighted_cross_entropy(logits, y, weight)
+                if plan.kl_beta > 0 and kl_fn is not None:
+                    loss = loss + plan.kl_beta * kl_fn()
+                if model.training:
+                    running.update(_running_stats(model, bn_inputs, {**buffers0, **running}))
+                grads = torch.autograd.grad(
+                    loss, [current[n] for n in names], create_graph=create_graph, allow_unused=True
+                )
             current = _sgd_step(current, dict(zip(names, grads, strict=True)), momentum, recipe)
     return ReplayResult(
         params={n: current[n] - params0[n] for n in names},
         buffers={n: running[n] - buffers0[n] for n in running},
     )
+
+
+def _dp_gradient(
+    model: nn.Module,
+    state: Params,
+    x: Tensor,
+    y: Tensor,
+    recipe: EnvoyRecipe,
+    names: Sequence[str],
+    create_graph: bool,
+) -> list[Tensor]:
+    """DP-SGD's gradient without its noise: every record's gradient clipped to the bound,
+    summed, over the expected batch (with rate 1, the batch). The noise is the victim's
+    secret; the attacker simulates its mean, zero."""
+    dp = recipe.privacy
+    assert dp is not None
+    kl_fn = getattr(model, "kl_loss", None)
+    weight = None if dp.class_weights is None else torch.tensor(dp.class_weights)
+    total: list[Tensor] | None = None
+    # train_local_dp draws the bottleneck's noise for the whole batch in one forward; the
+    # records go one by one here, so draw it as it does and hand each record its slice
+    # (unless an attack installed its own source).
+    bottlenecks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    batch_noise: dict[int, Tensor] = {}
+
+    def sliced(record: int) -> NoiseSource:
+        def source(sigma: Tensor) -> Tensor:
+            if record == 0 or not batch_noise:
+                batch_noise[0] = torch.randn((x.shape[0], *sigma.shape[1:]), dtype=sigma.dtype)
+            return batch_noise[0][record : record + 1]
+
+        return source
+
+    own = bool(bottlenecks) and bottlenecks[0].noise_source is None
+    for i in range(x.shape[0]):
+        with noise_from(model, sliced(i)) if own else contextlib.nullcontext():
+            logits = functional_call(model, state, (x[i : i + 1],))
+        loss = weighted_cross_entropy(logits, y[i : i + 1], None)
+        if weight is not None:
+            loss = loss * (weight[y[i]] if not y.dtype.is_floating_point else (y[i] * weight).sum())
+        if recipe.plan.kl_beta > 0 and kl_fn is not None:
+            loss = loss + recipe.plan.kl_beta * kl_fn()
+        grads = torch.autograd.grad(
+            loss, [state[n] for n in names], create_graph=create_graph, allow_unused=True
+        )
+        grads = [
+            g if g is not None else torch.zeros_like(state[n])
+            for g, n in zip(grads, names, strict=True)
+        ]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        coef = torch.clamp(dp.max_grad_norm / (norm + 1e-6), max=1.0)
+        clipped = [g * coef for g in grads]
+        total = clipped if total is None else [t + c for t, c in zip(total, clipped, strict=True)]
+    assert total is not None
+    return [t / x.shape[0] for t in total]
 
 
 def _sgd_step(
@@ -289,7 +374,7 @@ def _sgd_step(
     functions: parameters without a gradient are skipped by both, as in torch."""
     plan = recipe.plan
     live = {n: g for n, g in grads.items() if g is not None}
-    if recipe.max_grad_norm is not None and live:
+    if recipe.max_grad_norm is not None and recipe.privacy is None and live:
         total = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g, 2) for g in live.values()]), 2
         )

@@ -16,6 +16,7 @@ from node.attack.deployed import load_deployment, observe_group
 from node.attack.replay import EnvoyProgram, EnvoyRecipe, fed_batches, replay, victim_update
 from node.training.data import load_pneumoniamnist
 from node.training.model import build_model
+from node.training.privacy import DPConfig
 from node.training.train import train_local
 from protocol.messages import TrainPlan
 from tests.datafiles import PNEUMONIAMNIST
@@ -189,3 +190,24 @@ def test_labels_come_off_the_recipe_update(deployed_cvb, xrays) -> None:
             deployment, model, "update", x, xrays[1][i : i + 1], group=i, seed=0
         )
         assert infer_labels(model, victims.observation, (1, 28, 28)).tolist() == [xrays[1][i]]
+
+
+@pytest.mark.parametrize("clip", [1e6, 0.5])
+def test_replay_equals_dp_training_without_its_noise(
+    xrays: tuple[np.ndarray, np.ndarray], clip: float
+) -> None:
+    # DP-SGD with every record in the one step: per-record clipping, the bottleneck's noise
+    # drawn for the batch as the DP trainer draws it; the DP noise itself (sigma 0 here) is
+    # the victim's secret, which the replay leaves at its mean.
+    images, labels = xrays[0][:8], xrays[1][:8]
+    model = build_model("cnn", "cvb", 28, norm="group", seed=0)
+    dp = DPConfig(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=1.0)
+    recipe = EnvoyRecipe.deployed(DEPLOYED, dp)
+    params, _ = victim_update(model, images, labels, recipe, seed=11)
+    fed = fed_batches(model, images, labels, recipe, seed=11)
+    assert fed.sizes == (8,)
+    model.train()
+    got = replay(model, fed.images, fed.labels, recipe, fed.sizes, noise_seed=12)
+    assert _relative_error(got.params, params) < 2e-3
+    with pytest.raises(ValueError, match="sample rate 1"):
+        EnvoyRecipe.deployed(DEPLOYED, DPConfig(noise_multiplier=1.0, sample_rate=0.5))

@@ -188,3 +188,15 @@ def test_the_contrast_prior_changes_the_reported_contrast_not_the_attack(tmp_pat
     assert [i["index"] for i in a] == [i["index"] for i in b]
     assert any(abs(x["psnr"] - y["psnr"]) > 1e-6 for x, y in zip(a, b, strict=True))
     assert reports["neighbours"]["summary"]["registration_poses"] == 0  # nothing augmented
+
+
+def test_the_attack_on_dp_training_needs_a_dp_compatible_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--images", "2", "--envoy-images", "2", "--iterations", "2", "--quiet"]
+    common += ["--data", str(PNEUMONIAMNIST), "--dp-noise", "1.0"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2  # the deployed batch norm
+    assert "group" in capsys.readouterr().err
+    assert main([*common, "--norm", "group", "--out", str(tmp_path / "b")]) == 0
+    recipe = json.loads((tmp_path / "b" / "results.json").read_text())["config"]["deployment"]
+    assert recipe["recipe"]["privacy"]["noise_multiplier"] == 1.0
