@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,8 @@ ENVOY_IMAGES = 8
 # calibrate_noise gives 2.69); the IG row under DP attacks an envoy training with it.
 SIGMA_EPSILON_3 = 2.69
 IG_ITERS = 500
+# Cells whose reconstruction GIF is kept (the default command's cell, its control, the oracle).
+HEADLINE = ("round1/update/cvb/ig", "round1/update/none/ig", "round1/update/cvb/oracle")
 EOT_SAMPLES = 2
 
 
@@ -130,6 +131,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trained-round", type=int, default=None, help="the round those weights start")
     p.add_argument("--only", default=None, help="comma list of substrings: run matching cells")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="folder for each cell's grid.png (and results.json; the GIF of the headline "
+        "cells); default: cells/ beside --out",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--render", action="store_true", help="only redraw the figure and table")
     return p.parse_args(argv)
@@ -240,47 +248,50 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"results": []}
     done = {r["key"] for r in report["results"]}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        for cell in cells:
-            if cell.key in done:
-                continue
-            cfg = config_of(cell, args, trained, os.path.join(tmp, cell.key.replace("/", "-")))
-            result = run(cfg)
-            s = result["summary"]
-            report["results"].append(
-                {
-                    "key": cell.key,
-                    "state": cell.state,
-                    "threat": cell.threat,
-                    "defense": cell.defense,
-                    "attack": cell.attack,
-                    "label": cell.label,
-                    "options": cell.options,
-                    "deployment": result["config"]["deployment"],
-                    "summary": s,
-                    "images": result["images"],
-                }
-            )
-            print(
-                f"{cell.key}: PSNR {s['psnr']:.2f} (baseline {s['baseline_psnr']:.2f}) top-1 "
-                f"{s['top1_mse_count']}/{s['images']} median rank {s['median_rank_mse']:.0f} "
-                f"{'at chance' if s['at_chance'] else 'ABOVE CHANCE'} {s['cpu_seconds']:.0f} CPU-s",
-                flush=True,
-            )
-            report.update(
-                benchmark="leakage",
-                command="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py "
-                + " ".join(sys.argv[1:] if argv is None else argv),
-                machine={
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "torch": torch.__version__,
-                },
-                settings={"images": args.images, "seed": args.seed, "plan": args.plan},
-            )
-            report["seconds_this_run"] = time.monotonic() - started
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    cells_dir = args.cells or args.out.parent / "cells"
+    for cell in cells:
+        if cell.key in done:
+            continue
+        folder = cells_dir / cell.key.replace("/", "_").replace("=", "-").replace(",", "_")
+        cfg = config_of(cell, args, trained, str(folder))
+        result = run(cfg)
+        if cell.key not in HEADLINE:  # GIFs are large; the headline cells keep theirs
+            (folder / "reconstruction.gif").unlink(missing_ok=True)
+        s = result["summary"]
+        report["results"].append(
+            {
+                "key": cell.key,
+                "state": cell.state,
+                "threat": cell.threat,
+                "defense": cell.defense,
+                "attack": cell.attack,
+                "label": cell.label,
+                "options": cell.options,
+                "deployment": result["config"]["deployment"],
+                "summary": s,
+                "images": result["images"],
+            }
+        )
+        print(
+            f"{cell.key}: PSNR {s['psnr']:.2f} (baseline {s['baseline_psnr']:.2f}) top-1 "
+            f"{s['top1_mse_count']}/{s['images']} median rank {s['median_rank_mse']:.0f} "
+            f"{'at chance' if s['at_chance'] else 'ABOVE CHANCE'} {s['cpu_seconds']:.0f} CPU-s",
+            flush=True,
+        )
+        report.update(
+            benchmark="leakage",
+            command="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            machine={
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+            },
+            settings={"images": args.images, "seed": args.seed, "plan": args.plan},
+        )
+        report["seconds_this_run"] = time.monotonic() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
     if report["results"]:
         figure(report["results"], args.out.with_suffix(".png"))
         print(markdown(report))
