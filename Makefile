@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: these are the releases that lie on the build machines' disk.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[ml,dev]'
+	$(PY) -m pip install -q -e '.[ml,ui,dev]'
 	touch $@
 
 # Mosquitto (the real MQTT broker) and systemd-analyze (unit checks) come from Debian.

@@ -96,13 +96,13 @@ def augment_batch(
             torch.stack([sin / sx, cos / scale, uniform(-max_shift, max_shift) * 2], 1),
         ],
         1,
-    )
+    ).to(x.device)  # drawn on the CPU generator, so a GPU run draws the same augmentation
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if jitter > 0:
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
-        bright = uniform(-jitter, jitter).view(n, 1, 1, 1) * 0.5
+        contrast = uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1).to(x.device)
+        bright = uniform(-jitter, jitter).view(n, 1, 1, 1).to(x.device) * 0.5
         out = ((out - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
     return out
 
@@ -146,6 +146,7 @@ def train_local(
     flip: bool = True,
     max_grad_norm: float | None = 5.0,
     augment_strength: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -153,8 +154,13 @@ def train_local(
     with a handful of one class sees rare, heavily weighted, large gradients, and the
     bottleneck's mean can grow to outrun its noise; clipping keeps both from kicking the
     momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
-    the rotation, scale, shift and jitter ranges of `augment_batch` together.
+    the rotation, scale, shift and jitter ranges of `augment_batch` together. `device`
+    moves the model there first (node.training.device.select_device); the images stay in
+    host memory and travel one batch at a time.
     """
+    if device is not None:
+        model.to(device)
+    dev = model_device(model)
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
     n = int(y_all.shape[0])
@@ -165,6 +171,8 @@ def train_local(
     size = int(getattr(model, "image_size", x_all.shape[-1]))
     num_classes = int(getattr(model, "num_classes", 2))
     weight = class_weights(y_all.numpy(), num_classes, class_weighting)
+    if weight is not None:
+        weight = weight.to(dev)
     kl_fn = getattr(model, "kl_loss", None)
 
     # A batch of one breaks BatchNorm in training mode; fold a lone last sample away.
@@ -178,7 +186,7 @@ def train_local(
     model.train()
     step = 0
     epoch_loss = epoch_kl = 0.0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed + 1)  # dropout and the bottleneck's noise
         for _ in range(plan.local_epochs):
             perm = torch.randperm(n, generator=gen)
@@ -186,7 +194,8 @@ def train_local(
             seen = 0
             for b in range(steps_per_epoch):
                 idx = perm[b * batch : (b + 1) * batch if b < steps_per_epoch - 1 else n]
-                x = x_all[idx]
+                x = x_all[idx].to(dev)
+                y = y_all[idx].to(dev)
                 if plan.augment:
                     x = augment_batch(
                         x,
@@ -199,8 +208,8 @@ def train_local(
                         flip=flip,
                     )
                 logits = model(x)
-                loss = F.cross_entropy(logits, y_all[idx], weight=weight)
-                kl = kl_fn() if (kl_fn is not None) else torch.zeros(())
+                loss = F.cross_entropy(logits, y, weight=weight)
+                kl = kl_fn() if (kl_fn is not None) else torch.zeros((), device=dev)
                 total = loss + plan.kl_beta * kl if plan.kl_beta > 0 else loss
                 value = float(total.detach())
                 if not math.isfinite(value):
@@ -228,13 +237,24 @@ def train_local(
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512) -> Tensor:
+    """Logits on the CPU, computed batch by batch on the model's device."""
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     try:
         x_all = images_to_tensor(images)
-        outs = [model(x_all[i : i + batch_size]) for i in range(0, x_all.shape[0], batch_size)]
+        outs = [
+            model(x_all[i : i + batch_size].to(dev)).cpu()
+            for i in range(0, x_all.shape[0], batch_size)
+        ]
         return torch.cat(outs) if outs else torch.zeros(0, 2)
     finally:
         model.train(was_training)
