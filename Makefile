@@ -18,13 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[ml,ui,dev]'
 	touch $@
 
-# Mosquitto (the real MQTT broker) and systemd-analyze (unit checks) come from Debian.
+# Mosquitto (the real MQTT broker), systemd-analyze (unit checks) and Chromium (the operator
+# page's browser test, driven by Playwright; Playwright's own browser download is not used)
+# come from Debian.
 system-deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && ! test -x /usr/sbin/mosquitto \
-	    || ! command -v systemd-analyze >/dev/null 2>&1; then \
+	    || ! command -v systemd-analyze >/dev/null 2>&1 || ! test -x /usr/bin/chromium; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends mosquitto systemd; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends mosquitto systemd chromium; \
 	fi
 
 demo: setup
