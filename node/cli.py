@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("broker", "director", "envoy", "demo", "provision", "attack", "status")
+COMMANDS = ("broker", "director", "envoy", "demo", "provision", "attack", "status", "export")
 
 USAGE = """usage: fedbus COMMAND [options]
 
@@ -24,6 +24,7 @@ commands:
   provision  keys, configs and ACLs for a federation     fedbus provision --federation NAME --envoys a,b,c --out kits/
   attack     gradient-inversion attacks vs the defences  fedbus attack [--defense ...] [--attack ...]
   status     progress of a running director              fedbus status STATE_DIR | --config director.toml
+  export     the model, its threshold and a model card   fedbus export STATE_DIR [--best] --format safetensors|onnx|torchscript
 
 `fedbus COMMAND --help` for the options of each command."""
 
@@ -312,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attack_main(rest)
     if command == "status":
         return status_main(rest)
+    if command == "export":
+        from node.export import main as export_main
+
+        return export_main(rest)
     print(f"fedbus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
