@@ -1,0 +1,176 @@
+"""Serving the operator page: the `[ui]` config section, the bind policy, uvicorn.
+
+    [ui]
+    bind = "127.0.0.1:8080"          # loopback: no TLS or credentials needed
+    # Beyond loopback all four are required, or the director refuses to start the page:
+    # tls_cert = "ui/cert.pem"
+    # tls_key = "ui/key.pem"
+    # username = "operator"
+    # password_file = "ui/password"
+    # allowed_hosts = ["director.example.org"]   # Host names the page answers to
+
+The policy: the page shows who takes part and how the rounds go, so it is served in the
+clear and without a password on loopback only (an operator reaches it through an SSH
+tunnel, say). Any other address, the wildcard ones included, needs TLS and credentials,
+and a half-configured pair (a certificate without a key, a user without a password) is an
+error rather than a silently weaker page.
+
+`OperatorPage` runs uvicorn inside the host process's event loop, as a task beside the
+director. It never installs signal handlers: SIGINT/SIGTERM stay the director's, which
+stops the page with `stop()` on its way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import uvicorn
+
+from node.errors import ExitCode, FedbusError
+from node.ui.app import LOOPBACK_HOSTS, create_app
+from node.ui.feed import OperatorFeed
+
+__all__ = ["OperatorPage", "UiConfig", "UiConfigError", "check_bind_policy", "parse_bind"]
+
+BIND_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+PathStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class UiConfigError(FedbusError):
+    """A [ui] section that cannot be served safely; the message says which field."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class UiConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    bind: Annotated[str, msgspec.Meta(pattern=BIND_PATTERN)]
+    tls_cert: PathStr | None = None
+    tls_key: PathStr | None = None
+    username: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    password_file: PathStr | None = None
+    allowed_hosts: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9.:-]+$")]] = []
+    poll_s: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 0.5
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """("127.0.0.1", 8080) from "127.0.0.1:8080"; IPv6 as "[::1]:8080"."""
+    if not re.match(BIND_PATTERN, bind):
+        raise UiConfigError(f"ui.bind {bind!r} is not HOST:PORT (IPv6 as [ADDRESS]:PORT)")
+    host, _, port = bind.rpartition(":")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise UiConfigError(f"ui.bind {bind!r}: port {number} is not 0..65535")
+    return host.strip("[]"), number
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_bind_policy(cfg: UiConfig) -> tuple[str, int]:
+    """The (host, port) to bind, if the policy allows it; UiConfigError says why not."""
+    host, port = parse_bind(cfg.bind)
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise UiConfigError("ui: tls_cert and tls_key go together; one of them is missing")
+    if bool(cfg.username) != bool(cfg.password_file):
+        raise UiConfigError("ui: username and password_file go together; one of them is missing")
+    if not is_loopback(host) and not (cfg.tls_cert and cfg.username):
+        raise UiConfigError(
+            f"ui.bind {cfg.bind!r} is beyond loopback: the operator page is served there only "
+            f"with TLS (tls_cert, tls_key) and credentials (username, password_file); bind "
+            f"127.0.0.1 and use an SSH tunnel, or configure both"
+        )
+    return host, port
+
+
+def _read_password(path: str) -> str:
+    try:
+        password = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UiConfigError(f"ui.password_file {path}: {exc.strerror or exc}") from None
+    if len(password) < 12:
+        raise UiConfigError(f"ui.password_file {path}: the password must have >= 12 characters")
+    return password
+
+
+class OperatorPage:
+    """The page, served by uvicorn in the current event loop until `stop()`."""
+
+    def __init__(self, feed: OperatorFeed, cfg: UiConfig) -> None:
+        host, port = check_bind_policy(cfg)
+        credentials = (
+            (cfg.username, _read_password(cfg.password_file))
+            if cfg.username and cfg.password_file
+            else None
+        )
+        for name in ("tls_cert", "tls_key"):
+            value = getattr(cfg, name)
+            if value and not Path(value).is_file():
+                raise UiConfigError(f"ui.{name} {value}: no such file")
+        self.app = create_app(
+            feed,
+            poll_s=cfg.poll_s,
+            credentials=credentials,
+            allowed_hosts=[h for h in [host, *cfg.allowed_hosts] if h not in LOOPBACK_HOSTS],
+        )
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            ssl_certfile=cfg.tls_cert,
+            ssl_keyfile=cfg.tls_key,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = _EmbeddedServer(config)
+        self.scheme = "https" if cfg.tls_cert else "http"
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when the config asked for port 0)."""
+        for server in self._server.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        raise RuntimeError("the operator page is not listening yet")
+
+    async def serve(self) -> None:
+        """Serve until `stop()`; UiConfigError if the address cannot be bound."""
+        where = f"{self._server.config.host}:{self._server.config.port}"
+        try:
+            await self._server.serve()
+        except SystemExit:  # uvicorn's answer to a failed bind; the director must live on
+            raise UiConfigError(
+                f"ui.bind {where}: cannot listen there (in use, or not this host's address)"
+            ) from None
+        if not self._server.started:
+            raise UiConfigError(f"ui.bind {where}: the page did not start")
+
+    def stop(self) -> None:
+        self.app.state.closing = True
+        self._server.should_exit = True
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The host process (the director) owns SIGINT/SIGTERM and stops the page itself.
+        yield
