@@ -152,12 +152,13 @@ function rocPath(curve, x, y) {
 function renderRoc() {
   const root = $("roc");
   clear(root);
-  const [x0, y0, s] = [34, 8, 200];
+  const [x0, y0, s] = [42, 8, 200];
   axes(root, x0, y0, s, s, [0, 0.5, 1.0]);
   const x = (v) => x0 + v * s;
   const y = (v) => y0 + s - v * s;
   svg(root, "line", { x1: x(0), y1: y(0), x2: x(1), y2: y(1), class: "chance" });
   svg(root, "text", { x: x0 + s / 2, y: y0 + s + 28, "text-anchor": "middle" }, "1 - specificity");
+  svg(root, "text", { x: 10, y: y0 + s / 2, "text-anchor": "middle", transform: `rotate(-90 10 ${y0 + s / 2})` }, "sensitivity");
   const latest = snap.roc_latest;
   const best = snap.roc_best;
   if (best && latest && best.round !== latest.round) {
