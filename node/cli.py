@@ -12,7 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("broker", "director", "envoy", "demo", "provision", "attack", "status", "export")
+COMMANDS = (
+    "broker",
+    "director",
+    "envoy",
+    "demo",
+    "provision",
+    "attack",
+    "status",
+    "export",
+    "ui",
+)
 
 USAGE = """usage: fedbus COMMAND [options]
 
@@ -25,6 +35,7 @@ commands:
   attack     gradient-inversion attacks vs the defences  fedbus attack [--defense ...] [--attack ...]
   status     progress of a running director              fedbus status STATE_DIR | --config director.toml
   export     the model, its threshold and a model card   fedbus export STATE_DIR [--best] --format safetensors|onnx|torchscript
+  ui         the read-only operator page of a director   fedbus ui STATE_DIR [--bind 127.0.0.1:8080]
 
 `fedbus COMMAND --help` for the options of each command."""
 
@@ -317,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from node.export import main as export_main
 
         return export_main(rest)
+    if command == "ui":
+        from node.ui.server import main as ui_main
+
+        return ui_main(rest)
     print(f"fedbus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

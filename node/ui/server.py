@@ -174,3 +174,56 @@ class _EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         # The host process (the director) owns SIGINT/SIGTERM and stops the page itself.
         yield
+
+
+def main(argv: list[str]) -> int:
+    """`fedbus ui STATE_DIR`: the page for a director running elsewhere on this host."""
+    import argparse
+    import asyncio
+    import signal
+    import sys
+
+    from node.ui.feed import StateDirFeed
+
+    p = argparse.ArgumentParser(
+        prog="fedbus ui",
+        description="Serve the read-only operator page from a director's state folder.",
+    )
+    p.add_argument("state_dir", type=Path, help="the director's state_dir")
+    p.add_argument("--bind", default="127.0.0.1:8080", help="HOST:PORT (default %(default)s)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--username")
+    p.add_argument("--password-file")
+    p.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts")
+    args = p.parse_args(argv)
+    try:
+        cfg = msgspec.convert(
+            {k: v for k, v in vars(args).items() if k != "state_dir" and v is not None},
+            UiConfig,
+        )
+        page = OperatorPage(StateDirFeed(args.state_dir), cfg)
+    except msgspec.ValidationError as exc:
+        print(f"fedbus ui: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    except UiConfigError as exc:
+        print(f"fedbus ui: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, page.stop)
+        task = asyncio.create_task(page.serve())
+        while not page.started and not task.done():
+            await asyncio.sleep(0.05)
+        if page.started:
+            print(f"operator page: {page.scheme}://{cfg.bind.rsplit(':', 1)[0]}:{page.port}/")
+        try:
+            await task
+        except UiConfigError as exc:
+            print(f"fedbus ui: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
+        return 0
+
+    return asyncio.run(run())

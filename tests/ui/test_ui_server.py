@@ -217,3 +217,42 @@ def test_a_port_in_use_is_a_clear_error_not_an_exit() -> None:
             serving(_feed(), UiConfig(bind=f"127.0.0.1:{port}")),
         ):
             pass
+
+
+def test_fedbus_ui_serves_a_state_folder_until_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.datafiles import REPO
+
+    (tmp_path / "status.json").write_text(
+        json.dumps(director_status(2, "unmask", online={"envoy-1": True}))
+    )
+    (tmp_path / "rounds.jsonl").write_text(json.dumps(round_record(1)) + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "ui", str(tmp_path), "--bind", "127.0.0.1:0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("operator page: http://127.0.0.1:"), line + proc.stderr.read()  # type: ignore[union-attr]
+        url = line.split(": ", 1)[1].strip()
+        snap = httpx.get(url + "api/snapshot", timeout=30).json()
+        assert snap["stage"] == "unmask" and [r["round"] for r in snap["rounds"]] == [1]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_fedbus_ui_refuses_a_public_bind_without_protection(tmp_path: Path, capsys) -> None:
+    from node.cli import main as fedbus
+
+    assert fedbus(["ui", str(tmp_path), "--bind", "0.0.0.0:8080"]) == ExitCode.CONFIG
+    assert "beyond loopback" in capsys.readouterr().err
