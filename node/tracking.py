@@ -42,19 +42,11 @@ from tensorboard.compat.proto.types_pb2 import DT_FLOAT
 from tensorboard.plugins.pr_curve import metadata as pr_curve_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from node.training.metrics import SUMMARY_METRICS
+
 __all__ = ["RoundTracker", "pr_curve_table", "round_scalars", "write_round_records"]
 
-VAL_SCALARS = (
-    "auc",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "balanced_accuracy",
-    "f1",
-    "loss",
-    "threshold",
-    "youden",
-)
+VAL_SCALARS = (*SUMMARY_METRICS, "loss", "youden")
 PR_CURVE_TAG = "val/pr_curve"
 ROC_TAG = "val/roc"
 

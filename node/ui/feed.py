@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from node.status import ROUNDS_LOG, STATUS_FILE, read_records
+from node.training.metrics import SUMMARY_METRICS
 
 __all__ = ["MemoryFeed", "OperatorFeed", "StateDirFeed", "public_view"]
 
@@ -36,17 +37,7 @@ Snapshot = tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]
 MAX_TEXT = 120
 MAX_ENVOYS = 1000
 MAX_ROUNDS = 10000
-VAL_FIELDS = (
-    "auc",
-    "accuracy",
-    "sensitivity",
-    "specificity",
-    "balanced_accuracy",
-    "f1",
-    "threshold",
-    "loss",
-    "num_samples",
-)
+VAL_FIELDS = (*SUMMARY_METRICS, "loss", "num_samples")
 
 
 class OperatorFeed(Protocol):

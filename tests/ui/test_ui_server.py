@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import ssl
@@ -11,12 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from node.errors import ExitCode
+from node.provision import issue_cert, make_ca
 from node.ui.feed import MemoryFeed
 from node.ui.server import UiConfig, UiConfigError, check_bind_policy, parse_bind
 from tests.ui.uiharness import director_status, round_record, serving
@@ -137,38 +132,20 @@ def test_the_event_stream_sends_a_snapshot_when_the_federation_changes() -> None
         assert second["rounds"][0]["dropped"] == ["envoy-3"]
 
 
-def _certificate(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedbus operator page")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+def _certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """A server certificate for 127.0.0.1 from a federation CA, as `fedbus provision` makes."""
+    ca_key, ca_cert = make_ca("fed")
+    key, cert = issue_cert(
+        ca_key, ca_cert, common_name="director", server_names=["127.0.0.1"], client=False
     )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    for path, data in zip(paths, (ca_cert, cert, key), strict=True):
+        path.write_bytes(data)
+    return paths
 
 
 def test_beyond_loopback_it_serves_tls_and_asks_for_credentials(tmp_path: Path) -> None:
-    cert, key = _certificate(tmp_path)
+    ca, cert, key = _certificate(tmp_path)
     (tmp_path / "password").write_text(PASSWORD + "\n")
     cfg = UiConfig(
         bind="0.0.0.0:0",
@@ -177,7 +154,7 @@ def test_beyond_loopback_it_serves_tls_and_asks_for_credentials(tmp_path: Path) 
         username="operator",
         password_file=str(tmp_path / "password"),
     )
-    trust = ssl.create_default_context(cafile=str(cert))
+    trust = ssl.create_default_context(cafile=str(ca))
     with serving(_feed(), cfg) as page:
         assert page.scheme == "https"
         base = f"https://127.0.0.1:{page.port}"
@@ -194,7 +171,7 @@ def test_beyond_loopback_it_serves_tls_and_asks_for_credentials(tmp_path: Path) 
 
 
 def test_a_short_password_is_refused(tmp_path: Path) -> None:
-    cert, key = _certificate(tmp_path)
+    _ca, cert, key = _certificate(tmp_path)
     (tmp_path / "password").write_text("short\n")
     cfg = UiConfig(
         bind="127.0.0.1:0",
