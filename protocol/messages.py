@@ -17,6 +17,10 @@ from protocol.tensors import Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
 
 PROTOCOL_VERSION = 1
+# Tries of one training round: a round aborted below the threshold is retried under the same
+# round number, at most this many times (RoundStart.attempt and RoundEnd.attempt are below it).
+MAX_ATTEMPTS = 64
+Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS - 1)]
 
 Weights = dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor]
 
@@ -48,7 +52,7 @@ class RoundStart(Message):
     secagg: SecAggParams | None = None
     # A round aborted below the threshold is retried under the same round number; the attempt
     # tells the tries apart (late frames of an aborted try must not touch the next one).
-    attempt: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
+    attempt: Attempt = 0
 
 
 class PlainUpdate(Message):
@@ -79,7 +83,7 @@ class EvaluateResult(Message):
 class RoundEnd(Message):
     status: Annotated[str, msgspec.Meta(pattern="^(completed|aborted)$")]
     reason: ShortText = ""
-    attempt: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
+    attempt: Attempt = 0
 
 
 class Shutdown(Message):
