@@ -14,7 +14,7 @@ import structlog
 
 from protocol.base import Message
 
-__all__ = ["BROADCAST", "Outgoing", "Refusal", "RefusalLog"]
+__all__ = ["BROADCAST", "Outgoing", "Refusal", "RefusalLog", "Refused"]
 
 # The recipient of a message every participant of the round gets.
 BROADCAST = "*"
@@ -59,3 +59,12 @@ class RefusalLog:
     def take_refusals(self) -> list[Refusal]:
         taken, self.refusals = self.refusals, []
         return taken
+
+
+class Refused(Exception):
+    """Raised inside a machine to refuse the message at hand. It never leaves the machine:
+    the one place that dispatches messages turns it into a Refusal and keeps the state."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

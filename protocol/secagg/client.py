@@ -35,7 +35,7 @@ from crypto.errors import CryptoError
 from crypto.prg import MaskAccumulator
 from protocol.base import Message
 from protocol.errors import ProtocolError
-from protocol.events import Outgoing, RefusalLog
+from protocol.events import Outgoing, RefusalLog, Refused
 from protocol.secagg.common import (
     DEFAULT_SERVER_ID,
     ENC_INFO,
@@ -65,7 +65,6 @@ from protocol.secagg.transitions import (
     CLIENT_TRANSITIONS,
     Aborted,
     Outcome,
-    Refused,
     State,
     advance,
 )

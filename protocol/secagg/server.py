@@ -26,7 +26,7 @@ from crypto.errors import CryptoError
 from crypto.prg import MaskAccumulator
 from protocol.base import Message
 from protocol.errors import ProtocolError
-from protocol.events import BROADCAST, Outgoing, RefusalLog
+from protocol.events import BROADCAST, Outgoing, RefusalLog, Refused
 from protocol.secagg.common import (
     MASK_INFO,
     keys_signing_payload,
@@ -52,7 +52,6 @@ from protocol.secagg.transitions import (
     SERVER_TRANSITIONS,
     Aborted,
     Outcome,
-    Refused,
     State,
     advance,
 )

@@ -27,7 +27,7 @@ from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.messages import SECAGG_MESSAGES, SecAggParams
 from protocol.secagg.server import SecAggServer
-from protocol.secagg.transitions import MESSAGE_STAGE
+from protocol.secagg.transitions import CLIENT_SENDS
 from protocol.stages import SECAGG_STAGES
 
 SERVER = "director"
@@ -103,7 +103,7 @@ class _Network:
         outgoing = call()
         self.client_seconds[u] += self.now() - t0
         for out in outgoing:
-            stage = MESSAGE_STAGE.get(type(out.body))
+            stage = CLIENT_SENDS.get(type(out.body))
             if stage is not None and self.dropouts.get(u) == stage:
                 self.dead.add(u)
                 return

@@ -50,12 +50,12 @@ from protocol.secagg.messages import (
 from protocol.stages import Stage
 
 __all__ = [
+    "CLIENT_ENTERS",
+    "CLIENT_SENDS",
     "CLIENT_TRANSITIONS",
-    "MESSAGE_STAGE",
     "SERVER_TRANSITIONS",
     "Aborted",
     "Outcome",
-    "Refused",
     "State",
     "advance",
 ]
@@ -91,19 +91,23 @@ SERVER_TRANSITIONS: Final[Transitions] = MappingProxyType(
     }
 )
 
-# The stage each SecAgg message belongs to, whichever side sends it: a client enters a stage
-# when the server's message of that stage arrives, and leaves it with its own message of that
-# stage. Fault plans crash an envoy at these points; simulations drop clients at them.
-MESSAGE_STAGE: Final[Mapping[type[Message], Stage]] = MappingProxyType(
+# Where a client is in the round, seen from outside (fault plans crash an envoy at these
+# points, simulations drop clients at them): it enters a stage when the server's message that
+# opens it arrives, and ends the stage by sending its own message of that stage.
+CLIENT_ENTERS: Final[Mapping[type[Message], Stage]] = MappingProxyType(
+    {
+        SecAggKeyRoster: Stage.SHARE_KEYS,
+        SecAggForwardedShares: Stage.MASKED_INPUT,
+        SecAggConsistencyRequest: Stage.CONSISTENCY,
+        SecAggUnmaskRequest: Stage.UNMASK,
+    }
+)
+CLIENT_SENDS: Final[Mapping[type[Message], Stage]] = MappingProxyType(
     {
         SecAggAdvertiseKeys: Stage.ADVERTISE_KEYS,
-        SecAggKeyRoster: Stage.SHARE_KEYS,
         SecAggShareKeys: Stage.SHARE_KEYS,
-        SecAggForwardedShares: Stage.MASKED_INPUT,
         SecAggMaskedInput: Stage.MASKED_INPUT,
-        SecAggConsistencyRequest: Stage.CONSISTENCY,
         SecAggConsistencySignature: Stage.CONSISTENCY,
-        SecAggUnmaskRequest: Stage.UNMASK,
         SecAggUnmaskResponse: Stage.UNMASK,
     }
 )
@@ -115,15 +119,6 @@ def advance(table: Transitions, state: State, kind: type[Message], *, malicious:
     if after is Stage.CONSISTENCY and not malicious:
         return Stage.UNMASK
     return after
-
-
-class Refused(Exception):
-    """Raised by a machine's handler to refuse the message at hand; never leaves the machine,
-    which records it as a Refusal and keeps its state."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Aborted(Exception):
