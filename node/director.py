@@ -38,10 +38,10 @@ from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.presence import Envoys, select_participants
 from node.state import FederationState, StateStore
-from protocol.base import Message
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
 from protocol.messages import (
+    Body,
     Envelope,
     EnvoyStatus,
     EvaluateRequest,
@@ -255,7 +255,7 @@ class Director:
         )
         await self._send(sender, reply, round=self.round)
 
-    async def _send(self, recipient: str, body: Message, *, round: int) -> None:
+    async def _send(self, recipient: str, body: Body, *, round: int) -> None:
         topic = self.topics.broadcast if recipient == BROADCAST else self.topics.envoy(recipient)
         await self.endpoint.send(topic, round=round, recipient=recipient, body=body)
 

@@ -21,10 +21,9 @@ from crypto import signing
 from crypto.errors import CryptoError
 from node.errors import FedbusError
 from node.logs import get_logger
-from protocol.base import Message
 from protocol.codec import Codec, CodecError
 from protocol.events import BROADCAST
-from protocol.messages import Envelope, envelope
+from protocol.messages import Body, Envelope, envelope
 
 # The envelope's recipient must be a NodeId, and "*" is not one: broadcasts are addressed to
 # this reserved name instead (no node may be called that; see node.config).
@@ -55,11 +54,15 @@ class Stats:
 
 
 class Endpoint:
-    """Encode/sign outgoing envelopes; decode/check incoming frames."""
+    """Encode/sign outgoing envelopes; decode/check incoming frames.
+
+    `bus` may be None until the node is connected (the envoy seals its last will before it
+    connects); sealing and checking frames need no bus.
+    """
 
     def __init__(
         self,
-        bus: Bus,
+        bus: Bus | None,
         *,
         node_id: str,
         federation: str,
@@ -83,7 +86,7 @@ class Endpoint:
 
     # -- outgoing -----------------------------------------------------------------------------
 
-    def seal(self, *, round: int, recipient: str, body: Message) -> bytes:
+    def seal(self, *, round: int, recipient: str, body: Body) -> bytes:
         if recipient == BROADCAST:
             recipient = WIRE_BROADCAST
         env = envelope(
@@ -99,8 +102,10 @@ class Endpoint:
         return self.codec.encode(env)
 
     async def send(
-        self, topic: str, *, round: int, recipient: str, body: Message, retain: bool = False
+        self, topic: str, *, round: int, recipient: str, body: Body, retain: bool = False
     ) -> None:
+        if self.bus is None:
+            raise FedbusError("endpoint has no bus to send on (seal-only until one is attached)")
         await self.bus.publish(
             topic, self.seal(round=round, recipient=recipient, body=body), retain=retain
         )

@@ -30,6 +30,7 @@ from broker.topics import Topics
 from node.config import EnvoyConfig
 from node.contribution import Contribution, LocalUpdate, contribution_for
 from node.endpoint import Endpoint, read_key_file, subscribe_ready
+from node.errors import FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.trainer import Trainer
 from protocol.base import Message
@@ -63,7 +64,7 @@ class Envoy:
     def __init__(
         self,
         cfg: EnvoyConfig,
-        bus: Bus,
+        bus: Bus | None,
         trainer: Trainer,
         *,
         fault_plan: CrashPlan | None = None,
@@ -148,6 +149,8 @@ class Envoy:
     # -- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        if self.bus is None:
+            raise FedbusError("envoy has no bus: attach() it before run()")
         subs = [
             await subscribe_ready(self.bus, self.topics.broadcast),
             await subscribe_ready(self.bus, self.topics.envoy(self.cfg.node_id)),

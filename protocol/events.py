@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from protocol.base import Message
+from protocol.messages import Body
 
 __all__ = ["BROADCAST", "Outgoing", "Refusal", "RefusalLog", "Refused"]
 
@@ -25,7 +25,7 @@ class Outgoing:
     """A message a machine wants sent: to a node id, or to BROADCAST."""
 
     recipient: str
-    body: Message
+    body: Body
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,11 @@ Rules that keep an input secret even from a malicious director:
   2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t signatures);
 * pairwise masks come from the PRG seeded with the whole 32-byte agreement output.
 
-Messages for another stage or round, from anybody but the server, or repeated, are refused
-without a state change (and recorded in `refusals`). An inconsistency that only a cheating
-server can cause (a bad signature, a ciphertext that fails authentication, too few peers to
-reach the threshold) aborts the client: it then answers nothing more.
+Messages for another stage or round (CLIENT_TRANSITIONS in protocol.secagg.transitions), from
+anybody but the server, or repeated, are refused without a state change and recorded for the
+driver to take (`take_refusals`). An inconsistency that only a cheating server can cause (a
+bad signature, a ciphertext that fails authentication, too few peers to reach the threshold)
+aborts the client: it then answers nothing more.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 The node layer feeds `receive(sender, body)` and sends what it returns; when a stage deadline
 passes it calls `close_stage()`, and whoever has not answered that stage is a dropout from then
-on. A stage also closes by itself as soon as everybody expected has answered.
+on. A stage also closes by itself as soon as everybody expected has answered. Which message
+each stage collects and which stage follows is SERVER_TRANSITIONS (protocol.secagg.transitions);
+a stage ends with its closer (pruning, threshold checks) and the next one begins with the
+message its opener broadcasts. A refused message is recorded (`take_refusals`), never raised.
 
 Sets, as in Bonawitz et al.: U1 advertised keys, U2 shared keys, U3 sent a masked input
 (`survivors`), U4 signed the survivor set (malicious mode), U5 answered Unmask. Clients whose

@@ -11,12 +11,12 @@ simulated: when no message is in flight, the server's stage is closed.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import msgspec
 import numpy as np
@@ -25,13 +25,13 @@ from crypto.signing import generate_signing_keypair
 from protocol.base import Message
 from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
-from protocol.secagg.messages import SECAGG_MESSAGES, SecAggParams
+from protocol.secagg.messages import SecAggMessage, SecAggParams
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.transitions import CLIENT_SENDS
 from protocol.stages import SECAGG_STAGES
 
 SERVER = "director"
-_Body = msgspec.msgpack.Decoder(Union[SECAGG_MESSAGES])  # type: ignore[valid-type]  # noqa: UP007  (built from a tuple)
+_Body = msgspec.msgpack.Decoder(SecAggMessage)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -134,12 +134,12 @@ class _Network:
                 u, body = self.to_server.popleft()
                 if self.record_view:
                     self.view.append((u, body))
-                self.from_server(lambda u=u, body=body: server.receive(u, body))
+                self.from_server(functools.partial(server.receive, u, body))
             while self.to_clients:
                 v, body = self.to_clients.popleft()
                 if v in self.dead:
                     continue
-                self.from_client(v, lambda v=v, body=body: clients[v].receive(SERVER, body))
+                self.from_client(v, functools.partial(clients[v].receive, SERVER, body))
 
 
 def _check_dropouts(dropouts: Mapping[str, str]) -> None:
@@ -223,7 +223,7 @@ def simulate_round(
         clock=clock or (lambda: 0.0),
     )
     for u in names:
-        net.from_client(u, lambda u=u: clients[u].set_input(inputs[u]))
+        net.from_client(u, functools.partial(clients[u].set_input, inputs[u]))
         net.from_client(u, clients[u].start)
     net.run(server, clients)
 
