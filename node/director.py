@@ -38,6 +38,7 @@ from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.presence import Envoys, select_participants
 from node.state import FederationState, StateStore
+from node.training.metrics import metrics_from_histograms
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
 from protocol.messages import (
@@ -105,8 +106,6 @@ def initial_weights(cfg: DirectorConfig) -> dict[str, np.ndarray]:
 
 
 def histogram_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    from node.training.metrics import metrics_from_histograms
-
     m = metrics_from_histograms(neg, pos)
     return {k: _jsonable(v) for k, v in dict(m).items()}
 

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from node.config import EnvoyConfig, model_kwargs
+from node.training import data as d
+from node.training.partition import select_partition
 from protocol.messages import TrainPlan
 
 __all__ = ["LocalData", "TorchTrainer", "Trainer", "load_local_data"]
@@ -52,9 +54,6 @@ def _limit(
 
 def load_local_data(cfg: EnvoyConfig) -> LocalData:
     """This envoy's share of the data, computed locally from the config (no coordination)."""
-    from node.training import data as d
-    from node.training.partition import select_partition
-
     src = cfg.data
     part = src.partition
     if src.source == "pneumoniamnist":
