@@ -35,13 +35,15 @@ demo: setup
 test: setup system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Static checks, before any test runs: lint, formatting, types (pyproject's [tool.mypy]).
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 format: setup
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -218,7 +218,7 @@ def envoy_main(argv: Sequence[str]) -> int:
         print(f"fedbus envoy: {exc}", file=sys.stderr)
         return 2
     try:
-        from node.envoy import LocalData, TorchTrainer, load_local_data
+        from node.trainer import LocalData, TorchTrainer, load_local_data
         from node.training.data import DataUnavailable
 
         data: LocalData = load_local_data(cfg)

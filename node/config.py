@@ -24,17 +24,6 @@ Url = Annotated[str, msgspec.Meta(pattern=r"^(zmq\+tcp|mqtt|mqtts)://.+$")]
 PathStr = Annotated[str, msgspec.Meta(min_length=1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # numpy seeds are non-negative
 
-# Stage names used by RoundStart deadlines, fault plans and status.json.
-STAGES = (
-    "training",
-    "advertise_keys",
-    "share_keys",
-    "masked_input",
-    "consistency",
-    "unmask",
-    "evaluate",
-)
-
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the field."""

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 from structlog.contextvars import bind_contextvars, merge_contextvars
+from structlog.typing import FilteringBoundLogger
 
 
-def _ensure_keys(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _ensure_keys(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     event.setdefault("node", "-")
     event.setdefault("round", None)
     event.setdefault("stage", "")
@@ -24,7 +28,7 @@ def _ensure_keys(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, A
 
 def setup_logging(
     node: str, *, level: str = "info", json: bool = True, stream: TextIO | None = None
-) -> structlog.stdlib.BoundLogger:
+) -> FilteringBoundLogger:
     """Configure structlog for this process and return a logger with `node` bound."""
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: Any = (
@@ -44,7 +48,8 @@ def setup_logging(
         cache_logger_on_first_use=False,
     )
     bind_contextvars(node=node, round=None, stage="")
-    return structlog.get_logger()
+    logger: FilteringBoundLogger = structlog.get_logger()
+    return logger
 
 
 def set_round(round: int | None, stage: str = "") -> None:

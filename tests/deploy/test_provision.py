@@ -25,9 +25,9 @@ from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials
 from node.config import load_director_config, load_envoy_config
+from node.endpoint import read_key_file
 from node.provision import cert_fingerprint
 from node.provision import main as provision
-from node.wire import read_key_file
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVATE = ["signing.key", "curve.key", "mqtt.password", "tls/client.key"]

@@ -15,8 +15,8 @@ from broker.credentials import Credentials, read_key_file
 from broker.topics import Topics
 from node.checkpoint import load_checkpoint
 from node.demo import Federation, Options
-from node.wire import Endpoint
-from node.wire import read_key_file as read_hex_key
+from node.endpoint import Endpoint
+from node.endpoint import read_key_file as read_hex_key
 from protocol.codec import Codec
 from protocol.messages import EvaluateResult, PlainUpdate, RoundStart, TrainPlan
 from protocol.secagg.messages import AdvertisedKeys, SecAggAdvertiseKeys

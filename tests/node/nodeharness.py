@@ -50,7 +50,7 @@ class Fed:
             self.tasks[name].cancel()
             raise asyncio.CancelledError
 
-        envoy = Envoy(cfg, None, self.trainers[name], fault_plan=fault_plan, exit_fn=crash)  # type: ignore[arg-type]
+        envoy = Envoy(cfg, None, self.trainers[name], fault_plan=fault_plan, exit_fn=crash)
         envoy.bus = self.broker.connect(name, envoy.will())
         envoy.endpoint.bus = envoy.bus
         holder["envoy"] = envoy

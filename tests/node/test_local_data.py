@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from node.config import EnvoyConfig, parse_config
-from node.envoy import load_local_data
+from node.trainer import load_local_data
 from tests.datafiles import KERMANY_SAMPLE, PNEUMONIAMNIST
 
 NPZ = PNEUMONIAMNIST

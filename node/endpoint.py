@@ -10,26 +10,29 @@ whose sender is who it claims to be.
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 
 from broker.bus import Bus
+from crypto import signing
+from crypto.errors import CryptoError
+from node.errors import FedbusError
 from node.logs import get_logger
-from protocol.base import Message
 from protocol.codec import Codec, CodecError
-from protocol.messages import Envelope, envelope
+from protocol.events import BROADCAST
+from protocol.messages import Body, Envelope, envelope
 
-BROADCAST = "*"
 # The envelope's recipient must be a NodeId, and "*" is not one: broadcasts are addressed to
 # this reserved name instead (no node may be called that; see node.config).
 WIRE_BROADCAST = "broadcast"
 
 
-class Refused(Exception):
-    """A frame that is not accepted; the message says why (for the log)."""
+class FrameRefused(FedbusError):
+    """A frame that is not accepted; the message says why (for the log). Never leaves
+    `Endpoint.accept`, which logs and counts it."""
 
 
 def read_key_file(path: str | Path, *, size: int = 32) -> bytes:
@@ -51,11 +54,15 @@ class Stats:
 
 
 class Endpoint:
-    """Encode/sign outgoing envelopes; decode/check incoming frames."""
+    """Encode/sign outgoing envelopes; decode/check incoming frames.
+
+    `bus` may be None until the node is connected (the envoy seals its last will before it
+    connects); sealing and checking frames need no bus.
+    """
 
     def __init__(
         self,
-        bus: Bus,
+        bus: Bus | None,
         *,
         node_id: str,
         federation: str,
@@ -64,8 +71,6 @@ class Endpoint:
         peer_keys: Mapping[str, bytes] | None = None,
         require_signatures: bool = False,
         dedupe_window: int = 65536,
-        sign: Callable[[bytes, bytes], bytes] | None = None,
-        verify: Callable[[bytes, bytes, bytes], None] | None = None,
     ) -> None:
         self.bus = bus
         self.node_id = node_id
@@ -78,18 +83,10 @@ class Endpoint:
         self._window = dedupe_window
         self.stats = Stats()
         self.log = get_logger()
-        if signing_key is not None or self.peer_keys:
-            from crypto import signing  # lazy: the plain path works without crypto
-
-            self._sign = sign or signing.sign
-            self._verify = verify or signing.verify
-        else:
-            self._sign = sign
-            self._verify = verify
 
     # -- outgoing -----------------------------------------------------------------------------
 
-    def seal(self, *, round: int, recipient: str, body: Message) -> bytes:
+    def seal(self, *, round: int, recipient: str, body: Body) -> bytes:
         if recipient == BROADCAST:
             recipient = WIRE_BROADCAST
         env = envelope(
@@ -99,14 +96,16 @@ class Endpoint:
             recipient=recipient,
             body=body,
         )
-        if self.signing_key is not None and self._sign is not None:
-            sig = self._sign(self.signing_key, self.codec.signing_payload(env))
+        if self.signing_key is not None:
+            sig = signing.sign(self.signing_key, self.codec.signing_payload(env))
             env = msgspec.structs.replace(env, signature=sig)
         return self.codec.encode(env)
 
     async def send(
-        self, topic: str, *, round: int, recipient: str, body: Message, retain: bool = False
+        self, topic: str, *, round: int, recipient: str, body: Body, retain: bool = False
     ) -> None:
+        if self.bus is None:
+            raise FedbusError("endpoint has no bus to send on (seal-only until one is attached)")
         await self.bus.publish(
             topic, self.seal(round=round, recipient=recipient, body=body), retain=retain
         )
@@ -114,7 +113,7 @@ class Endpoint:
     # -- incoming -----------------------------------------------------------------------------
 
     def check(self, frame: bytes, *, topic_owner: str | None = None) -> Envelope:
-        """Decode and check a frame; raise Refused with the reason otherwise.
+        """Decode and check a frame; raise FrameRefused with the reason otherwise.
 
         `topic_owner`: the node id the topic belongs to (presence/<id>): the envelope's
         sender must be that node, since the broker only lets <id> publish there.
@@ -122,25 +121,25 @@ class Endpoint:
         try:
             env = self.codec.decode(frame)
         except CodecError as exc:
-            raise Refused(str(exc)[:300]) from None
+            raise FrameRefused(str(exc)[:300]) from None
         if env.federation != self.federation:
-            raise Refused(f"federation {env.federation!r} is not ours")
+            raise FrameRefused(f"federation {env.federation!r} is not ours")
         if env.recipient not in (self.node_id, WIRE_BROADCAST):
-            raise Refused(f"addressed to {env.recipient!r}")
+            raise FrameRefused(f"addressed to {env.recipient!r}")
         if env.sender == self.node_id:
-            raise Refused("claims to come from this node")
+            raise FrameRefused("claims to come from this node")
         if topic_owner is not None and env.sender != topic_owner:
-            raise Refused(f"sender {env.sender!r} does not own the topic of {topic_owner!r}")
+            raise FrameRefused(f"sender {env.sender!r} does not own the topic of {topic_owner!r}")
         key = self.peer_keys.get(env.sender)
-        if key is not None and self._verify is not None:
+        if key is not None:
             try:
-                self._verify(key, self.codec.signing_payload(env), env.signature)
-            except Exception:
-                raise Refused(f"bad signature from {env.sender!r}") from None
+                signing.verify(key, self.codec.signing_payload(env), env.signature)
+            except CryptoError:
+                raise FrameRefused(f"bad signature from {env.sender!r}") from None
         elif self.require_signatures:
-            raise Refused(f"sender {env.sender!r} has no known signing key")
+            raise FrameRefused(f"sender {env.sender!r} has no known signing key")
         if env.msg_id in self._seen:
-            raise Refused("duplicate message id")
+            raise FrameRefused("duplicate message id")
         self._seen[env.msg_id] = None
         if len(self._seen) > self._window:
             self._seen.popitem(last=False)
@@ -149,7 +148,7 @@ class Endpoint:
     def accept(self, frame: bytes, *, topic_owner: str | None = None) -> Envelope | None:
         try:
             env = self.check(frame, topic_owner=topic_owner)
-        except Refused as exc:
+        except FrameRefused as exc:
             reason = str(exc)
             self.stats.refused[reason.split(":")[0][:60]] += 1
             self.log.warning("frame_refused", reason=reason, size=len(frame))
