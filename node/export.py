@@ -145,7 +145,9 @@ def choose_round(ckpt: Checkpoint, *, best: bool) -> ExportedRound:
             f"federation {ckpt.federation!r}: no round has completed; there is only the "
             f"initial model"
         )
-    record = next((r for r in reversed(ckpt.records) if r.get("round") == ckpt.round), {})
+    record: dict[str, Any] = next(
+        (r for r in reversed(ckpt.records) if r.get("round") == ckpt.round), {}
+    )
     val = (record.get("metrics") or {}).get("val")
     return ExportedRound(
         "last", ckpt.round, ckpt.weights_numpy(), (val or {}).get("threshold"), val
@@ -339,11 +341,13 @@ def _onnx_bytes(model: Any, example: Any, metadata: dict[str, str]) -> bytes:
             )
     except Exception as exc:  # the exporter raises many types; the user needs the reason
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    if program is None:
+        raise ExportError("ONNX export failed: the exporter returned no program")
     proto = program.model_proto
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    data = proto.SerializeToString()
+    data: bytes = proto.SerializeToString()
     _check_onnx(data, wrapped, example)
     return data
 
@@ -377,9 +381,11 @@ def _torchscript_bytes(model: Any, example: Any, card_text: str) -> bytes:
         # TorchScript. The tracer's warnings are about the models' input-shape checks, which
         # are constant at the model's own image size; check_inputs reruns batch 1 to be sure.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
         with torch.no_grad():
-            traced = torch.jit.trace(wrapped, example, check_inputs=[(example[:1],)])
+            traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+                wrapped, example, check_inputs=[(example[:1],)]
+            )
         torch.jit.save(traced, buffer, _extra_files={CARD_NAME: card_text})
     return buffer.getvalue()
 
@@ -401,9 +407,10 @@ def _load(state_dir: Path) -> Checkpoint:
 
 def _read_status(state_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((state_dir / "status.json").read_text())
+        status = json.loads((state_dir / "status.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def export_model(

@@ -83,9 +83,13 @@ def _roc(metrics: Any) -> dict[str, Any] | None:
     return {"fpr": fpr, "tpr": tpr, "auc": _num(metrics.get("auc"))}
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _record(r: Mapping[str, Any]) -> dict[str, Any]:
-    metrics = r.get("metrics") if isinstance(r.get("metrics"), Mapping) else {}
-    stages = r.get("stage_seconds") if isinstance(r.get("stage_seconds"), Mapping) else {}
+    metrics = _mapping(r.get("metrics"))
+    stages = _mapping(r.get("stage_seconds"))
     return {
         "round": _num(r.get("round")),
         "participants": _names(r.get("participants")),
@@ -105,7 +109,7 @@ def public_view(
     status: Mapping[str, Any], records: Sequence[Mapping[str, Any]], *, now: float
 ) -> dict[str, Any]:
     """The page's data: allow-listed fields of the status and the records."""
-    envoys_in = status.get("envoys") if isinstance(status.get("envoys"), Mapping) else {}
+    envoys_in = _mapping(status.get("envoys"))
     envoys = [
         {
             "name": name[:MAX_TEXT],
