@@ -134,6 +134,7 @@ class Federation:
     def prepare(self) -> None:
         """Keys and broker config (the node configs need the broker's URL: see write_configs)."""
         from broker.credentials import generate_curve_keypair, write_secret_key
+
         from crypto.signing import generate_signing_keypair
 
         if self.opts.transport not in ("zmq", "mqtt"):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.bus import Bus
+from broker.client import Bus
 from broker.topics import Topics
 from node.aggregation import (
     AggregateResult,

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from broker.bus import Bus, Will
+from broker.client import Bus, Will
 from broker.topics import Topics
 from node.aggregation import Layout, encode_update, qrange_for, secagg_session
 from node.config import EnvoyConfig, model_kwargs

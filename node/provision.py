@@ -37,11 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from broker.credentials import generate_curve_keypair, read_key_file, write_secret_key
 from broker.mosquitto import (
     Listener,
@@ -50,6 +45,11 @@ from broker.mosquitto import (
     write_broker_files,
     write_private,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from broker.topics import validate_id
 from crypto.signing import generate_signing_keypair, signing_public_key
 from node.config import dump_toml

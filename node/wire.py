@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from broker.bus import Bus
+from broker.client import Bus
 from node.logs import get_logger
 from protocol.base import Message
 from protocol.codec import Codec, CodecError

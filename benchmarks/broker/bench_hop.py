@@ -38,8 +38,9 @@ import zmq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from broker import wire  # noqa: E402
 from broker.credentials import generate_curve_keypair  # noqa: E402
+
+from broker import zmq_commands as commands  # noqa: E402
 from broker.topics import Topics  # noqa: E402
 
 WINDOW = 8
@@ -85,7 +86,7 @@ def run_broker(port: int, keys: dict[str, Any] | None, ready: Any) -> None:
 
     import structlog
 
-    from broker.zmq_broker import ZmqBroker
+    from broker.server.zmq_broker import ZmqBroker
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     allow = None
@@ -262,24 +263,24 @@ def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> fl
         s = ctx.socket(zmq.DEALER)
         curve_client(s, keys, "producer")
         s.connect(f"tcp://127.0.0.1:{port}")
-        s.send_multipart([wire.HELLO, b"envoy-1", b"envoy", b"", wire.NO_FLAGS, b""])
+        s.send_multipart([commands.HELLO, b"envoy-1", b"envoy", b"", commands.NO_FLAGS, b""])
         return s
 
     def make_rx() -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)
         curve_client(s, keys, "consumer")
         s.connect(f"tcp://127.0.0.1:{port}")
-        s.send_multipart([wire.HELLO, b"director", b"director", b"", wire.NO_FLAGS, b""])
-        s.send_multipart([wire.SUB, b"1", topic])
+        s.send_multipart([commands.HELLO, b"director", b"director", b"", commands.NO_FLAGS, b""])
+        s.send_multipart([commands.SUB, b"1", topic])
         return s
 
     def send(s: zmq.Socket, f: zmq.Frame) -> None:
-        s.send_multipart([wire.PUB, topic, wire.NO_FLAGS, f], copy=False)
+        s.send_multipart([commands.PUB, topic, commands.NO_FLAGS, f], copy=False)
 
     def recv(s: zmq.Socket) -> None:
         while True:
             parts = s.recv_multipart(copy=False)
-            if parts[0].bytes == wire.MSG:
+            if parts[0].bytes == commands.MSG:
                 return
 
     try:
@@ -292,8 +293,8 @@ def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> fl
 
 def bench_bus_e2e(payload: bytes, frames: int, keys: dict[str, Any] | None) -> float:
     """The same hop through the real asyncio clients, with the same credit window."""
-    from broker.connect import connect
-    from broker.credentials import Credentials
+    from broker.client.connect import connect
+    from broker.client.credentials import Credentials
 
     port = free_port()
     proc = start(run_broker, port, keys)

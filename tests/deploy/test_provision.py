@@ -16,11 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.bus import BusError
-from broker.connect import connect
-from broker.credentials import Credentials
-from broker.daemon import BrokerConfig
-from broker.mosquitto import AclFile, MosquittoProcess, free_port, parse_passwd, verify_password
+from broker.client.bus import BusError
+from broker.client.connect import connect
+from broker.client.credentials import Credentials
+from broker.server.config import BrokerConfig
+from broker.server.mosquitto_files import AclFile, parse_passwd, verify_password
+from broker.server.mosquitto_process import MosquittoProcess
+from broker.server.ports import free_port
 from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials

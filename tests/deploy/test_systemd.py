@@ -157,9 +157,10 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
     """`fedbus broker` from a provisioned kit, under MDWE as its unit runs it, serves a node."""
     import asyncio
 
-    from broker.connect import connect
-    from broker.credentials import Credentials, read_key_file
-    from broker.mosquitto import free_port
+    from broker.client.connect import connect
+    from broker.client.credentials import Credentials
+    from broker.keys import read_key_file
+    from broker.server.ports import free_port
     from broker.topics import Topics
 
     assert _has_mdwe(), "this kernel cannot emulate MemoryDenyWriteExecute (needs Linux >= 6.3)"
@@ -212,8 +213,9 @@ async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Pat
     """Mosquitto from a provisioned kit, under MDWE as its unit runs it, serves a TLS client."""
     import asyncio
 
-    from broker.connect import connect
-    from broker.mosquitto import _accepts, free_port, mosquitto_binary
+    from broker.client.connect import connect
+    from broker.server.mosquitto_process import mosquitto_binary
+    from broker.server.ports import accepts, free_port
     from broker.topics import Topics
     from node.cli import _credentials
     from node.config import load_envoy_config
@@ -233,7 +235,7 @@ async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Pat
         stderr=subprocess.STDOUT,
     )
     try:
-        while not _accepts("127.0.0.1", port):
+        while not accepts("127.0.0.1", port):
             assert daemon.poll() is None, daemon.stdout.read().decode()  # type: ignore[union-attr]
             await asyncio.sleep(0.05)
         cfg = load_envoy_config(out / "a" / "envoy.toml")

@@ -10,8 +10,9 @@ import time
 import msgpack
 import pytest
 
-from broker.connect import connect
-from broker.credentials import Credentials, read_key_file
+from broker.client.connect import connect
+from broker.client.credentials import Credentials
+from broker.keys import read_key_file
 from broker.topics import Topics
 from node.checkpoint import load_checkpoint
 from node.demo import Federation, Options

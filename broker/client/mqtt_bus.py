@@ -19,7 +19,7 @@ Delivery guarantees, and how they are kept:
   retrying cannot help and would hide the error.
 * Access rules are checked here too (`broker.topics.acl_allows`), so a node learns at once
   that an operation is refused, as on the ZeroMQ transport. Mosquitto enforces the same rules
-  from the acl_file that `broker.mosquitto` generates; it does not check SUBSCRIBE, only what
+  from the acl_file that `broker.server.mosquitto_files` generates; it does not check SUBSCRIBE, only what
   it delivers, so a refused subscription would otherwise just stay silent.
 """
 
@@ -45,9 +45,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker.bus import Bus, BusError, Will
-from broker.credentials import Credentials
-from broker.subscription import Subscription as BaseSubscription
+from broker.client.bus import Bus, BusError, Will
+from broker.client.credentials import Credentials
+from broker.client.subscription import Subscription as BaseSubscription
+from broker.mqtt_packets import PACKET_OVERHEAD_BYTES, publish_packet_size
 from broker.topics import (
     ROLES,
     acl_allows,
@@ -57,10 +58,8 @@ from broker.topics import (
     validate_id,
     validate_topic,
 )
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
-# Room for MQTT headers, the topic and v5 properties on top of the payload (see mosquitto.py).
-PACKET_OVERHEAD_BYTES = 70 * 1024
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # CONNACK reason codes after which retrying is pointless (MQTT 5 section 3.2.2.2, and the
@@ -203,8 +202,46 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
     return context
 
 
+def _check_will(will: Will, *, node_id: str, role: str, max_frame_bytes: int) -> None:
+    """Refuse now a will the broker would drop: Mosquitto silently when it fires, the ZeroMQ
+    broker by refusing the session."""
+    validate_topic(will.topic)
+    if len(will.frame) > max_frame_bytes:
+        raise ValueError("the will frame is over max_frame_bytes")
+    federation = federation_of(will.topic)
+    if federation is None or not acl_allows(
+        federation=federation, node_id=node_id, role=role, action="publish", topic=will.topic
+    ):
+        raise ValueError(f"last will on {will.topic} refused by the ACL for {role} {node_id}")
+
+
+def _login(credentials: Credentials | None, node_id: str) -> tuple[str, str]:
+    """(username, password) for `node_id`; the username must be the node id."""
+    if credentials is None or not credentials.password:
+        raise ValueError(
+            "mqtt transport needs Credentials with a password (username defaults to "
+            "the node id), or insecure_no_auth=True for local experiments"
+        )
+    username = credentials.username or node_id
+    if username != node_id:
+        # The ACL's %u is the username: any other name would get another node's rights.
+        raise ValueError(f"MQTT username {username!r} must equal the node id {node_id!r}")
+    return username, credentials.password
+
+
+def _tls_for(scheme: str, url: str, credentials: Credentials | None) -> ssl.SSLContext | None:
+    """The TLS context mqtts:// needs; TLS files for a plain mqtt:// URL are a mistake."""
+    if scheme == "mqtts":
+        if credentials is None:
+            raise ValueError("mqtts:// needs credentials with the TLS files")
+        return tls_context(credentials)
+    if credentials is not None and (credentials.tls_cert or credentials.tls_ca):
+        raise ValueError(f"TLS files given but {url!r} is not mqtts://")
+    return None
+
+
 class MqttBus(Bus):
-    """A node's connection to an MQTT 5 broker. Create it with `broker.connect.connect(...)`.
+    """A node's connection to an MQTT 5 broker. Create it with `broker.client.connect(...)`.
 
     The MQTT client id and username are the node id (the ACL's `%u`); the session persists
     for `session_expiry_s` after a disconnect.
@@ -236,45 +273,13 @@ class MqttBus(Bus):
         self.url = url
         self.role = role
         self.max_frame_bytes = max_frame_bytes
-        self.will = will
         if will is not None:
-            validate_topic(will.topic)
-            if len(will.frame) > max_frame_bytes:
-                raise ValueError("the will frame is over max_frame_bytes")
-            federation = federation_of(will.topic)
-            if federation is None or not acl_allows(
-                federation=federation,
-                node_id=node_id,
-                role=role,
-                action="publish",
-                topic=will.topic,
-            ):
-                # Mosquitto would silently drop it when it fires (the ZeroMQ broker refuses
-                # the session): say so now.
-                raise ValueError(
-                    f"last will on {will.topic} refused by the ACL for {role} {node_id}"
-                )
-        username = password = None
-        if not insecure_no_auth:
-            if credentials is None or not credentials.password:
-                raise ValueError(
-                    "mqtt transport needs Credentials with a password (username defaults to "
-                    "the node id), or insecure_no_auth=True for local experiments"
-                )
-            username = credentials.username or node_id
-            password = credentials.password
-            if username != node_id:
-                # The ACL's %u is the username: any other name would get another node's rights.
-                raise ValueError(f"MQTT username {username!r} must equal the node id {node_id!r}")
-        self._tls: ssl.SSLContext | None = None
-        if self.scheme == "mqtts":
-            if credentials is None:
-                raise ValueError("mqtts:// needs credentials with the TLS files")
-            self._tls = tls_context(credentials)
-        elif credentials is not None and (credentials.tls_cert or credentials.tls_ca):
-            raise ValueError(f"TLS files given but {url!r} is not mqtts://")
-        self._username = username
-        self._password = password
+            _check_will(will, node_id=node_id, role=role, max_frame_bytes=max_frame_bytes)
+        self.will = will
+        self._username, self._password = (
+            (None, None) if insecure_no_auth else _login(credentials, node_id)
+        )
+        self._tls = _tls_for(self.scheme, url, credentials)
         self._keepalive_s = keepalive_s
         self._session_expiry_s = session_expiry_s
         self._backoff = (backoff_initial_s, backoff_max_s)
@@ -517,7 +522,7 @@ class MqttBus(Bus):
                 f"frame of {size} bytes for {topic} is over the limit of {self.max_frame_bytes}"
             )
         broker_max = self._client.broker_max_packet if self._client is not None else None
-        if broker_max is not None and _publish_packet_size(topic, size) > broker_max:
+        if broker_max is not None and publish_packet_size(topic, size) > broker_max:
             raise BusError(
                 f"frame of {size} bytes for {topic} is over the broker's packet limit of "
                 f"{broker_max} bytes"
@@ -731,12 +736,6 @@ class MqttBus(Bus):
         for sub in self._subs:
             if not sub.closed and topic_matches(sub.topic_filter, topic):
                 sub._queue.put_nowait(payload)
-
-
-def _publish_packet_size(topic: str, payload: int) -> int:
-    """An upper bound of the PUBLISH packet size (QoS 1, MQTT 5, no properties)."""
-    remaining = 2 + len(topic.encode()) + 2 + 1 + payload  # topic, packet id, properties
-    return 1 + 4 + remaining  # fixed header + at most 4 bytes of remaining length
 
 
 def _settle(sub: Subscription, fut: asyncio.Future[None]) -> None:

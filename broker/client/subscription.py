@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from broker.bus import BusError
+from broker.client.bus import BusError
 
 _CLOSED = object()
 
