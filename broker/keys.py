@@ -23,7 +23,7 @@ import zmq
 import zmq.utils.z85
 
 from broker.errors import BrokerError
-from broker.files import atomic_write_text
+from broker.files import PUBLIC_MODE, SECRET_MODE, atomic_write_text
 
 __all__ = [
     "CurveKeyPair",
@@ -39,8 +39,6 @@ __all__ = [
 KeyEncoding = Literal["z85", "hex"]
 KEY_BYTES = 32
 _Z85_KEY_LEN = 40  # 32 bytes in Z85
-SECRET_MODE = 0o600
-PUBLIC_MODE = 0o644
 
 
 class KeyFileError(BrokerError, ValueError):

@@ -21,7 +21,7 @@ from broker.server.mosquitto_files import (
 from broker.server.mosquitto_process import MosquittoProcess
 from broker.server.ports import free_port
 from broker.topics import Topics
-from node.provision import issue_cert, make_ca
+from node.pki import issue_cert, make_ca
 
 FEDERATION = "fl"
 NODES = {"director": "director", "e1": "envoy", "e2": "envoy", "e3": "envoy"}

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from broker.client.bus import BusError
 from broker.client.connect import connect
 from broker.client.credentials import Credentials
+from broker.keys import read_key_file
 from broker.server.config import BrokerConfig
 from broker.server.mosquitto_files import AclFile, parse_passwd, verify_password
 from broker.server.mosquitto_process import MosquittoProcess
@@ -27,9 +28,8 @@ from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials
 from node.config import load_director_config, load_envoy_config
-from node.provision import cert_fingerprint
+from node.pki import cert_fingerprint
 from node.provision import main as provision
-from node.wire import read_key_file
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVATE = ["signing.key", "curve.key", "mqtt.password", "tls/client.key"]

@@ -197,8 +197,8 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
             node_id="a",
             role="envoy",
             credentials=Credentials.for_curve(
-                secret_key=read_key_file(kit / "curve.key"),
-                broker_public_key=read_key_file(kit / "broker.pub"),
+                secret_key=read_key_file(kit / "curve.key", encoding="z85"),
+                broker_public_key=read_key_file(kit / "broker.pub", encoding="z85"),
             ),
         )
         mine = bus.subscribe(Topics("fed").envoy("a"))
