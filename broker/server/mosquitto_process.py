@@ -159,11 +159,6 @@ class MosquittoProcess:
         self.stop(kill=kill)
         self.start()
 
-    def reload(self) -> None:
-        """SIGHUP: Mosquitto rereads the password and ACL files (new envoys, revoked ones)."""
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGHUP)
-
     def __enter__(self) -> MosquittoProcess:
         return self.start()
 
