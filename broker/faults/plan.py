@@ -33,7 +33,7 @@ import msgspec
 import structlog
 
 from broker.errors import BrokerError
-from broker.files import atomic_write_text, read_toml
+from broker.files import PUBLIC_MODE, atomic_write_text, read_toml
 from protocol.configfile import ConfigError, convert_config, dump_toml, parse_toml
 from protocol.stages import CRASH_STAGES, Stage
 
@@ -223,7 +223,7 @@ class FaultPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
         return dump_toml(self.to_dict())
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write_text(path, self.to_toml())
+        atomic_write_text(path, self.to_toml(), mode=PUBLIC_MODE)
 
     # -- queries ----------------------------------------------------------------------------
 

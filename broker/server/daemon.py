@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from broker.files import atomic_write_text
+from broker.files import PUBLIC_MODE, atomic_write_text
 from broker.server.config import BrokerConfig
 from broker.topics import validate_id
 from protocol.configfile import ConfigError
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     print(f"fedbus broker listening on {broker.url}", flush=True)
     if args.ready_file is not None:
-        atomic_write_text(args.ready_file, broker.url + "\n")
+        atomic_write_text(args.ready_file, broker.url + "\n", mode=PUBLIC_MODE)
     # Join in slices so the main thread keeps running Python signal handlers.
     while not broker.join(0.5):
         pass

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.files import atomic_write_text
+from broker.files import SECRET_MODE, atomic_write_text
 from broker.mqtt_packets import PACKET_OVERHEAD_BYTES
 from broker.topics import ACL_RULES, ROLES, acl_allows, topic_matches, validate_id
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
@@ -370,7 +370,7 @@ def write_broker_files(
         ("mosquitto.acl", render_acl(federation=federation, nodes=nodes)),
         ("mosquitto.conf", render_conf(config)),
     ):
-        atomic_write_text(directory / name, text, mode=0o600)
+        atomic_write_text(directory / name, text, mode=SECRET_MODE)
     return BrokerFiles(
         conf=directory / "mosquitto.conf",
         password_file=directory / "mosquitto.passwd",

@@ -36,6 +36,18 @@ class Keys:
         )
 
 
+def hello_parts(node_id: str, role: str, will: tuple[str, bytes] | None = None) -> list[bytes]:
+    """A HELLO command (with a retained last will when `will` is given)."""
+    return [
+        commands.HELLO,
+        node_id.encode(),
+        role.encode(),
+        will[0].encode() if will else b"",
+        commands.RETAIN_FLAGS if will else commands.NO_FLAGS,
+        will[1] if will else b"",
+    ]
+
+
 class RawClient:
     """A bare DEALER speaking broker.zmq_commands directly, to test what the broker itself enforces
     (the ZmqBus client refuses many of these operations before they leave the process)."""
@@ -65,14 +77,7 @@ class RawClient:
                 return msg
 
     def hello(self, node_id: str, role: str, will: tuple[str, bytes] | None = None) -> list[bytes]:
-        self.send(
-            commands.HELLO,
-            node_id.encode(),
-            role.encode(),
-            will[0].encode() if will else b"",
-            commands.RETAIN_FLAGS if will else commands.NO_FLAGS,
-            will[1] if will else b"",
-        )
+        self.send(*hello_parts(node_id, role, will))
         while True:
             msg = self.recv()
             if msg[0] in (commands.WELCOME, commands.ERR):

@@ -26,6 +26,7 @@ from broker.server.core import (
     parse_allow_list,
 )
 from broker.topics import Topics, acl_allows, topic_matches
+from tests.broker.broker_testkit import hello_parts as hello
 
 FED = "core"
 T = Topics(FED)
@@ -46,17 +47,6 @@ def core(*, insecure: bool = False, max_frame: int = 1000) -> BrokerCore:
         heartbeat_ivl_s=1.0,
         heartbeat_timeout_s=TIMEOUT,
     )
-
-
-def hello(node: str, role: str, will: tuple[str, bytes] | None = None) -> list[bytes]:
-    return [
-        commands.HELLO,
-        node.encode(),
-        role.encode(),
-        will[0].encode() if will else b"",
-        commands.RETAIN_FLAGS if will else commands.NO_FLAGS,
-        will[1] if will else b"",
-    ]
 
 
 def pub(topic: str, payload: bytes, *, retain: bool = False) -> list[bytes]:
