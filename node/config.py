@@ -32,7 +32,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class Credentials(_Section, kw_only=True):
+class Credentials(_Section, frozen=True, kw_only=True):
     """Files holding this node's bus credentials (paths relative to the config file)."""
 
     # CurveZMQ (zmq+tcp://): z85 key files as written by `fedbus provision` / the demo.
@@ -47,7 +47,7 @@ class Credentials(_Section, kw_only=True):
     tls_key: PathStr | None = None
 
 
-class Partition(_Section, kw_only=True):
+class Partition(_Section, frozen=True, kw_only=True):
     scheme: Literal["dirichlet", "iid", "folder"] = "dirichlet"
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -55,7 +55,7 @@ class Partition(_Section, kw_only=True):
     seed: Seed = 0
 
 
-class DataSource(_Section, kw_only=True):
+class DataSource(_Section, frozen=True, kw_only=True):
     source: Literal["pneumoniamnist", "image_folder"] = "pneumoniamnist"
     path: PathStr
     image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
@@ -67,7 +67,7 @@ class DataSource(_Section, kw_only=True):
     partition: Partition = msgspec.field(default_factory=Partition)
 
 
-class ModelConfig(_Section, kw_only=True):
+class ModelConfig(_Section, frozen=True, kw_only=True):
     arch: Literal["cnn", "resnet18"] = "cnn"
     defense: Literal["cvb", "precode", "none"] = "cvb"
     image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
@@ -101,7 +101,7 @@ ReservedFree = Annotated[
 ]
 
 
-class EnvoyConfig(_Section, kw_only=True):
+class EnvoyConfig(_Section, frozen=True, kw_only=True):
     node_id: ReservedFree
     federation: NodeId
     bus_url: Url
@@ -125,7 +125,7 @@ class EnvoyConfig(_Section, kw_only=True):
     max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
 
 
-class Deadlines(_Section, kw_only=True):
+class Deadlines(_Section, frozen=True, kw_only=True):
     """Seconds each stage may take; a participant that misses one is a dropout."""
 
     training: PosFloat = 300.0
@@ -137,7 +137,7 @@ class Deadlines(_Section, kw_only=True):
     evaluate: PosFloat = 120.0
 
 
-class TrainDefaults(_Section, kw_only=True):
+class TrainDefaults(_Section, frozen=True, kw_only=True):
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 32
     lr: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.05
@@ -147,7 +147,7 @@ class TrainDefaults(_Section, kw_only=True):
     augment: bool = True
 
 
-class LrSchedule(_Section, kw_only=True):
+class LrSchedule(_Section, frozen=True, kw_only=True):
     kind: Literal["constant", "cosine", "step"] = "cosine"
     min_lr: NonNegFloat = 0.0
     warmup_rounds: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -155,7 +155,7 @@ class LrSchedule(_Section, kw_only=True):
     step_gamma: Fraction = 0.5
 
 
-class SecAggConfig(_Section, kw_only=True):
+class SecAggConfig(_Section, frozen=True, kw_only=True):
     graph: Literal["auto", "complete", "harary"] = "auto"
     # Fractions the (k, t) finder must tolerate.
     dropout_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.34
@@ -166,11 +166,11 @@ class SecAggConfig(_Section, kw_only=True):
     clip: PosFloat = 1.0
 
 
-class EvalConfig(_Section, kw_only=True):
+class EvalConfig(_Section, frozen=True, kw_only=True):
     bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
 
 
-class DirectorConfig(_Section, kw_only=True):
+class DirectorConfig(_Section, frozen=True, kw_only=True):
     federation: NodeId
     bus_url: Url
     state_dir: PathStr

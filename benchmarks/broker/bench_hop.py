@@ -38,10 +38,9 @@ import zmq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from broker.keys import generate_curve_keypair  # noqa: E402
-
 from broker import zmq_commands as commands  # noqa: E402
 from broker.files import PUBLIC_MODE, atomic_write_text  # noqa: E402
+from broker.keys import generate_curve_keypair  # noqa: E402
 from broker.topics import Topics  # noqa: E402
 
 WINDOW = 8

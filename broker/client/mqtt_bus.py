@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import random
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -276,9 +278,10 @@ class MqttBus(Bus):
         if will is not None:
             _check_will(will, node_id=node_id, role=role, max_frame_bytes=max_frame_bytes)
         self.will = will
-        self._username, self._password = (
+        login: tuple[str | None, str | None] = (
             (None, None) if insecure_no_auth else _login(credentials, node_id)
         )
+        self._username, self._password = login
         self._tls = _tls_for(self.scheme, url, credentials)
         self._keepalive_s = keepalive_s
         self._session_expiry_s = session_expiry_s
@@ -463,9 +466,9 @@ class MqttBus(Bus):
         if not clean and client is not None:
             # Close the TCP connection under paho's feet: no DISCONNECT packet is sent.
             sock = client._client.socket()
-            if sock is not None:
+            if isinstance(sock, socket.socket):  # plain TCP or an ssl.SSLSocket
                 with contextlib.suppress(OSError):
-                    sock.shutdown(2)
+                    sock.shutdown(socket.SHUT_RDWR)
         for task in list(self._inflight):
             task.cancel()
         if self._supervisor is not None:
@@ -621,7 +624,7 @@ class MqttBus(Bus):
                 self._suback[topic_filter] = asyncio.get_running_loop().create_future()
         fut = self._suback.get(topic_filter)
         if fut is not None:
-            fut.add_done_callback(lambda f, s=sub: _settle(s, f))
+            fut.add_done_callback(functools.partial(_settle, sub))
         else:
             sub._acked.set_result(None)
         if count:

@@ -68,13 +68,13 @@ class _Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pass
 
 
-class CrashFault(_Entry):
+class CrashFault(_Entry, frozen=True):
     envoy: NodeName
     round: Annotated[int, msgspec.Meta(ge=0)]
     stage: Stage
 
 
-class LinkFault(_Entry):
+class LinkFault(_Entry, frozen=True):
     node: NodeName = ANY_NODE
     drop: Probability = 0.0
     duplicate: Probability = 0.0
@@ -103,7 +103,7 @@ class LinkFault(_Entry):
         )
 
 
-class PartitionFault(_Entry):
+class PartitionFault(_Entry, frozen=True):
     nodes: Annotated[tuple[NodeName, ...], msgspec.Meta(min_length=1)]
     from_s: Seconds
     to_s: Seconds
@@ -112,7 +112,7 @@ class PartitionFault(_Entry):
         return (node_id in self.nodes or ANY_NODE in self.nodes) and self.from_s <= t_s < self.to_s
 
 
-class BrokerRestart(_Entry):
+class BrokerRestart(_Entry, frozen=True):
     at_s: Seconds
     down_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DOWN_S)] = 1.0
 

@@ -51,7 +51,7 @@ class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pass
 
 
-class Heartbeat(_Table):
+class Heartbeat(_Table, frozen=True):
     interval_s: PosFloat = 1.0  # clients ping this often
     timeout_s: PosFloat = 5.0  # a session silent this long is closed; its will fires
 
@@ -60,7 +60,7 @@ class Heartbeat(_Table):
             raise ValueError("heartbeat.timeout_s must be larger than heartbeat.interval_s")
 
 
-class AllowEntry(_Table):
+class AllowEntry(_Table, frozen=True):
     """One node that may connect: its id, its role and its CurveZMQ public key."""
 
     node_id: NodeId
@@ -73,7 +73,7 @@ class AllowEntry(_Table):
             raise ValueError("give public_key or public_key_file (one of them)")
 
 
-class BrokerFile(_Table):
+class BrokerFile(_Table, frozen=True):
     """broker.toml as written."""
 
     federation: NodeId

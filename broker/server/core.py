@@ -105,12 +105,10 @@ def parse_allow_list(entries: Mapping[str, object]) -> dict[str, NodeIdentity]:
         check_z85_key(key, f"allow-list key {key!r}")
         if isinstance(value, NodeIdentity):
             ident = value
+        elif isinstance(value, tuple | list) and len(value) == 2:
+            ident = NodeIdentity(str(value[0]), str(value[1]))
         else:
-            try:
-                node_id, role = value  # type: ignore[misc]
-            except (TypeError, ValueError):
-                raise ValueError(f"allow-list entry for {key} must be (node_id, role)") from None
-            ident = NodeIdentity(str(node_id), str(role))
+            raise ValueError(f"allow-list entry for {key} must be (node_id, role)")
         validate_id(ident.node_id, field=f"allow-list node_id for key {key}")
         if ident.role not in ROLES:
             raise ValueError(f"allow-list role {ident.role!r} for {ident.node_id} not in {ROLES}")

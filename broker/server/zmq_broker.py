@@ -267,10 +267,10 @@ class ZmqBroker:
                 return
             if len(frames) < 2:
                 continue
-            user_id = None
+            user_id: str | None = None
             if not self.insecure:
                 try:
-                    user_id = frames[1].get("User-Id")
+                    user_id = str(frames[1].get("User-Id"))
                 except zmq.ZMQError:
                     continue  # not authenticated: nothing this broker will act on
             actions = self.core.receive(
