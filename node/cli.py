@@ -44,34 +44,26 @@ def _load_fault_plan(path: str | Path | None) -> Any:
     """The fault plan at `path` (None without one); ValueError names the file and field."""
     if not path:
         return None
-    from broker.faults import FaultPlan, FaultPlanError
+    from broker.faults import FaultPlan
 
-    try:
-        return FaultPlan.load(path)
-    except (FaultPlanError, OSError) as exc:
-        raise ValueError(str(exc)) from None
+    return FaultPlan.load(path)  # FaultPlanError is a ValueError
 
 
 def _credentials(cfg: Any) -> Any:
-    """broker.credentials.Credentials from a config's [credentials] file paths."""
-    from broker.credentials import Credentials, read_key_file
+    """broker.client.Credentials from a config's [credentials] file paths."""
+    from broker.client import Credentials
+    from broker.keys import curve_public_key, read_key_file
 
     c = cfg.credentials
-    secret = (
-        read_key_file(c.curve_secret_key, field="curve_secret_key") if c.curve_secret_key else None
-    )
-    public = (
-        read_key_file(c.curve_public_key, field="curve_public_key") if c.curve_public_key else None
-    )
-    if secret and not public:
-        import zmq
 
-        public = zmq.curve_public(secret.encode("ascii")).decode("ascii")
-    broker = (
-        read_key_file(c.broker_public_key, field="broker_public_key")
-        if c.broker_public_key
-        else None
-    )
+    def curve_key(path: str | None, field: str) -> str | None:
+        return read_key_file(path, encoding="z85", field=field) if path else None
+
+    secret = curve_key(c.curve_secret_key, "curve_secret_key")
+    public = curve_key(c.curve_public_key, "curve_public_key")
+    if secret and not public:
+        public = curve_public_key(secret)
+    broker = curve_key(c.broker_public_key, "broker_public_key")
     password = Path(c.password_file).read_text().strip() if c.password_file else None
     return Credentials(
         curve_secret_key=secret,
@@ -89,8 +81,7 @@ def _faulty(bus: Any, plan: Any, node_id: str, started_at: float | None) -> Any:
     """Wrap the bus in the fault plan's link faults / partitions for this node, if any."""
     if plan is None:
         return bus
-    partitioned = any(node_id in p["nodes"] for p in plan.to_dict().get("partition", []))
-    if plan.link_for(node_id) is None and not partitioned:
+    if plan.link_for(node_id) is None and not plan.ever_partitioned(node_id):
         return bus
     from broker.faults import FaultyBus
 
@@ -137,8 +128,9 @@ def director_main(argv: Sequence[str]) -> int:
 
     import msgspec
 
-    from node.config import ConfigError, load_director_config
+    from node.config import load_director_config
     from node.logs import setup_logging
+    from protocol.configfile import ConfigError
 
     try:
         cfg = load_director_config(args.config)
@@ -156,8 +148,7 @@ def director_main(argv: Sequence[str]) -> int:
         return 2
 
     async def run() -> int:
-        from broker.bus import BusError
-        from broker.connect import connect
+        from broker.client import BusError, connect
         from node.director import Director, DirectorError
 
         try:
@@ -198,8 +189,9 @@ def envoy_main(argv: Sequence[str]) -> int:
 
     import msgspec
 
-    from node.config import ConfigError, load_envoy_config
+    from node.config import load_envoy_config
     from node.logs import setup_logging
+    from protocol.configfile import ConfigError
 
     try:
         cfg = load_envoy_config(args.config)
@@ -229,8 +221,7 @@ def envoy_main(argv: Sequence[str]) -> int:
     trainer = TorchTrainer(cfg, data)
 
     async def run() -> int:
-        from broker.bus import BusError
-        from broker.connect import connect
+        from broker.client import BusError, connect
         from node.envoy import Envoy
 
         envoy = Envoy(cfg, None, trainer, fault_plan=plan)  # type: ignore[arg-type]
@@ -272,7 +263,8 @@ def status_main(argv: Sequence[str]) -> int:
     if state_dir is None:
         if args.config is None:
             p.error("give STATE_DIR or --config")
-        from node.config import ConfigError, load_director_config
+        from node.config import load_director_config
+        from protocol.configfile import ConfigError
 
         try:
             state_dir = Path(load_director_config(args.config).state_dir)
@@ -303,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command == "broker":
-        from broker.daemon import main as broker_main
+        from broker.server.daemon import main as broker_main
 
         return broker_main(rest)
     if command == "director":
@@ -311,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "envoy":
         return envoy_main(rest)
     if command == "demo":
-        from node.demo import main as demo_main
+        from node.demo.cli import main as demo_main
 
         return demo_main(rest)
     if command == "provision":

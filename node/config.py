@@ -8,12 +8,15 @@ config file's folder, so a kit of configs and keys can be moved as a whole.
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from broker.files import read_toml
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.configfile import convert_config
 from protocol.types import NodeId
 
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -25,15 +28,11 @@ PathStr = Annotated[str, msgspec.Meta(min_length=1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # numpy seeds are non-negative
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the field."""
-
-
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class Credentials(_Section, kw_only=True):
+class Credentials(_Section, frozen=True, kw_only=True):
     """Files holding this node's bus credentials (paths relative to the config file)."""
 
     # CurveZMQ (zmq+tcp://): z85 key files as written by `fedbus provision` / the demo.
@@ -48,7 +47,7 @@ class Credentials(_Section, kw_only=True):
     tls_key: PathStr | None = None
 
 
-class Partition(_Section, kw_only=True):
+class Partition(_Section, frozen=True, kw_only=True):
     scheme: Literal["dirichlet", "iid", "folder"] = "dirichlet"
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -56,7 +55,7 @@ class Partition(_Section, kw_only=True):
     seed: Seed = 0
 
 
-class DataSource(_Section, kw_only=True):
+class DataSource(_Section, frozen=True, kw_only=True):
     source: Literal["pneumoniamnist", "image_folder"] = "pneumoniamnist"
     path: PathStr
     image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
@@ -68,7 +67,7 @@ class DataSource(_Section, kw_only=True):
     partition: Partition = msgspec.field(default_factory=Partition)
 
 
-class ModelConfig(_Section, kw_only=True):
+class ModelConfig(_Section, frozen=True, kw_only=True):
     arch: Literal["cnn", "resnet18"] = "cnn"
     defense: Literal["cvb", "precode", "none"] = "cvb"
     image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
@@ -102,7 +101,7 @@ ReservedFree = Annotated[
 ]
 
 
-class EnvoyConfig(_Section, kw_only=True):
+class EnvoyConfig(_Section, frozen=True, kw_only=True):
     node_id: ReservedFree
     federation: NodeId
     bus_url: Url
@@ -123,10 +122,10 @@ class EnvoyConfig(_Section, kw_only=True):
     audit: bool = False
     faults: PathStr | None = None
     insecure_no_auth: bool = False
-    max_frame_bytes: PosInt = 64 * 1024 * 1024
+    max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
 
 
-class Deadlines(_Section, kw_only=True):
+class Deadlines(_Section, frozen=True, kw_only=True):
     """Seconds each stage may take; a participant that misses one is a dropout."""
 
     training: PosFloat = 300.0
@@ -138,7 +137,7 @@ class Deadlines(_Section, kw_only=True):
     evaluate: PosFloat = 120.0
 
 
-class TrainDefaults(_Section, kw_only=True):
+class TrainDefaults(_Section, frozen=True, kw_only=True):
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 32
     lr: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.05
@@ -148,7 +147,7 @@ class TrainDefaults(_Section, kw_only=True):
     augment: bool = True
 
 
-class LrSchedule(_Section, kw_only=True):
+class LrSchedule(_Section, frozen=True, kw_only=True):
     kind: Literal["constant", "cosine", "step"] = "cosine"
     min_lr: NonNegFloat = 0.0
     warmup_rounds: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -156,7 +155,7 @@ class LrSchedule(_Section, kw_only=True):
     step_gamma: Fraction = 0.5
 
 
-class SecAggConfig(_Section, kw_only=True):
+class SecAggConfig(_Section, frozen=True, kw_only=True):
     graph: Literal["auto", "complete", "harary"] = "auto"
     # Fractions the (k, t) finder must tolerate.
     dropout_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.34
@@ -167,11 +166,11 @@ class SecAggConfig(_Section, kw_only=True):
     clip: PosFloat = 1.0
 
 
-class EvalConfig(_Section, kw_only=True):
+class EvalConfig(_Section, frozen=True, kw_only=True):
     bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
 
 
-class DirectorConfig(_Section, kw_only=True):
+class DirectorConfig(_Section, frozen=True, kw_only=True):
     federation: NodeId
     bus_url: Url
     state_dir: PathStr
@@ -201,7 +200,7 @@ class DirectorConfig(_Section, kw_only=True):
     seed: Seed = 0
     audit: bool = False
     insecure_no_auth: bool = False
-    max_frame_bytes: PosInt = 64 * 1024 * 1024
+    max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
 
     def __post_init__(self) -> None:
         if self.target_envoys < self.min_envoys:
@@ -231,13 +230,13 @@ _PATH_MAPS = {"envoy_signing_keys", "peer_signing_keys"}
 
 
 def _resolve_paths(data: Any, base: Path) -> Any:
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         return data
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in _PATH_FIELDS and isinstance(value, str) and value:
             out[key] = str((base / value).resolve()) if not Path(value).is_absolute() else value
-        elif key in _PATH_MAPS and isinstance(value, dict):
+        elif key in _PATH_MAPS and isinstance(value, Mapping):
             out[key] = {
                 k: str((base / v).resolve()) if isinstance(v, str) and v else v
                 for k, v in value.items()
@@ -247,26 +246,15 @@ def _resolve_paths(data: Any, base: Path) -> Any:
     return out
 
 
-def parse_config(data: dict[str, Any], kind: type[T], *, source: str, base: Path) -> T:
-    """Validate a decoded TOML table as `kind`; errors name `source` and the field."""
-    try:
-        return msgspec.convert(_resolve_paths(data, base), kind)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except ValueError as exc:  # __post_init__ checks across fields
-        raise ConfigError(f"{source}: {exc}") from None
+def parse_config(data: Mapping[str, Any], kind: type[T], *, source: str, base: Path) -> T:
+    """Validate a decoded TOML table as `kind`, paths resolved against `base`; ConfigError
+    names `source` and the field."""
+    return convert_config(_resolve_paths(data, base), kind, source=source)
 
 
 def _load(path: str | Path, kind: type[T]) -> T:
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, kind, source=str(path), base=path.resolve().parent)
+    return parse_config(read_toml(path), kind, source=str(path), base=path.resolve().parent)
 
 
 def load_envoy_config(path: str | Path) -> EnvoyConfig:
@@ -275,45 +263,3 @@ def load_envoy_config(path: str | Path) -> EnvoyConfig:
 
 def load_director_config(path: str | Path) -> DirectorConfig:
     return _load(path, DirectorConfig)
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for the configs the demo and the tests generate.
-
-    Scalars and lists of scalars become `key = value`; nested dicts become [a.b] tables.
-    None values are left out (TOML has no null).
-    """
-    lines: list[str] = []
-    _dump_table(data, [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    subtables = []
-    if path:
-        lines.append("")
-        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-    for key, value in table.items():
-        if isinstance(value, dict):
-            subtables.append((key, value))
-        elif value is not None:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in subtables:
-        _dump_table(value, [*path, key], lines)
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")

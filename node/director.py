@@ -23,7 +23,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from broker.bus import Bus
+from broker.client import Bus
+from broker.keys import read_key_file
 from broker.topics import Topics
 from node.aggregation import (
     AggregateResult,
@@ -33,7 +34,7 @@ from node.aggregation import (
     SecureAggregation,
 )
 from node.config import DirectorConfig, model_kwargs
-from node.endpoint import Endpoint, read_key_file, subscribe_ready
+from node.endpoint import Endpoint, subscribe_ready
 from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.presence import Envoys, select_participants

@@ -12,11 +12,10 @@ from __future__ import annotations
 import collections
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 
-from broker.bus import Bus
+from broker.client import Bus
 from crypto import signing
 from crypto.errors import CryptoError
 from node.errors import FedbusError
@@ -33,18 +32,6 @@ WIRE_BROADCAST = "broadcast"
 class FrameRefused(FedbusError):
     """A frame that is not accepted; the message says why (for the log). Never leaves
     `Endpoint.accept`, which logs and counts it."""
-
-
-def read_key_file(path: str | Path, *, size: int = 32) -> bytes:
-    """A raw key stored as hex text (what the demo and `fedbus provision` write)."""
-    text = Path(path).read_text().strip()
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError(f"{path}: key file is not hex") from None
-    if len(key) != size:
-        raise ValueError(f"{path}: key is {len(key)} bytes, expected {size}")
-    return key
 
 
 @dataclass

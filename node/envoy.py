@@ -24,12 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from broker.bus import Bus, Will
+from broker.client import Bus, Will
 from broker.files import atomic_path
+from broker.keys import read_key_file
 from broker.topics import Topics
 from node.config import EnvoyConfig
 from node.contribution import Contribution, LocalUpdate, contribution_for
-from node.endpoint import Endpoint, read_key_file, subscribe_ready
+from node.endpoint import Endpoint, subscribe_ready
 from node.errors import FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.trainer import Trainer

@@ -47,8 +47,9 @@ import numpy as np
 
 from broker.files import atomic_write_bytes, atomic_write_text
 from node.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from node.config import ConfigError, DirectorConfig, ModelConfig, load_director_config, model_kwargs
+from node.config import DirectorConfig, ModelConfig, load_director_config, model_kwargs
 from node.errors import ExitCode, FedbusError
+from protocol.configfile import ConfigError
 
 __all__ = [
     "CARD_NAME",

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.bus import Will
-from broker.connect import connect
-from broker.credentials import write_secret_key
-from broker.daemon import BrokerConfig, ConfigError, main
+from broker.client.bus import Will
+from broker.client.connect import connect
+from broker.client.zmq_bus import ZmqBus
+from broker.keys import write_key_file
+from broker.server.config import BrokerConfig
+from broker.server.daemon import main
 from broker.topics import Topics
-from broker.zmq_bus import ZmqBus
+from protocol.configfile import ConfigError
 from tests.broker.broker_testkit import FEDERATION, Keys, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_config(tmp: Path, keys: Keys, port: int, **extra: str) -> Path:
     keydir = tmp / "keys"
     keydir.mkdir(exist_ok=True)
-    write_secret_key(keydir / "broker.key", keys.broker.secret)
+    write_key_file(keydir / "broker.key", keys.broker.secret, encoding="z85", secret=True)
     allow = []
     for node_id, kp in keys.nodes.items():
         (keydir / f"{node_id}.pub").write_text(kp.public + "\n")
@@ -58,7 +60,7 @@ def start_daemon(config: Path, ready: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "broker.daemon",
+            "broker.server.daemon",
             "--config",
             str(config),
             "--ready-file",
@@ -212,7 +214,7 @@ def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "broker.daemon",
+            "broker.server.daemon",
             "--insecure-no-auth",
             "--bind",
             "tcp://127.0.0.1:0",
@@ -237,7 +239,9 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
     code = (
         "import sys\n"
         "import broker, protocol, crypto\n"
-        "from broker import daemon, zmq_broker, zmq_bus, faults, connect\n"
+        "from broker import faults, keys\n"
+        "from broker.client import bus, connect, zmq_bus\n"
+        "from broker.server import config, core, daemon, zmq_broker\n"
         "try:\n"
         "    daemon.main(['--help'])\n"
         "except SystemExit as e:\n"
@@ -250,7 +254,7 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
     assert "--insecure-no-auth" in result.stdout
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "broker.daemon", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "broker.server.daemon", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -263,11 +267,16 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
 def test_example_config_loads_once_keys_exist(tmp_path: Path) -> None:
     import shutil
 
-    from broker.credentials import generate_curve_keypair
+    from broker.keys import generate_curve_keypair
 
     shutil.copy(ROOT / "configs" / "broker.toml", tmp_path / "broker.toml")
     (tmp_path / "keys").mkdir()
-    write_secret_key(tmp_path / "keys" / "broker.key", generate_curve_keypair().secret)
+    write_key_file(
+        tmp_path / "keys" / "broker.key",
+        generate_curve_keypair().secret,
+        encoding="z85",
+        secret=True,
+    )
     for node in ("director", "envoy-1", "envoy-2", "envoy-3"):
         (tmp_path / "keys" / f"{node}.pub").write_text(generate_curve_keypair().public + "\n")
     cfg = BrokerConfig.load(tmp_path / "broker.toml")

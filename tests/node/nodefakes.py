@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
 
-from broker.bus import Bus, BusError, Will
+from broker.client import Bus, BusError, Will
 from broker.topics import topic_matches
 from protocol.messages import TrainPlan
 

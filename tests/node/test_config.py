@@ -13,12 +13,11 @@ from hypothesis import strategies as st
 
 from node.config import (
     _PATH_FIELDS,
-    ConfigError,
-    dump_toml,
     load_director_config,
     load_envoy_config,
     model_kwargs,
 )
+from protocol.configfile import ConfigError, dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
 

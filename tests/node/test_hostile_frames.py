@@ -13,10 +13,11 @@ import random
 import msgpack
 import numpy as np
 
+from broker.keys import read_key_file
 from broker.topics import Topics
 from crypto.signing import generate_signing_keypair
 from node.checkpoint import load_checkpoint
-from node.endpoint import Endpoint, read_key_file
+from node.endpoint import Endpoint
 from protocol.codec import Codec
 from protocol.messages import EvaluateResult, PlainUpdate, Presence, RoundStart, TrainPlan
 from protocol.secagg.messages import AdvertisedKeys, SecAggAdvertiseKeys

@@ -99,8 +99,9 @@ async def test_secure_round_survives_a_crash_at_any_stage(tmp_path, stage):
 
 async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_path):
     """Reordered frames: RoundEnd(aborted, attempt 0) arrives after RoundStart(attempt 1)."""
+    from broker.keys import read_key_file
     from broker.topics import Topics
-    from node.endpoint import Endpoint, read_key_file
+    from node.endpoint import Endpoint
     from protocol.codec import Codec
     from protocol.messages import PlainUpdate, RoundEnd, RoundStart, TrainPlan
     from protocol.tensors import state_from_numpy

@@ -19,7 +19,7 @@ Delivery guarantees, and how they are kept:
   retrying cannot help and would hide the error.
 * Access rules are checked here too (`broker.topics.acl_allows`), so a node learns at once
   that an operation is refused, as on the ZeroMQ transport. Mosquitto enforces the same rules
-  from the acl_file that `broker.mosquitto` generates; it does not check SUBSCRIBE, only what
+  from the acl_file that `broker.server.mosquitto_files` generates; it does not check SUBSCRIBE, only what
   it delivers, so a refused subscription would otherwise just stay silent.
 """
 
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import math
 import random
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -45,9 +47,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker.bus import Bus, BusError, Will
-from broker.credentials import Credentials
-from broker.subscription import Subscription as BaseSubscription
+from broker.client.bus import Bus, BusError, Will
+from broker.client.credentials import Credentials
+from broker.client.subscription import Subscription as BaseSubscription
+from broker.mqtt_packets import PACKET_OVERHEAD_BYTES, publish_packet_size
 from broker.topics import (
     ROLES,
     acl_allows,
@@ -57,10 +60,8 @@ from broker.topics import (
     validate_id,
     validate_topic,
 )
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
-# Room for MQTT headers, the topic and v5 properties on top of the payload (see mosquitto.py).
-PACKET_OVERHEAD_BYTES = 70 * 1024
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 # CONNACK reason codes after which retrying is pointless (MQTT 5 section 3.2.2.2, and the
@@ -96,7 +97,7 @@ class _Client(aiomqtt.Client):
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
-    ) -> None:  # type: ignore[override]
+    ) -> None:
         # aiomqtt ignores a connection that ends before CONNACK and waits for its timeout.
         # Under TLS 1.3 that is how a refused client certificate shows (the server's alert
         # comes after our side of the handshake): fail the attempt at once, with the reason.
@@ -110,12 +111,12 @@ class _Client(aiomqtt.Client):
 
     def _on_publish(
         self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
-    ) -> None:  # type: ignore[override]
+    ) -> None:
         if isinstance(reason_code, ReasonCode) and reason_code.is_failure:
             self._on_refused(mid, reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
-    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:  # type: ignore[override]
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
         # aiomqtt registers the writer from paho's connect thread via call_soon_threadsafe;
         # if the connection failed meanwhile the fd is gone and asyncio logs a traceback.
         # Same callback, registered only while the socket is still open.
@@ -134,7 +135,7 @@ class _Client(aiomqtt.Client):
 
     def _on_connect(
         self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None
-    ) -> None:  # type: ignore[override]
+    ) -> None:
         self.session_present = bool(getattr(flags, "session_present", False))
         # MQTT 5: the broker announces the largest packet it accepts; a bigger one would make
         # it drop the connection, and paho would resend it after every reconnect, forever.
@@ -203,8 +204,46 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
     return context
 
 
+def _check_will(will: Will, *, node_id: str, role: str, max_frame_bytes: int) -> None:
+    """Refuse now a will the broker would drop: Mosquitto silently when it fires, the ZeroMQ
+    broker by refusing the session."""
+    validate_topic(will.topic)
+    if len(will.frame) > max_frame_bytes:
+        raise ValueError("the will frame is over max_frame_bytes")
+    federation = federation_of(will.topic)
+    if federation is None or not acl_allows(
+        federation=federation, node_id=node_id, role=role, action="publish", topic=will.topic
+    ):
+        raise ValueError(f"last will on {will.topic} refused by the ACL for {role} {node_id}")
+
+
+def _login(credentials: Credentials | None, node_id: str) -> tuple[str, str]:
+    """(username, password) for `node_id`; the username must be the node id."""
+    if credentials is None or not credentials.password:
+        raise ValueError(
+            "mqtt transport needs Credentials with a password (username defaults to "
+            "the node id), or insecure_no_auth=True for local experiments"
+        )
+    username = credentials.username or node_id
+    if username != node_id:
+        # The ACL's %u is the username: any other name would get another node's rights.
+        raise ValueError(f"MQTT username {username!r} must equal the node id {node_id!r}")
+    return username, credentials.password
+
+
+def _tls_for(scheme: str, url: str, credentials: Credentials | None) -> ssl.SSLContext | None:
+    """The TLS context mqtts:// needs; TLS files for a plain mqtt:// URL are a mistake."""
+    if scheme == "mqtts":
+        if credentials is None:
+            raise ValueError("mqtts:// needs credentials with the TLS files")
+        return tls_context(credentials)
+    if credentials is not None and (credentials.tls_cert or credentials.tls_ca):
+        raise ValueError(f"TLS files given but {url!r} is not mqtts://")
+    return None
+
+
 class MqttBus(Bus):
-    """A node's connection to an MQTT 5 broker. Create it with `broker.connect.connect(...)`.
+    """A node's connection to an MQTT 5 broker. Create it with `broker.client.connect(...)`.
 
     The MQTT client id and username are the node id (the ACL's `%u`); the session persists
     for `session_expiry_s` after a disconnect.
@@ -236,45 +275,14 @@ class MqttBus(Bus):
         self.url = url
         self.role = role
         self.max_frame_bytes = max_frame_bytes
-        self.will = will
         if will is not None:
-            validate_topic(will.topic)
-            if len(will.frame) > max_frame_bytes:
-                raise ValueError("the will frame is over max_frame_bytes")
-            federation = federation_of(will.topic)
-            if federation is None or not acl_allows(
-                federation=federation,
-                node_id=node_id,
-                role=role,
-                action="publish",
-                topic=will.topic,
-            ):
-                # Mosquitto would silently drop it when it fires (the ZeroMQ broker refuses
-                # the session): say so now.
-                raise ValueError(
-                    f"last will on {will.topic} refused by the ACL for {role} {node_id}"
-                )
-        username = password = None
-        if not insecure_no_auth:
-            if credentials is None or not credentials.password:
-                raise ValueError(
-                    "mqtt transport needs Credentials with a password (username defaults to "
-                    "the node id), or insecure_no_auth=True for local experiments"
-                )
-            username = credentials.username or node_id
-            password = credentials.password
-            if username != node_id:
-                # The ACL's %u is the username: any other name would get another node's rights.
-                raise ValueError(f"MQTT username {username!r} must equal the node id {node_id!r}")
-        self._tls: ssl.SSLContext | None = None
-        if self.scheme == "mqtts":
-            if credentials is None:
-                raise ValueError("mqtts:// needs credentials with the TLS files")
-            self._tls = tls_context(credentials)
-        elif credentials is not None and (credentials.tls_cert or credentials.tls_ca):
-            raise ValueError(f"TLS files given but {url!r} is not mqtts://")
-        self._username = username
-        self._password = password
+            _check_will(will, node_id=node_id, role=role, max_frame_bytes=max_frame_bytes)
+        self.will = will
+        login: tuple[str | None, str | None] = (
+            (None, None) if insecure_no_auth else _login(credentials, node_id)
+        )
+        self._username, self._password = login
+        self._tls = _tls_for(self.scheme, url, credentials)
         self._keepalive_s = keepalive_s
         self._session_expiry_s = session_expiry_s
         self._backoff = (backoff_initial_s, backoff_max_s)
@@ -308,7 +316,7 @@ class MqttBus(Bus):
     # -- lifecycle --------------------------------------------------------------------------
 
     def _make_client(self) -> _Client:
-        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_props.SessionExpiryInterval = self._session_expiry_s
         # The broker must not send us a packet we would refuse anyway.
         connect_props.MaximumPacketSize = self.max_frame_bytes + PACKET_OVERHEAD_BYTES
@@ -458,9 +466,9 @@ class MqttBus(Bus):
         if not clean and client is not None:
             # Close the TCP connection under paho's feet: no DISCONNECT packet is sent.
             sock = client._client.socket()
-            if sock is not None:
+            if isinstance(sock, socket.socket):  # plain TCP or an ssl.SSLSocket
                 with contextlib.suppress(OSError):
-                    sock.shutdown(2)
+                    sock.shutdown(socket.SHUT_RDWR)
         for task in list(self._inflight):
             task.cancel()
         if self._supervisor is not None:
@@ -517,7 +525,7 @@ class MqttBus(Bus):
                 f"frame of {size} bytes for {topic} is over the limit of {self.max_frame_bytes}"
             )
         broker_max = self._client.broker_max_packet if self._client is not None else None
-        if broker_max is not None and _publish_packet_size(topic, size) > broker_max:
+        if broker_max is not None and publish_packet_size(topic, size) > broker_max:
             raise BusError(
                 f"frame of {size} bytes for {topic} is over the broker's packet limit of "
                 f"{broker_max} bytes"
@@ -616,7 +624,7 @@ class MqttBus(Bus):
                 self._suback[topic_filter] = asyncio.get_running_loop().create_future()
         fut = self._suback.get(topic_filter)
         if fut is not None:
-            fut.add_done_callback(lambda f, s=sub: _settle(s, f))
+            fut.add_done_callback(functools.partial(_settle, sub))
         else:
             sub._acked.set_result(None)
         if count:
@@ -731,12 +739,6 @@ class MqttBus(Bus):
         for sub in self._subs:
             if not sub.closed and topic_matches(sub.topic_filter, topic):
                 sub._queue.put_nowait(payload)
-
-
-def _publish_packet_size(topic: str, payload: int) -> int:
-    """An upper bound of the PUBLISH packet size (QoS 1, MQTT 5, no properties)."""
-    remaining = 2 + len(topic.encode()) + 2 + 1 + payload  # topic, packet id, properties
-    return 1 + 4 + remaining  # fixed header + at most 4 bytes of remaining length
 
 
 def _settle(sub: Subscription, fut: asyncio.Future[None]) -> None:

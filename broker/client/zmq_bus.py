@@ -1,4 +1,4 @@
-"""The asyncio ZeroMQ client of the fedbus broker: a DEALER socket speaking `broker.wire`.
+"""The asyncio ZeroMQ client of the fedbus broker: a DEALER socket speaking `broker.zmq_commands`.
 
 The client survives broker restarts on its own: libzmq reconnects the DEALER, the new broker
 answers the first heartbeat with RESYNC (it has no session for us), and the client replays
@@ -19,10 +19,10 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from broker import wire
-from broker.bus import Bus, BusError, Will
-from broker.credentials import Credentials
-from broker.subscription import Subscription as BaseSubscription
+from broker import zmq_commands as commands
+from broker.client.bus import Bus, BusError, Will
+from broker.client.credentials import Credentials
+from broker.client.subscription import Subscription as BaseSubscription
 from broker.topics import (
     ROLES,
     acl_allows,
@@ -32,8 +32,7 @@ from broker.topics import (
     validate_id,
     validate_topic,
 )
-
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
 _AUTH_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -51,7 +50,7 @@ class Subscription(BaseSubscription):
 
 
 class ZmqBus(Bus):
-    """A connection to a `ZmqBroker`. Create it with `broker.connect.connect(...)`."""
+    """A connection to a `ZmqBroker`. Create it with `broker.client.connect(...)`."""
 
     def __init__(
         self,
@@ -163,7 +162,7 @@ class ZmqBus(Bus):
             with contextlib.suppress(zmq.ZMQError):
                 # A plain (non-asyncio) view of the socket, so a full pipe raises here
                 # instead of leaving a failed future behind.
-                zmq.Socket.shadow(sock.underlying).send(wire.BYE, zmq.NOBLOCK)
+                zmq.Socket.shadow(sock.underlying).send(commands.BYE, zmq.NOBLOCK)
                 # Give libzmq a moment to flush BYE before the socket goes.
                 sock.linger = 200
         for task in self._tasks:
@@ -216,7 +215,9 @@ class ZmqBus(Bus):
                 self._own_retained[topic] = bytes(frame)
             else:
                 self._own_retained.pop(topic, None)
-        await self._send([wire.PUB, topic_b, wire.RETAIN_FLAGS if retain else wire.NO_FLAGS, frame])
+        await self._send(
+            [commands.PUB, topic_b, commands.RETAIN_FLAGS if retain else commands.NO_FLAGS, frame]
+        )
 
     def subscribe(self, topic_filter: str) -> Subscription:
         if self._closed:
@@ -230,7 +231,7 @@ class ZmqBus(Bus):
         self._subs[req_id] = sub
         self._by_filter[topic_filter] = self._by_filter.get(topic_filter, 0) + 1
         self._routes.clear()
-        self._send_soon([wire.SUB, req_id, topic_filter.encode()])
+        self._send_soon([commands.SUB, req_id, topic_filter.encode()])
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
@@ -243,18 +244,20 @@ class ZmqBus(Bus):
             return
         del self._by_filter[sub.topic_filter]
         if not self._closed:
-            await self._send([wire.UNSUB, sub.req_id, sub.topic_filter.encode()])
+            await self._send([commands.UNSUB, sub.req_id, sub.topic_filter.encode()])
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _hello(self) -> list[bytes]:
         will = self.will
         return [
-            wire.HELLO,
+            commands.HELLO,
             self.node_id.encode(),
             self.role.encode(),
             will.topic.encode() if will else b"",
-            (wire.RETAIN_FLAGS if will.retain else wire.NO_FLAGS) if will else wire.NO_FLAGS,
+            (commands.RETAIN_FLAGS if will.retain else commands.NO_FLAGS)
+            if will
+            else commands.NO_FLAGS,
             bytes(will.frame) if will else b"",
         ]
 
@@ -295,20 +298,20 @@ class ZmqBus(Bus):
             frames = await sock.recv_multipart(copy=False)
             self.last_heard = time.monotonic()
             cmd = frames[0].bytes
-            if cmd == wire.MSG and len(frames) >= 3:
+            if cmd == commands.MSG and len(frames) >= 3:
                 self._deliver(frames)
-            elif cmd == wire.PONG:
+            elif cmd == commands.PONG:
                 pass
-            elif cmd == wire.SUBACK and len(frames) == 4:
+            elif cmd == commands.SUBACK and len(frames) == 4:
                 self._on_suback(frames[1].bytes, frames[2].bytes, frames[3].bytes)
-            elif cmd == wire.WELCOME:
+            elif cmd == commands.WELCOME:
                 self._resyncing = False
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(None)
-            elif cmd == wire.RESYNC:
+            elif cmd == commands.RESYNC:
                 if not self._resyncing:
                     self._resync()
-            elif cmd == wire.ERR and len(frames) == 4:
+            elif cmd == commands.ERR and len(frames) == 4:
                 self._on_error(frames[1].bytes, frames[2].bytes, frames[3].bytes)
             else:
                 self.log.warning("unknown_broker_command", cmd=cmd[:16])
@@ -333,7 +336,7 @@ class ZmqBus(Bus):
         sub = self._subs.get(req_id)
         if sub is None or sub._acked.done():
             return
-        if status == wire.OK:
+        if status == commands.OK:
             sub._acked.set_result(None)
             return
         text = reason.decode("utf-8", "replace")
@@ -353,7 +356,7 @@ class ZmqBus(Bus):
         self.log.warning(
             "broker_refused", op=op.decode("ascii", "replace"), topic=topic_s, reason=text
         )
-        if op == wire.HELLO and self._welcome is not None and not self._welcome.done():
+        if op == commands.HELLO and self._welcome is not None and not self._welcome.done():
             self._welcome.set_exception(BusError(f"broker refused the session: {text}"))
 
     def _resync(self) -> None:
@@ -364,15 +367,15 @@ class ZmqBus(Bus):
         self._send_soon(self._hello())
         for sub in list(self._subs.values()):
             if not sub.closed:
-                self._send_soon([wire.SUB, sub.req_id, sub.topic_filter.encode()])
+                self._send_soon([commands.SUB, sub.req_id, sub.topic_filter.encode()])
         for topic, frame in self._own_retained.items():
-            self._send_soon([wire.PUB, topic.encode(), wire.RETAIN_FLAGS, frame])
+            self._send_soon([commands.PUB, topic.encode(), commands.RETAIN_FLAGS, frame])
 
     async def _heartbeat_loop(self) -> None:
         warned = False
         while True:
             await asyncio.sleep(self._hb_ivl)
-            await self._send([wire.PING])
+            await self._send([commands.PING])
             silent = time.monotonic() - self.last_heard
             if silent > 5 * self._hb_ivl and not warned:
                 self.log.warning("broker_silent", seconds=round(silent, 1))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from broker.bus import BusError
+from broker.client.bus import BusError
 
 _CLOSED = object()
 
@@ -49,7 +49,7 @@ class Subscription(AsyncIterator[bytes]):
             if self._broken is not None:
                 raise self._broken
             raise StopAsyncIteration
-        return item
+        return cast(bytes, item)
 
     def get_nowait(self) -> bytes | None:
         """A frame already here, or None."""
@@ -60,7 +60,7 @@ class Subscription(AsyncIterator[bytes]):
         if item is _CLOSED:
             self._queue.put_nowait(_CLOSED)
             return None
-        return item
+        return cast(bytes, item)
 
     async def aclose(self) -> None:
         if not self.closed:

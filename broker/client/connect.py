@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from broker.bus import Bus, BusError, Will
-from broker.credentials import Credentials
-
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+from broker.client.bus import Bus, Will
+from broker.client.credentials import Credentials
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
 
 def zmq_endpoint(url: str) -> str:
@@ -45,7 +44,7 @@ async def connect(
     """
     scheme = urlsplit(url).scheme
     if scheme == "zmq+tcp":
-        from broker.zmq_bus import ZmqBus
+        from broker.client.zmq_bus import ZmqBus
 
         bus = ZmqBus(
             zmq_endpoint(url),
@@ -59,11 +58,8 @@ async def connect(
         )
         return await bus.start(timeout_s=timeout_s)
     if scheme in ("mqtt", "mqtts"):
-        # The deploy team's transport: `MqttBus(url, **same keywords)` then `await start()`.
-        try:
-            from broker.mqtt import MqttBus  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise BusError(f"mqtt transport unavailable: {exc}") from None
+        from broker.client.mqtt_bus import MqttBus
+
         mqtt_bus = MqttBus(
             url,
             node_id=node_id,
@@ -73,6 +69,5 @@ async def connect(
             max_frame_bytes=max_frame_bytes,
             insecure_no_auth=insecure_no_auth,
         )
-        started = await mqtt_bus.start(timeout_s=timeout_s)
-        return started if isinstance(started, Bus) else mqtt_bus
+        return await mqtt_bus.start(timeout_s=timeout_s)
     raise ValueError(f"bus url {url!r}: unknown scheme {scheme!r} (zmq+tcp, mqtt or mqtts)")

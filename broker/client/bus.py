@@ -10,8 +10,10 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from broker.errors import BrokerError
 
-class BusError(RuntimeError):
+
+class BusError(BrokerError, RuntimeError):
     """The bus refused or could not carry out an operation (auth, ACL, closed, unreachable)."""
 
 

@@ -1,4 +1,4 @@
-"""The small command language between ZmqBus (DEALER) and ZmqBroker (ROUTER).
+"""The command language of the ZeroMQ bus, spoken by ZmqBus (DEALER) and ZmqBroker (ROUTER).
 
 Every ZeroMQ message is multipart: a short command frame, then arguments. Payloads travel
 as their own frame so the broker forwards them without copying or parsing.
