@@ -150,6 +150,7 @@ def director_main(argv: Sequence[str]) -> int:
     async def run() -> int:
         from broker.client import BusError, connect
         from node.director import Director, DirectorError
+        from node.errors import FedbusError
 
         try:
             bus = await connect(
@@ -169,6 +170,10 @@ def director_main(argv: Sequence[str]) -> int:
         except DirectorError as exc:
             log.error("director_failed", reason=str(exc))
             return 2
+        except FedbusError as exc:  # the model, its factory, the operator page, ...
+            log.error("director_failed", reason=str(exc))
+            print(f"fedbus director: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
         finally:
             await bus.close()
 
@@ -209,22 +214,28 @@ def envoy_main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"fedbus envoy: {exc}", file=sys.stderr)
         return 2
+    from node.errors import FedbusError
+
     try:
-        from node.trainer import LocalData, TorchTrainer, load_local_data
+        from node.localdata import load_local_data
+        from node.trainer import make_trainer
         from node.training.data import DataUnavailable
 
-        data: LocalData = load_local_data(cfg)
+        data = load_local_data(cfg)
+        log.info("data_loaded", train=len(data.train), val=len(data.val))
+        trainer, model = make_trainer(cfg, data=data)
+    except FedbusError as exc:  # a factory, loader, trainer, device or data that cannot work
+        print(f"fedbus envoy: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except (DataUnavailable, ValueError, OSError) as exc:
         print(f"fedbus envoy: data: {exc}", file=sys.stderr)
         return 2
-    log.info("data_loaded", train=len(data.train_labels), val=len(data.val_labels))
-    trainer = TorchTrainer(cfg, data)
 
     async def run() -> int:
         from broker.client import BusError, connect
         from node.envoy import Envoy
 
-        envoy = Envoy(cfg, None, trainer, fault_plan=plan)  # type: ignore[arg-type]
+        envoy = Envoy(cfg, None, trainer, fault_plan=plan, model=model)
         try:
             bus = await connect(
                 cfg.bus_url,
@@ -242,6 +253,9 @@ def envoy_main(argv: Sequence[str]) -> int:
         envoy.attach(outer)
         try:
             return await envoy.run()
+        except FedbusError as exc:  # e.g. the director builds another model
+            print(f"fedbus envoy: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
         finally:
             await outer.close()
 

@@ -89,6 +89,17 @@ class Proc:
         return self.popen.pid
 
 
+def flatten_keys(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1} (the inverse of `nested`)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
     """{"train.lr": 0.1} -> {"train": {"lr": 0.1}}."""
     out: dict[str, Any] = {}
@@ -146,9 +157,16 @@ class Federation:
 
     # -- kits -------------------------------------------------------------------------------
 
-    def resolve_data(self) -> Path:
+    @property
+    def custom_loader(self) -> bool:
+        """The envoys read their data with a team's own loader (--set data.loader=...)."""
+        return "data.loader" in self.opts.envoy_set
+
+    def resolve_data(self) -> Path | None:
         from node.training.data import DataUnavailable, resolve_pneumoniamnist
 
+        if self.custom_loader:
+            return None  # the loader knows its data; PneumoniaMNIST is not needed
         path = self.opts.data or os.environ.get("FEDBUS_DATA") or None
         if path is None:
             raise DataUnavailable(
@@ -170,7 +188,7 @@ class Federation:
             raise DemoError(f"{self.out} already holds a run; choose a new --out")
         if self.opts.transport == "mqtt":
             mosquitto_binary()  # a clear error now if it is not installed
-        if self.data_path is None:
+        if self.data_path is None and not self.custom_loader:
             self.resolve_data()
         self.logs.mkdir(parents=True, exist_ok=True)
         self._provision(free_port())
@@ -178,7 +196,6 @@ class Federation:
             self.plan.save(self.faults_file)
 
     def _provision(self, port: int) -> None:
-        assert self.data_path is not None
         plan = Plan(
             federation=FEDERATION,
             envoys=list(self.names),
@@ -193,7 +210,8 @@ class Federation:
             # Started as root, Mosquitto would switch to a user that cannot read the kit.
             mosquitto_user=getpass.getuser() if os.geteuid() == 0 else None,
             rounds=self.opts.rounds,
-            data_path=str(self.data_path),
+            # With a team's own loader the envoys' [data] is theirs (write_configs).
+            data_path=str(self.data_path or self.out),
             max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
             heartbeat=HEARTBEAT,
         )
@@ -219,7 +237,7 @@ class Federation:
             "audit": self.opts.audit,
             "insecure_plain_aggregation": self.opts.insecure_plain,
         }
-        return {**settings, **nested(self.opts.director_set)}
+        return nested({**flatten_keys(settings), **self.opts.director_set})
 
     def _envoy_settings(self, index: int, model: dict[str, Any]) -> dict[str, Any]:
         settings: dict[str, Any] = {
@@ -228,8 +246,9 @@ class Federation:
             "seed": self.opts.seed * 1000 + index + 1,
             "audit": self.opts.audit,
             "data": {
+                # A team's loader reads what it reads; the demo shares it out like the npz.
                 "source": "pneumoniamnist",
-                "path": str(self.data_path),
+                "path": None if self.custom_loader else str(self.data_path),
                 "limit": self.opts.limit,
                 "partition": {
                     "scheme": self.opts.partition,
@@ -243,7 +262,7 @@ class Federation:
         }
         if self.plan is not None:
             settings["faults"] = str(self.faults_file)
-        return {**settings, **nested(self.opts.envoy_set)}
+        return nested({**flatten_keys(settings), **self.opts.envoy_set})
 
     # -- processes --------------------------------------------------------------------------
 

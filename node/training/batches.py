@@ -31,11 +31,13 @@ __all__ = [
     "ArrayDataset",
     "BatchSource",
     "InMemoryBatches",
+    "LabelledDataset",
     "StreamedBatches",
     "batch_source",
     "dataset_labels",
     "images_to_tensor",
     "loader_context",
+    "with_labels",
 ]
 
 
@@ -66,6 +68,36 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return images_to_tensor(self.images[index : index + 1])[0], int(self.labels[index])
+
+
+class LabelledDataset(Dataset):
+    """A dataset whose labels were read once, so nothing needs to read them again."""
+
+    def __init__(self, dataset: Dataset, labels: np.ndarray) -> None:
+        self.dataset = dataset
+        self.labels = np.asarray(labels, np.int64).reshape(-1)
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def with_labels(dataset: Dataset) -> Dataset:
+    """`dataset`, able to tell its labels without reading its images (read them once now if
+    it cannot: a dataset with a `labels` array spares that pass)."""
+    if _knows_labels(dataset):
+        return dataset
+    return LabelledDataset(dataset, dataset_labels(dataset))
+
+
+def _knows_labels(dataset: Any) -> bool:
+    if isinstance(dataset, Subset):
+        return _knows_labels(dataset.dataset)
+    labels = getattr(dataset, "labels", None)
+    return labels is not None and len(labels) == len(dataset)
 
 
 def dataset_labels(dataset: Any) -> np.ndarray:
