@@ -35,6 +35,10 @@ EntryPoint = Annotated[str, msgspec.Meta(pattern=ENTRY_POINT_PATTERN)]
 Options = dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any]
 # What the bundled models are made by; a [model] without `factory` means this one.
 BUNDLED_FACTORY = "node.training.model:build_model"
+# Fields that configure the bundled model / data sources, void with a team's own factory /
+# loader (setting them then is an error: they would be ignored).
+BUNDLED_MODEL_FIELDS = ("arch", "defense", "width", "norm", "dropout")
+BUNDLED_DATA_FIELDS = ("source", "image_size", "val_fraction")
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -93,7 +97,7 @@ class DataSource(_Section, frozen=True, kw_only=True):
                     "without one they have no use"
                 )
         else:
-            _only_bundled(self, "data", "loader", ("source", "image_size", "val_fraction"))
+            _only_bundled(self, "data", "loader", BUNDLED_DATA_FIELDS)
 
 
 def _only_bundled(section: msgspec.Struct, name: str, hook: str, fields: tuple[str, ...]) -> None:
@@ -106,7 +110,8 @@ def _only_bundled(section: msgspec.Struct, name: str, hook: str, fields: tuple[s
         verb = "configures" if len(changed) == 1 else "configure"
         raise ValueError(
             f"{listed} {verb} the bundled implementation, which {name}.{hook} = "
-            f"{getattr(section, hook)!r} replaces; put your own settings into [{name}.options]"
+            f"{getattr(section, hook)!r} replaces: remove {'it' if len(changed) == 1 else 'them'}"
+            f" (your own code's settings go into [{name}.options])"
         )
 
 
@@ -146,7 +151,7 @@ class ModelConfig(_Section, frozen=True, kw_only=True):
                     "bundled models take model.arch, defense, width, norm and dropout"
                 )
         else:
-            _only_bundled(self, "model", "factory", ("arch", "defense", "width", "norm", "dropout"))
+            _only_bundled(self, "model", "factory", BUNDLED_MODEL_FIELDS)
 
     @property
     def factory_name(self) -> str:

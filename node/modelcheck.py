@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from node.config import ModelConfig
+from node.config import BUNDLED_MODEL_FIELDS, ModelConfig
 from node.errors import ExitCode, FedbusError
 from protocol.messages import ModelMismatch, ModelSummary
 
@@ -46,7 +46,6 @@ __all__ = [
 MAX_LISTED = 6
 # A refused envoy that keeps announcing itself is told again at most this often.
 RETELL_S = 10.0
-_BUNDLED_SETTINGS = ("arch", "defense", "width", "norm", "dropout")
 
 
 class ModelMismatchError(FedbusError):
@@ -72,7 +71,7 @@ def model_summary(
         "classes": m.classes,
     }
     if m.factory is None:
-        settings.update({name: getattr(m, name) for name in _BUNDLED_SETTINGS})
+        settings.update({name: getattr(m, name) for name in BUNDLED_MODEL_FIELDS})
     else:
         settings.update({f"options.{k}": v for k, v in m.options.items()})
     layers = [

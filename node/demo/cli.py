@@ -62,6 +62,7 @@ class Progress:
         self.bar: Any = None
         self.seen = 0
         self.page_shown = False
+        self.finished = False  # the director's status says the federation is done
         if not quiet:
             from tqdm import tqdm
 
@@ -77,6 +78,7 @@ class Progress:
                 self.bar.write(_round_line(rec))
                 self.bar.update(1)
         self.seen = max(self.seen, len(records))
+        self.finished = self.finished or status.get("stage") == "finished"
         url = status.get("ui_url")
         if url and not self.page_shown:  # --set ui.bind=...: the director serves the page
             self.page_shown = True
@@ -228,6 +230,8 @@ def _supervise(fed: Federation, progress: Progress) -> None:
             p = fed.procs[name]
             if p.popen.poll() is not None and name not in warned:
                 warned.add(name)
+                if p.popen.returncode == 0 and progress.finished:
+                    continue  # it left after the director's Shutdown, as it should
                 how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
                 print(f"fedbus demo: {name} exited ({p.popen.returncode}), {how}", file=sys.stderr)
     progress.update()

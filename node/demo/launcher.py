@@ -34,6 +34,7 @@ from broker.files import PUBLIC_MODE, atomic_write_text, read_toml
 from broker.server.config import Heartbeat
 from broker.server.mosquitto_process import MosquittoError, MosquittoProcess, mosquitto_binary
 from broker.server.ports import ADDRESS_IN_USE, free_port
+from node.config import BUNDLED_DATA_FIELDS, BUNDLED_MODEL_FIELDS
 from node.errors import ExitCode, FedbusError
 from node.provision import Plan, provision, update_config
 from node.status import read_records
@@ -237,6 +238,9 @@ class Federation:
             "audit": self.opts.audit,
             "insecure_plain_aggregation": self.opts.insecure_plain,
         }
+        if "model.factory" in self.opts.director_set:
+            # The provisioned [model] configures the bundled CNN, which the factory replaces.
+            settings["model"] = dict.fromkeys(BUNDLED_MODEL_FIELDS)
         return nested({**flatten_keys(settings), **self.opts.director_set})
 
     def _envoy_settings(self, index: int, model: dict[str, Any]) -> dict[str, Any]:
@@ -246,9 +250,8 @@ class Federation:
             "seed": self.opts.seed * 1000 + index + 1,
             "audit": self.opts.audit,
             "data": {
-                # A team's loader reads what it reads; the demo shares it out like the npz.
                 "source": "pneumoniamnist",
-                "path": None if self.custom_loader else str(self.data_path),
+                "path": str(self.data_path),
                 "limit": self.opts.limit,
                 "partition": {
                     "scheme": self.opts.partition,
@@ -258,10 +261,15 @@ class Federation:
                     "seed": self.opts.seed,
                 },
             },
-            "model": model,
+            # The director's [model] exactly: what it leaves out, the envoys leave out too.
+            "model": {**dict.fromkeys(BUNDLED_MODEL_FIELDS), **model},
         }
         if self.plan is not None:
             settings["faults"] = str(self.faults_file)
+        if self.custom_loader:
+            # A team's loader reads its own data (data.path only if --set gives one); the
+            # demo shares it out between the envoys like the npz (limit, partition).
+            settings["data"].update(dict.fromkeys(("path", *BUNDLED_DATA_FIELDS)))
         return nested({**flatten_keys(settings), **self.opts.envoy_set})
 
     # -- processes --------------------------------------------------------------------------

@@ -12,8 +12,9 @@ source holds the data:
 
 A dataset's items are (image, label): the image float C x H x W in [0, 1] (or uint8 0..255),
 the label an integer class index. `dataset_labels` finds the labels without reading the
-images when the dataset has a `labels` array (as ArrayDataset and ManifestDataset do, and as
-torch Subsets of them do through their indices); otherwise it reads the dataset once.
+images when the dataset has a `labels` array (as ArrayDataset and ManifestDataset do) or a
+`targets` one (torchvision's ImageFolder), or is a torch Subset of such a dataset; otherwise
+it reads the dataset once (`with_labels` keeps what it read).
 """
 
 from __future__ import annotations
@@ -96,20 +97,28 @@ def with_labels(dataset: Dataset) -> Dataset:
 def _knows_labels(dataset: Any) -> bool:
     if isinstance(dataset, Subset):
         return _knows_labels(dataset.dataset)
-    labels = getattr(dataset, "labels", None)
-    return labels is not None and len(labels) == len(dataset)
+    return _label_array(dataset) is not None
 
 
 def dataset_labels(dataset: Any) -> np.ndarray:
     """The int64 labels of a dataset, in item order (see the module docstring)."""
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, np.int64)]
-    labels = getattr(dataset, "labels", None)
+    labels = _label_array(dataset)
     if labels is not None:
-        out = np.asarray(labels).reshape(-1)
-        if out.shape[0] == len(dataset):
-            return out.astype(np.int64)
+        return labels
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+def _label_array(dataset: Any) -> np.ndarray | None:
+    """`labels` (fedbus' datasets) or `targets` (torchvision's), if it has one that fits."""
+    for name in ("labels", "targets"):
+        values = getattr(dataset, name, None)
+        if values is not None:
+            out = np.asarray(values).reshape(-1)
+            if out.shape[0] == len(dataset) and np.issubdtype(out.dtype, np.integer):
+                return out.astype(np.int64)
+    return None
 
 
 def loader_context(workers: int) -> Any:

@@ -190,7 +190,8 @@ def metrics_from_vector(
         fp = predicted[cls] - tp[cls]
         tn = n - actual[cls] - fp
         sens = _safe(tp[cls], actual[cls])
-        prec = _safe(tp[cls], predicted[cls])
+        # As for two classes (node.training.metrics): no image called c means precision 0.
+        prec = tp[cls] / predicted[cls] if predicted[cls] else 0.0
         entry: dict[str, Any] = {
             "class": names[cls],
             "num_positive": int(actual[cls]),

@@ -51,9 +51,7 @@ def test_envoys_partition_pneumoniamnist_disjointly_and_completely(tmp_path, sch
         sizes = [len(getattr(p, split).labels) for p in parts]
         assert sum(sizes) == len(full.labels) and min(sizes) > 0
         # Same multiset of images: every image is held by exactly one envoy.
-        ours = np.concatenate([getattr(p, split).images for p in parts]).reshape(
-            sum(sizes), -1
-        )
+        ours = np.concatenate([getattr(p, split).images for p in parts]).reshape(sum(sizes), -1)
         keys = sorted(map(bytes, ours))
         assert keys == sorted(map(bytes, full.images.reshape(len(full.labels), -1)))
     # Deterministic: a second load gives the same share.
