@@ -193,6 +193,9 @@ class StreamedBatches:
             batch_sampler=[s.tolist() for s in slices],
             num_workers=self.workers,
             multiprocessing_context=loader_context(self.workers),
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the
+            # global RNG, which the training step's dropout and bottleneck noise draw from.
+            generator=torch.Generator().manual_seed(0),
         )
         for idx, (x, y) in zip(slices, loader, strict=True):
             yield idx, images_to_tensor(x).to(device), torch.as_tensor(y).long().to(device)

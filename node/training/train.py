@@ -273,6 +273,7 @@ def predict_dataset(
             shuffle=False,
             num_workers=workers,
             multiprocessing_context=loader_context(workers),
+            generator=torch.Generator().manual_seed(0),  # the global RNG is not its to draw
         )
         for x, y in loader:
             logits.append(model(images_to_tensor(x).to(dev)).cpu())
