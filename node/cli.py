@@ -224,6 +224,13 @@ def envoy_main(argv: Sequence[str]) -> int:
         data = load_local_data(cfg)
         log.info("data_loaded", train=len(data.train), val=len(data.val))
         trainer, model = make_trainer(cfg, data=data)
+        log.info(
+            "trainer_ready",
+            trainer=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+            model=cfg.model.factory_name,
+            loader=cfg.data.loader or cfg.data.source,
+            device=cfg.train.device,
+        )
     except FedbusError as exc:  # a factory, loader, trainer, device or data that cannot work
         print(f"fedbus envoy: {exc}", file=sys.stderr)
         return int(exc.exit_code)
