@@ -45,8 +45,8 @@ class DataMismatch(FedbusError):
 
 @dataclass(frozen=True)
 class LocalData:
-    train: Dataset
-    val: Dataset
+    train: Dataset[Any]
+    val: Dataset[Any]
     # Class names, in label order, where the data names them (a manifest's classes).
     classes: tuple[str, ...] | None = None
 
@@ -69,7 +69,7 @@ def _bundled(src: DataSource) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (ds.train.images, ds.train.labels), "val": (ds.val.images, ds.val.labels)}
 
 
-def call_loader(src: DataSource) -> dict[str, Dataset]:
+def call_loader(src: DataSource) -> dict[str, Dataset[Any]]:
     """The splits a team's loader returns: "train" and "val", and "test" if it gives one."""
     assert src.loader is not None
     loader = load_entry_point(src.loader, field="data.loader")
@@ -109,7 +109,7 @@ def load_local_data(cfg: EnvoyConfig) -> LocalData:
     """This envoy's share of the data, computed locally from the config (no coordination)."""
     src = cfg.data
     part = src.partition
-    out: dict[str, Dataset] = {}
+    out: dict[str, Dataset[Any]] = {}
     if src.loader is None:
         for offset, (name, (images, labels)) in enumerate(_bundled(src).items()):
             idx = _limit_indices(len(labels), src.limit, part.seed + 7)

@@ -75,8 +75,8 @@ class TrainerContext:
     """What a trainer gets from its envoy."""
 
     model_config: ModelConfig
-    train_data: Dataset  # (image C x H x W float in [0, 1], class index) items
-    val_data: Dataset
+    train_data: Dataset[Any]  # (image C x H x W float in [0, 1], class index) items
+    val_data: Dataset[Any]
     device: torch.device
     options: Mapping[str, Any] = field(default_factory=dict)  # [train.options]
     workers: int = 0  # [train] workers: processes reading a streamed dataset ahead

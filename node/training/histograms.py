@@ -157,7 +157,7 @@ def check_vector(vector: Any, num_classes: int, bins: int) -> int:
 
 
 def _safe(num: float, den: float) -> float:
-    return num / den if den else float("nan")
+    return float(num / den) if den else float("nan")
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -191,7 +191,7 @@ def metrics_from_vector(
         tn = n - actual[cls] - fp
         sens = _safe(tp[cls], actual[cls])
         # As for two classes (node.training.metrics): no image called c means precision 0.
-        prec = tp[cls] / predicted[cls] if predicted[cls] else 0.0
+        prec = float(tp[cls] / predicted[cls]) if predicted[cls] else 0.0
         entry: dict[str, Any] = {
             "class": names[cls],
             "num_positive": int(actual[cls]),

@@ -52,9 +52,12 @@ def set_value(args: list[str], key: str, value: str) -> list[str]:
     raise AssertionError(f"--set {key}=... not in {args}")
 
 
-def write_images(root: Path, *, per_class: dict[str, int], size: int = 40, seed: int = 0) -> Path:
+def write_images(
+    root: Path, *, per_class: dict[str, int], size: int = 40, seed: int = 0, signal: int = 100
+) -> Path:
     """RGB PNGs in ImageFolder's layout, root/SPLIT/CLASS/i.png: each class brightens its own
-    colour channel, so a small network separates them within a couple of rounds."""
+    colour channel by `signal` over noise of 0..120, so a small network separates them within
+    a couple of rounds (at the default; a weaker signal leaves the classes overlapping)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -64,6 +67,6 @@ def write_images(root: Path, *, per_class: dict[str, int], size: int = 40, seed:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 pixels = rng.integers(0, 120, (size, size, 3))
-                pixels[..., c] += 100
+                pixels[..., c] += signal
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root

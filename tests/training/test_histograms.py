@@ -62,7 +62,9 @@ def test_per_class_auc_is_the_exact_one_vs_rest_auc_of_the_binned_scores(classes
         binned = edges[score_bins(probs[:, c], bins)]
         assert entry["auc"] == pytest.approx(roc_auc(binned, (labels == c).astype(int)), abs=1e-12)
         # ... and within the binning of the raw scores' exact AUC.
-        assert entry["auc"] == pytest.approx(roc_auc(probs[:, c], (labels == c).astype(int)), abs=0.02)
+        assert entry["auc"] == pytest.approx(
+            roc_auc(probs[:, c], (labels == c).astype(int)), abs=0.02
+        )
         assert entry["num_positive"] == int(np.sum(labels == c))
     assert m["auc"] == pytest.approx(np.mean([e["auc"] for e in m["per_class"]]))
 
@@ -170,3 +172,12 @@ def test_check_vector_never_crashes_on_a_hostile_vector(vector) -> None:
     except EvaluationError:
         return
     assert n == vector[-9:].sum()
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_the_metrics_are_plain_values_a_checkpoint_can_hold(classes) -> None:
+    import msgspec
+
+    probs, labels = scores(50, classes, seed=4)
+    m = metrics_from_vector(histogram_vector(probs, labels, 10), classes, 10)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(m)).keys() == m.keys()

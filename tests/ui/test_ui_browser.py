@@ -222,9 +222,8 @@ def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: P
         # The director's last word before its page closes: the federation finished.
         expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
         expect(page.locator("#rounds tbody tr")).to_have_count(3)
+        page.goto("about:blank")  # the page is gone with the director: no reconnection logs
         assert proc.wait(timeout=600) == 0
-        expect(page.locator("#connection")).to_have_text("reconnecting")
-        page.goto("about:blank")
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -240,7 +239,8 @@ def test_a_three_class_federation_shows_each_classs_roc(page, tmp_path: Path) ->
     from tests.integration.fedprocs import env as demo_env
 
     package = write_package(tmp_path / "team")
-    write_images(tmp_path / "xrays", per_class={"train": 30, "val": 10, "test": 4})
+    # A weak signal: the classes overlap, so the per-class curves differ from each other.
+    write_images(tmp_path / "xrays", per_class={"train": 30, "val": 20, "test": 4}, signal=12)
     args = set_value(demo_args(), "ui.bind", "127.0.0.1:0")
     args = set_value(args, "data.path", str(tmp_path / "xrays"))
     out = tmp_path / "runs" / "hospital"
@@ -268,8 +268,8 @@ def test_a_three_class_federation_shows_each_classs_roc(page, tmp_path: Path) ->
         page.screenshot(path=str(shot), full_page=True)
         _keep(shot, "FEDBUS_KEEP_SCREENSHOT_MULTICLASS")
         expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
-        assert proc.wait(timeout=600) == 0, proc.stdout.read().decode(errors="replace")[-3000:]
         page.goto("about:blank")
+        assert proc.wait(timeout=600) == 0, proc.stdout.read().decode(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -18,8 +18,8 @@ const STAGES = {
   starting: "starting",
 };
 
-// Per-class ROC curves of a multi-class federation (colour-blind-safe, Okabe-Ito).
-const PALETTE = ["#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#D55E00", "#0072B2", "#F0E442", "#999999"];
+// Per-class ROC curves of a multi-class federation: colours k0..k7 in style.css.
+const PALETTE_SIZE = 8;
 
 let snap = null;       // the last snapshot
 let receivedAt = 0;    // browser time (s) when it arrived
@@ -170,10 +170,10 @@ function renderRoc() {
   }
   const classes = latest && latest.classes ? latest.classes : [];
   classes.forEach((c, i) => {
-    const color = PALETTE[i % PALETTE.length];
-    const path = svg(root, "path", { d: rocPath(c, x, y), class: "roc-class", stroke: color, "data-class": c.name });
+    const key = `k${i % PALETTE_SIZE}`;  // style.css colours k0..k7
+    const path = svg(root, "path", { d: rocPath(c, x, y), class: `roc-class ${key}`, "data-class": c.name });
     svg(path, "title", {}, `${c.name}: AUC ${fmt(c.auc)}`);
-    svg(root, "text", { x: x0 + s - 2, y: y0 + s - 8 - 12 * (classes.length - 1 - i), "text-anchor": "end", fill: color, class: "roc-key" }, `${c.name} ${fmt(c.auc)}`);
+    svg(root, "text", { x: x0 + s - 2, y: y0 + s - 8 - 12 * (classes.length - 1 - i), "text-anchor": "end", class: `roc-key ${key}` }, `${c.name} ${fmt(c.auc)}`);
   });
   if (latest) {
     svg(root, "path", { d: rocPath(latest, x, y), class: "roc", "data-round": latest.round });
