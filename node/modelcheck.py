@@ -89,6 +89,10 @@ def fingerprint(summary: ModelSummary) -> str:
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
+def _shown(setting: str | None) -> str:
+    return "unset" if setting in (None, "null") else setting
+
+
 def _listed(items: list[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
@@ -102,7 +106,7 @@ def differences(
     for key in sorted(set(mine.settings) | set(theirs.settings)):
         a, b = mine.settings.get(key), theirs.settings.get(key)
         if a != b:
-            out.append(f"model.{key}: {them} {b or 'unset'}, {me} {a or 'unset'}")
+            out.append(f"model.{key}: {them} {_shown(b)}, {me} {_shown(a)}")
     my_layers = {name: tuple(shape) for name, shape in mine.layers}
     their_layers = {name: tuple(shape) for name, shape in theirs.layers}
     only_theirs = [n for n in their_layers if n not in my_layers]

@@ -202,3 +202,25 @@ def _gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_the_configured_device_trains_and_evaluates(team, tmp_path, device) -> None:
+    """[train] device reaches the model and every batch (on a GPU where this machine has one)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"no CUDA GPU on this machine (torch {torch.__version__}): GPU path not run")
+    for trainer_name in (None, "hospital_ml:Trainer"):
+        train = {"device": device, **({"trainer": trainer_name} if trainer_name else {})}
+        cfg = envoy(tmp_path, data=team_data(team), train=train)
+        trainer, _ = make_trainer(cfg)
+        want = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        assert next(trainer.model.parameters()).device == want
+        new, n, loss = trainer.train(initial_model_weights(cfg.model), PLAN, seed=0)
+        assert n == 24 and np.isfinite(loss) and all(v.dtype == np.float32 for v in new.values())
+        assert trainer.evaluate(new).probabilities.shape == (12, 3)

@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
                 page.goto(url)
                 expect(page.locator("#round")).to_contain_text(f"{args.round} /", timeout=3_600_000)
                 expect(page.locator("#connection")).to_have_text("live")
-                page.wait_for_timeout(1500)  # let the stage settle past round start
+                page.wait_for_timeout(300)  # let the round start settle
                 page.screenshot(path=str(args.png), full_page=True)
                 browser.close()
             return proc.wait()
