@@ -46,6 +46,8 @@ __all__ = [
 MAX_LISTED = 6
 # A refused envoy that keeps announcing itself is told again at most this often.
 RETELL_S = 10.0
+# What node.training.model.build_model uses when [model] norm is unset.
+DEFAULT_NORM = "batch"
 
 
 class ModelMismatchError(FedbusError):
@@ -72,6 +74,7 @@ def model_summary(
     }
     if m.factory is None:
         settings.update({name: getattr(m, name) for name in BUNDLED_MODEL_FIELDS})
+        settings["norm"] = m.norm or DEFAULT_NORM  # unset is build_model's default: the same net
     else:
         settings.update({f"options.{k}": v for k, v in m.options.items()})
     layers = [

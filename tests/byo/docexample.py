@@ -56,8 +56,9 @@ def write_images(
     root: Path, *, per_class: dict[str, int], size: int = 40, seed: int = 0, signal: int = 100
 ) -> Path:
     """RGB PNGs in ImageFolder's layout, root/SPLIT/CLASS/i.png: each class brightens its own
-    colour channel by `signal` over noise of 0..120, so a small network separates them within
-    a couple of rounds (at the default; a weaker signal leaves the classes overlapping)."""
+    colour channel by `signal` over noise of 0..120 and a colour cast of sd 20, so a small
+    network separates them within a couple of rounds at the default, while a signal of
+    about 30 leaves the classes overlapping."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -66,7 +67,9 @@ def write_images(
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                pixels = rng.integers(0, 120, (size, size, 3))
+                # Pixel noise, a per-image colour cast (which makes classes overlap when the
+                # signal is weak), and the class's own channel brightened.
+                pixels = rng.integers(0, 120, (size, size, 3)) + rng.normal(0, 20, 3)
                 pixels[..., c] += signal
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
     return root

@@ -87,6 +87,7 @@ def test_weight_differences_are_named() -> None:
 def test_a_bundled_model_is_described_by_its_bundled_fields() -> None:
     a = ModelConfig(width=8)
     assert fp(a) != fp(msgspec.structs.replace(a, norm="group"))
+    assert fp(a) == fp(msgspec.structs.replace(a, norm="batch"))  # unset means BatchNorm
     assert fp(a) != fp(msgspec.structs.replace(a, dropout=0.1))
     assert model_summary(a, LAYERS).settings["factory"] == '"node.training.model:build_model"'
 
@@ -158,3 +159,14 @@ async def test_a_mismatching_envoy_is_refused_told_why_and_the_rounds_go_on(tmp_
     status = json.loads((tmp_path / "director" / "status.json").read_text())
     assert status["envoys"]["envoy-3"]["refused"] == "model mismatch"
     assert "refused" not in status["envoys"]["envoy-1"]
+
+
+def test_the_shipped_director_and_envoy_templates_describe_the_same_model() -> None:
+    from node.config import load_director_config, load_envoy_config
+    from tests.node.test_config import REPO
+
+    director = load_director_config(REPO / "configs" / "director.toml").model
+    envoy = load_envoy_config(REPO / "configs" / "envoy.toml").model
+    assert fp(director) == fp(envoy), differences(
+        model_summary(envoy, LAYERS), model_summary(director, LAYERS)
+    )

@@ -65,9 +65,11 @@ def main(argv: list[str]) -> int:
                 )
                 page = browser.new_page(viewport={"width": 1280, "height": 1100})
                 page.goto(url)
-                expect(page.locator("#round")).to_contain_text(f"{args.round} /", timeout=3_600_000)
                 expect(page.locator("#connection")).to_have_text("live")
-                page.wait_for_timeout(300)  # let the round start settle
+                while not page.locator("#round").inner_text().startswith(f"{args.round} /"):
+                    if proc.poll() is not None:
+                        raise SystemExit(f"the demo ended before round {args.round} was seen")
+                    page.wait_for_timeout(100)
                 page.screenshot(path=str(args.png), full_page=True)
                 browser.close()
             return proc.wait()

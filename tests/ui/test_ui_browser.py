@@ -240,7 +240,7 @@ def test_a_three_class_federation_shows_each_classs_roc(page, tmp_path: Path) ->
 
     package = write_package(tmp_path / "team")
     # A weak signal: the classes overlap, so the per-class curves differ from each other.
-    write_images(tmp_path / "xrays", per_class={"train": 30, "val": 20, "test": 4}, signal=12)
+    write_images(tmp_path / "xrays", per_class={"train": 30, "val": 20, "test": 4}, signal=30)
     args = set_value(demo_args(), "ui.bind", "127.0.0.1:0")
     args = set_value(args, "data.path", str(tmp_path / "xrays"))
     out = tmp_path / "runs" / "hospital"
