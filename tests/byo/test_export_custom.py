@@ -4,7 +4,6 @@ onnxruntime, with a card that says what the model is and how to read it."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import numpy as np
@@ -20,6 +19,7 @@ from node.export import export_model, write_model_spec
 from node.models import build_configured_model, initial_model_weights
 from node.training.histograms import histogram_vector, metrics_from_vector
 from node.training.weights import set_weights
+from tests.byo.teamcode import team_module
 
 NETS = textwrap.dedent(
     """
@@ -41,10 +41,8 @@ CLASSES = ["bacteria", "normal", "virus"]
 
 @pytest.fixture
 def nets(tmp_path, monkeypatch):
-    (tmp_path / "teamnets.py").write_text(NETS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield
-    sys.modules.pop("teamnets", None)
+    with team_module(tmp_path, monkeypatch, "teamnets", NETS):
+        yield
 
 
 def state_of(folder, model: ModelConfig):

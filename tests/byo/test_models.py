@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from node.config import ModelConfig
 from node.entrypoints import EntryPointError
 from node.models import build_configured_model, check_model, initial_model_weights
+from tests.byo.teamcode import team_module
 
 FACTORIES = textwrap.dedent(
     """
@@ -51,10 +51,8 @@ FACTORIES = textwrap.dedent(
 
 @pytest.fixture
 def factories(tmp_path, monkeypatch):
-    (tmp_path / "teamnets.py").write_text(FACTORIES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield
-    sys.modules.pop("teamnets", None)
+    with team_module(tmp_path, monkeypatch, "teamnets", FACTORIES):
+        yield
 
 
 def cfg(factory: str, **kw) -> ModelConfig:

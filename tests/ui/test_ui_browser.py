@@ -168,10 +168,18 @@ def _page_of(out: Path, proc) -> str:
     )
 
 
-def _keep(shot: Path, variable: str) -> None:
-    keep = os.environ.get(variable)
+def _photograph_until_finished(page, shot: Path, kind: str, rounds: int) -> None:
+    """Screenshot (kept where $FEDBUS_KEEP_SCREENSHOT{kind} says), then wait for the
+    director's last word before its page closes: the federation finished, every round in."""
+    from playwright.sync_api import expect
+
+    page.screenshot(path=str(shot), full_page=True)
+    keep = os.environ.get(f"FEDBUS_KEEP_SCREENSHOT{kind}")
     if keep:
         shutil.copyfile(shot, keep)
+    expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
+    expect(page.locator("#rounds tbody tr")).to_have_count(rounds)
+    page.goto("about:blank")  # the page is gone with the director: no reconnection logs
 
 
 @pytest.mark.slow
@@ -216,13 +224,7 @@ def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: P
         expect(page.locator("#envoys tr[data-envoy='envoy-3']")).to_contain_text("offline")
         expect(page.locator("#secure")).to_have_text("secure")
         expect(page.locator("#connection")).to_have_text("live")
-        shot = tmp_path / "operator-page-demo.png"
-        page.screenshot(path=str(shot), full_page=True)
-        _keep(shot, "FEDBUS_KEEP_SCREENSHOT")
-        # The director's last word before its page closes: the federation finished.
-        expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
-        expect(page.locator("#rounds tbody tr")).to_have_count(3)
-        page.goto("about:blank")  # the page is gone with the director: no reconnection logs
+        _photograph_until_finished(page, tmp_path / "operator-page-demo.png", "", rounds=3)
         assert proc.wait(timeout=600) == 0
     finally:
         if proc.poll() is None:
@@ -264,11 +266,7 @@ def test_a_three_class_federation_shows_each_classs_roc(page, tmp_path: Path) ->
         expect(page.locator("#roc text.roc-key")).to_have_count(3)
         expect(page.locator("#roc-caption")).to_contain_text("macro AUC")
         expect(page.locator("#roc-caption")).to_contain_text("one-vs-rest, 3 classes")
-        shot = tmp_path / "operator-page-three-classes.png"
-        page.screenshot(path=str(shot), full_page=True)
-        _keep(shot, "FEDBUS_KEEP_SCREENSHOT_MULTICLASS")
-        expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
-        page.goto("about:blank")
+        _photograph_until_finished(page, tmp_path / "page-3.png", "_MULTICLASS", rounds=3)
         assert proc.wait(timeout=600) == 0, proc.stdout.read().decode(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
