@@ -359,8 +359,8 @@ class Director:
         self.store.state_dir.mkdir(parents=True, exist_ok=True)
         first = self._restore()
         self.model_gate = ModelGate(model_summary(self.cfg.model, self.state.weights))
-        await self.monitor.start(self.state.records, first)
         try:
+            await self.monitor.start(self.state.records, first)
             return await self._run_rounds(first)
         finally:
             await self.monitor.close()
@@ -576,6 +576,10 @@ class Director:
                 )
                 continue
             if env.sender in answered:
+                continue
+            if self.model_gate is not None and env.sender in self.model_gate.refused:
+                # Another model's scores would be read as this one's (class order and all).
+                self.log.warning("evaluation_of_refused_envoy", sender=env.sender)
                 continue
             vector = np.asarray(body.histograms, dtype=np.int64)
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import msgspec
 import numpy as np
@@ -170,3 +171,27 @@ def test_the_shipped_director_and_envoy_templates_describe_the_same_model() -> N
     assert fp(director) == fp(envoy), differences(
         model_summary(envoy, LAYERS), model_summary(director, LAYERS)
     )
+
+
+async def test_an_envoy_that_ignores_the_refusal_is_never_counted(tmp_path) -> None:
+    """A refused envoy that keeps running (an older fedbus, say) neither takes part nor has
+    its validation scores summed: they would be read through another model's classes."""
+    fed = make_fed(tmp_path, 3, secure=False, rounds=1, min_envoys=2)
+    layers = initial()
+    right = model_summary(fed.director_cfg.model, layers)
+    wrong = model_summary(msgspec.structs.replace(fed.director_cfg.model, width=64), layers)
+    for name in fed.envoy_cfgs:
+        envoy = fed.start_envoy(name, model=wrong if name == "envoy-3" else right)
+        if name == "envoy-3":
+            envoy._model_refused = lambda body: None  # deaf to ModelMismatch
+        else:  # the admitted envoys answer last, so the refused one's answer comes first
+            slow = fed.trainers[name].evaluate
+            fed.trainers[name].evaluate = lambda w, slow=slow: (time.sleep(0.5), slow(w))[1]
+    rc = await asyncio.wait_for(fed.director().run(), 120)
+    await fed.stop()
+    assert rc == 0
+    (record,) = fed.records()
+    assert record["participants"] == ["envoy-1", "envoy-2"]
+    assert record["metrics"]["evaluated_by"] == ["envoy-1", "envoy-2"]
+    assert record["metrics"]["val"]["num_samples"] == 2 * 40
+    assert fed.envoys["envoy-3"].evaluations == 1  # it did answer; the director did not count it
