@@ -160,6 +160,11 @@ async def test_a_mismatching_envoy_is_refused_told_why_and_the_rounds_go_on(tmp_
     status = json.loads((tmp_path / "director" / "status.json").read_text())
     assert status["envoys"]["envoy-3"]["refused"] == "model mismatch"
     assert "refused" not in status["envoys"]["envoy-1"]
+    from node.status import format_status
+
+    shown = format_status(status, fed.records()).splitlines()
+    assert any("envoy-3" in line and "REFUSED: model mismatch" in line for line in shown)
+    assert not any("envoy-1" in line and "REFUSED" in line for line in shown)
 
 
 def test_the_shipped_director_and_envoy_templates_describe_the_same_model() -> None:
