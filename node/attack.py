@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -55,6 +54,7 @@ from gradient_leakage.metrics import (
     identified as is_identified,
 )
 from gradient_leakage.observation import observe
+from node.progress import progress_display
 
 log = structlog.get_logger(__name__)
 
@@ -375,7 +375,9 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     xs = [data.victims[i : i + per] for i in range(0, cfg.images, per)]
     ys = [data.labels[i : i + per] for i in range(0, cfg.images, per)]
     iterations = cfg.effective_iterations
-    bar = _progress_bar(iterations * cfg.restarts, cfg, f"{cfg.attack} vs {cfg.defense}")
+    bar = progress_display(
+        iterations * cfg.restarts, desc=f"{cfg.attack} vs {cfg.defense}", quiet=cfg.quiet
+    )
     workers = min(cfg.workers, len(xs))
     if workers == 1:
         done = [0]
@@ -389,7 +391,7 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
                 within = (p.victims[0] * per_victim + within) // len(xs)
             bar.update(within - done[0])
             done[0] = within
-            bar.set_postfix(loss=f"{p.loss:.4f}")
+            bar.set_status(f"loss={p.loss:.4f}")
 
         results = attack_groups(cfg, xs, ys, list(range(len(xs))), tick)
         bar.update(iterations * cfg.restarts - done[0])
@@ -551,39 +553,6 @@ def write_outputs(
     tmp = out / f".results.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "results.json")
-
-
-class _PlainBar:
-    """Progress as plain lines when tqdm is unavailable or output is not a terminal."""
-
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
-        self.total, self.done, self.desc, self.quiet = total, 0, desc, quiet
-        self.next_report = 0.0
-        self.postfix = ""
-
-    def update(self, n: int) -> None:
-        self.done += n
-        frac = self.done / max(1, self.total)
-        if not self.quiet and frac >= self.next_report:
-            print(f"{self.desc}: {100 * frac:5.1f}% {self.postfix}", file=sys.stderr, flush=True)
-            self.next_report = math.floor(frac * 10 + 1) / 10
-
-    def set_postfix(self, **kw: str) -> None:
-        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, cfg: AttackConfig, desc: str):
-    if not cfg.quiet and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)
-        except ImportError:  # tqdm is optional
-            pass
-    return _PlainBar(total, desc, cfg.quiet)
 
 
 def parse_args(argv: Sequence[str] | None) -> AttackConfig:

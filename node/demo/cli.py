@@ -30,6 +30,7 @@ from node.demo.report import (
     write_report,
 )
 from node.errors import ExitCode, FedbusError
+from node.progress import progress_display
 
 POLL_S = 0.5
 # After the director's Shutdown, envoys get this long to leave on their own.
@@ -54,43 +55,43 @@ def parse_set_value(text: str) -> Any:
 
 
 class Progress:
-    """A progress bar fed by the director's status.json and rounds.jsonl (no bus needed)."""
+    """The demo's display, fed by the director's status.json and rounds.jsonl (no bus needed):
+    one line per completed round (also with --quiet), and on a terminal a bar with the
+    current round, stage and envoys online."""
 
     def __init__(self, fed: Federation, quiet: bool) -> None:
         self.fed = fed
-        self.bar: Any = None
+        self.display = progress_display(fed.opts.rounds, desc="fedbus", unit="round", quiet=quiet)
         self.seen = 0
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=fed.opts.rounds, unit="round", desc="fedbus", dynamic_ncols=True)
 
     def update(self) -> None:
         records = self.fed.records()
         status: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             status = json.loads((self.fed.director_state / "status.json").read_text())
-        for rec in records[self.seen :]:
-            if self.bar is not None:
-                self.bar.write(_round_line(rec))
-                self.bar.update(1)
-        self.seen = max(self.seen, len(records))
-        if self.bar is not None and status:
+        if status:
             online = sum(1 for e in status.get("envoys", {}).values() if e.get("online"))
-            self.bar.set_postfix_str(
-                f"round {status.get('round')} {status.get('stage')}, {online} online", refresh=True
+            self.display.set_status(
+                f"round {status.get('round')} {status.get('stage')}, {online} online"
             )
+        for rec in records[self.seen :]:
+            self.display.message(_round_line(rec, self.fed.opts.rounds))
+            self.display.update(1)
+        self.seen = max(self.seen, len(records))
+
+    def message(self, line: str) -> None:
+        self.display.message(line)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.display.close()
 
 
-def _round_line(rec: dict[str, Any]) -> str:
+def _round_line(rec: dict[str, Any], total: int) -> str:
     val = (rec.get("metrics") or {}).get("val") or {}
     dropped = f" (dropped {', '.join(rec['dropped'])})" if rec["dropped"] else ""
+    width = len(str(total))
     return (
-        f"round {rec['round']:3d}: {len(rec['survivors'])} envoys{dropped}, "
+        f"round {rec['round']:{width}d}/{total}: {len(rec['survivors'])} envoys{dropped}, "
         f"{'secure' if rec['secure'] else 'PLAIN'}, val acc {val.get('accuracy', float('nan')):.3f} "
         f"auc {val.get('auc', float('nan')):.3f}, {rec['seconds']:.1f} s"
     )
@@ -175,8 +176,9 @@ def _supervise(fed: Federation, progress: Progress) -> None:
             p = fed.procs[name]
             if p.popen.poll() is not None and name not in warned:
                 warned.add(name)
-                how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
-                print(f"fedbus demo: {name} exited ({p.popen.returncode}), {how}", file=sys.stderr)
+                line = _exit_line(fed, name, p.popen.returncode)
+                if line:
+                    progress.message(line)
     progress.update()
     if director.popen.returncode != 0:
         raise DemoError(f"the director exited with {director.popen.returncode}; see {director.log}")
@@ -184,6 +186,16 @@ def _supervise(fed: Federation, progress: Progress) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             fed.procs[name].popen.wait(ENVOY_EXIT_GRACE_S)
     fed.stop_all()
+
+
+def _exit_line(fed: Federation, name: str, returncode: int) -> str | None:
+    """What to say about an envoy that exited while the director runs: nothing for exit 0
+    (the director's Shutdown at the end of the federation), else whether the fault plan
+    meant it."""
+    if returncode == 0:
+        return None
+    how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
+    return f"fedbus demo: {name} exited ({returncode}), {how}; see {fed.procs[name].log}"
 
 
 def _report(fed: Federation, seconds: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
