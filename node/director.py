@@ -337,7 +337,7 @@ class Director:
                 if not await self._run_attempts(r):
                     self.log.error("round_failed", round=r, attempts=self.cfg.max_attempts)
                     self._set_stage("failed")
-                    return 2
+                    return ExitCode.ROUND_FAILED
             self.round = self.cfg.rounds
             self._set_stage("finished")
             await self._send(BROADCAST, Shutdown(reason="federation finished"), round=self.round)

@@ -57,8 +57,9 @@ from node.pki import cert_fingerprint, cert_names_cover, cert_serial, issue_cert
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import ConfigError, dump_toml, parse_toml
 
-REPO = Path(__file__).resolve().parents[1]
-DIRECTOR_TEMPLATE = REPO / "configs" / "director.toml"
+# The configs fedbus ships: the repository's configs/ folder, installed as node/configs.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DIRECTOR_TEMPLATE = SHIPPED_CONFIGS / "director.toml"
 DEFAULT_PORTS = {"zmq": 5555, "mqtt": 8883}
 # Kit folders hold secrets: only their owner may list or enter them.
 KIT_DIR_MODE = 0o700
@@ -381,7 +382,9 @@ def _write_mosquitto_kit(plan: Plan, kit: Path, keys: dict[str, NodeKeys]) -> No
 
 
 def _director_template() -> dict[str, Any]:
-    return _read_toml_if_present(DIRECTOR_TEMPLATE) or {}
+    """The shipped director.toml: the training recipe, model and SecAgg settings every kit
+    starts from (a missing template is a broken install, never an empty recipe)."""
+    return read_toml(DIRECTOR_TEMPLATE)
 
 
 def _credentials_table(plan: Plan, name: str) -> dict[str, Any]:

@@ -3,9 +3,10 @@
     fedbus demo [--envoys 5] [--rounds N] [--data PATH] [--transport zmq|mqtt]
                 [--faults PLAN.toml] [--audit] [--out runs/NAME] [--set KEY=VALUE ...]
 
-Ctrl-C / SIGTERM stops every process the demo started. Exit status 0 only when every round
-completed exactly once (and, with --audit, every secure aggregate verified); 130 when
-interrupted, 2 for bad arguments or missing data, 1 otherwise.
+Ctrl-C / SIGTERM stops every process the demo started. Exit status (node.errors.ExitCode)
+0 only when every round completed exactly once; 8 when --audit found a secure aggregate that
+differs from the survivors' updates; 130 when interrupted; 2 for bad arguments; 3 for missing
+or unusable data; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import tomllib
 from typing import Any
 
-from node.demo.launcher import DIRECTOR, DemoError, Federation, Options
+from node.demo.launcher import DIRECTOR, DemoError, Federation, Options, shipped_fault_plans
 from node.demo.report import (
     REPORT,
     audit_rounds,
@@ -110,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--data", help="pneumoniamnist.npz (or set FEDBUS_DATA)")
     p.add_argument("--transport", choices=("zmq", "mqtt"), default="zmq")
-    p.add_argument("--faults", help="fault plan TOML (configs/faults/*.toml)")
+    p.add_argument(
+        "--faults",
+        help="fault plan: a TOML file, or the name of a shipped plan "
+        f"({', '.join(shipped_fault_plans())})",
+    )
     p.add_argument("--audit", action="store_true", help="check every secure aggregate bit for bit")
     p.add_argument("--out", help="output folder (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
+    if args.envoys < 2:
+        raise DemoError("--envoys must be at least 2 (secure aggregation needs a crowd)")
+    if args.rounds < 1:
+        raise DemoError("--rounds must be at least 1")
     overrides: dict[str, Any] = {}
     for item in args.set:
         if "=" not in item:
@@ -226,20 +235,14 @@ def _verdict(opts: Options, records: list[dict[str, Any]]) -> ExitCode:
         bad = [r["round"] for r in records if r.get("secure") and not r["aggregate_verified"]]
         if bad:
             print(f"fedbus demo: FAILED: audit mismatch in rounds {bad}", file=sys.stderr)
-            return ExitCode.FAILURE
+            return ExitCode.AUDIT_FAILED
         print("fedbus demo: audit: every secure aggregate verified bit for bit", file=sys.stderr)
     return ExitCode.OK
 
 
 def run(opts: Options) -> int:
-    from node.training.data import DataUnavailable
-
     fed = Federation(opts)
-    try:
-        fed.resolve_data()
-    except DataUnavailable as exc:
-        print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    fed.resolve_data()  # DataUnavailable (exit status 3) before anything starts
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise Interrupted(signal.Signals(signum).name)
@@ -277,10 +280,10 @@ def run(opts: Options) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         opts = options_from_args(args)
     except DemoError as exc:
-        print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        parser.error(str(exc))  # exits with status 2
     return run(opts)
