@@ -54,6 +54,7 @@ from gradient_leakage.metrics import (
     identified as is_identified,
 )
 from gradient_leakage.observation import observe
+from node.errors import ExitCode, FedbusError
 from node.progress import progress_display
 
 log = structlog.get_logger(__name__)
@@ -650,16 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         report = run(cfg)
+    except FedbusError as exc:  # DataUnavailable: exit status 3
+        print(f"fedbus attack: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except (ValueError, FileNotFoundError) as exc:
         print(f"fedbus attack: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from node.training.data import DataUnavailable
-
-        if isinstance(exc, DataUnavailable):
-            print(f"fedbus attack: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return int(ExitCode.USAGE)
     s = report["summary"]
     print(
         f"{cfg.attack} vs {cfg.defense}: PSNR {s['psnr']:.2f} dB (baseline {s['baseline_psnr']:.2f}), "

@@ -594,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = _plan(args)
         keys = provision(plan)
+    except ConfigError:
+        raise  # a kit file that cannot be read: exit status 3 (node.cli)
     except (ProvisionError, ValueError) as exc:
         print(f"fedbus provision: error: {exc}", file=sys.stderr)
         return int(ProvisionError.exit_code)

@@ -13,7 +13,6 @@ import signal
 from pathlib import Path
 
 import structlog
-import zmq
 
 from broker.errors import BrokerError
 from broker.files import PUBLIC_MODE, atomic_write_text
@@ -87,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         broker.start()
-    except (OSError, zmq.ZMQError) as exc:
-        raise ListenError(f"cannot listen on {config.bind}: {exc}") from exc
-    log.info("listening", url=broker.url, federation=config.federation)
+    except OSError as exc:
+        raise ListenError(str(exc)) from exc
     if args.ready_file is not None:
         atomic_write_text(args.ready_file, broker.url + "\n", mode=PUBLIC_MODE)
     # Join in slices so the main thread keeps running Python signal handlers.
@@ -97,5 +95,4 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if broker.error is not None:
         raise BrokerError(f"the broker stopped on an error: {broker.error}") from broker.error
-    log.info("stopped")
     return 0
