@@ -42,7 +42,9 @@ def check_report(out: Path, rounds: int, envoys: int) -> list[str]:
         if r.get("secure") is not True:
             problems.append(f"{where}: not secure-aggregated")
         if sorted(r.get("participants", [])) != names or r.get("dropped"):
-            problems.append(f"{where}: participants {r.get('participants')}, dropped {r.get('dropped')}")
+            problems.append(
+                f"{where}: participants {r.get('participants')}, dropped {r.get('dropped')}"
+            )
         val = (r.get("metrics") or {}).get("val") or {}
         if not all(_in_unit_interval(val.get(k)) for k in ("accuracy", "auc")):
             problems.append(f"{where}: validation metrics {val}")
