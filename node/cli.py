@@ -235,6 +235,12 @@ def envoy_main(argv: Sequence[str]) -> int:
     p.add_argument("--faults", type=Path, help="fault plan TOML (crashes, link faults)")
     p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")
     p.add_argument("--audit", action="store_true", help="keep quantised updates in STATE_DIR/audit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="read the config, keys and data, say what the envoy would train on, and exit "
+        "without connecting",
+    )
     args = p.parse_args(argv)
 
     import msgspec
@@ -258,6 +264,9 @@ def envoy_main(argv: Sequence[str]) -> int:
 
     data: LocalData = load_local_data(cfg)  # DataUnavailable: exit status CONFIG
     log.info("data_loaded", train=len(data.train_labels), val=len(data.val_labels))
+    if args.check:
+        print(_data_summary(cfg, data))
+        return int(ExitCode.OK)
     trainer = TorchTrainer(cfg, data)
 
     async def run() -> int:
@@ -275,6 +284,29 @@ def envoy_main(argv: Sequence[str]) -> int:
             await outer.close()
 
     return _run_async(run)
+
+
+def _data_summary(cfg: Any, data: Any) -> str:
+    """`fedbus envoy --check`: what this envoy trains and validates on, in one paragraph."""
+    import numpy as np
+
+    part = cfg.data.partition
+    share = (
+        "all of it (no partition)"
+        if part is None or part.scheme == "folder"
+        else f"part {part.index} of {part.count} ({part.scheme})"
+    )
+
+    def counts(labels: Any) -> str:
+        normal, pneumonia = np.bincount(labels, minlength=2)[:2]
+        return f"{len(labels)} images ({normal} normal, {pneumonia} pneumonia)"
+
+    return (
+        f"envoy {cfg.node_id} of federation {cfg.federation}: {cfg.data.source} at "
+        f"{cfg.data.path}, {share}\n  train {counts(data.train_labels)}\n"
+        f"  validation {counts(data.val_labels)}\n  bus {cfg.bus_url}; config, keys and "
+        "data are usable"
+    )
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from broker.server.ports import free_port
 from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials
+from node.cli import main as fedbus
 from node.config import load_director_config, load_envoy_config
 from node.pki import cert_fingerprint
 from node.provision import ProvisionError, update_config
@@ -448,7 +449,9 @@ def test_broker_toml_is_the_schema_written_back(kits: Path) -> None:
     assert doc.bind == "tcp://0.0.0.0:5555" and doc.secret_key_file == "broker.key"
 
 
-def test_an_image_folder_kit_trains_on_all_of_the_hospitals_images(tmp_path: Path) -> None:
+def test_an_image_folder_kit_trains_on_all_of_the_hospitals_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "kits"
     assert run(out, "--data", str(KERMANY_SAMPLE), envoys="a,b") == 0
     for envoy in ("a", "b"):
@@ -458,6 +461,12 @@ def test_an_image_folder_kit_trains_on_all_of_the_hospitals_images(tmp_path: Pat
         assert cfg.data.source == "image_folder" and cfg.data.partition is None
         data = load_local_data(cfg)
         assert len(data.train_labels) + len(data.val_labels) == 16  # every image, both envoys
+        # The deployment guide's check: the hospital sees what its envoy would train on.
+        capsys.readouterr()
+        assert fedbus(["envoy", "--config", str(path), "--check"]) == 0
+        said = capsys.readouterr().out
+        assert "all of it (no partition)" in said and "config, keys and data are usable" in said
+        assert f"train {len(data.train_labels)} images" in said
     # A .npz is one shared file: each envoy of the simulated federation gets its own part.
     npz = tmp_path / "npz"
     assert run(npz, envoys="a,b") == 0
