@@ -254,7 +254,8 @@ def run(opts: Options) -> int:
         fed.prepare()
         fed.start_all()
         print(
-            f"fedbus demo: {opts.envoys} envoys, {opts.rounds} rounds, bus {fed.broker_url}, "
+            f"fedbus demo: {opts.envoys} envoys, {opts.rounds} round{'s' * (opts.rounds != 1)}, "
+            f"bus {fed.broker_url}, "
             f"output {fed.out}",
             file=sys.stderr,
         )
