@@ -65,6 +65,17 @@ def resolve_level(flag: str | None, environ: MutableMapping[str, str] | None = N
     return DEFAULT_LEVEL
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time of the write, not at configuration
+    (a test's capture, a redirection made later, a closed stream replaced since)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     level: str = DEFAULT_LEVEL, *, json: bool = True, stream: TextIO | None = None
 ) -> None:
@@ -72,7 +83,7 @@ def configure_logging(
     global _configured_level
     lvl = logging.getLevelNamesMapping()[level.upper()]
     _configured_level = level.lower()
-    out = stream or sys.stderr
+    out: Any = stream if stream is not None else _CurrentStderr()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
