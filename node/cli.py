@@ -20,18 +20,6 @@ from typing import Any
 from node.errors import ExitCode, FedbusError
 from node.logs import LEVELS, LOG_LEVEL_ENV, configure_logging, resolve_level, set_node
 
-COMMANDS = (
-    "broker",
-    "director",
-    "envoy",
-    "demo",
-    "provision",
-    "attack",
-    "status",
-    "export",
-    "ui",
-)
-
 USAGE = f"""usage: fedbus [--version] [--log-level LEVEL] COMMAND [options]
 
 commands:
@@ -390,6 +378,7 @@ RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
     "export": _export,
     "ui": _ui,
 }
+COMMANDS = tuple(RUNNERS)
 
 
 def _take_log_level(args: list[str]) -> tuple[str | None, list[str]]:
