@@ -47,30 +47,65 @@ class Credentials(_Section, frozen=True, kw_only=True):
     tls_key: PathStr | None = None
 
 
+# The image sizes the models accept (node.training.model.build_model checks these very
+# bounds), so a size that passes validation never fails at run time.
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 256
+ImageSize = Annotated[int, msgspec.Meta(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]
+
+
 class Partition(_Section, frozen=True, kw_only=True):
+    """This envoy's share of a data source that several envoys hold a copy of (a simulated
+    federation): part `index` of `count`. `folder` says "the whole folder is this hospital's
+    own", the same as leaving [data.partition] out."""
+
     scheme: Literal["dirichlet", "iid", "folder"] = "dirichlet"
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
     count: PosInt = 1
     seed: Seed = 0
 
+    def __post_init__(self) -> None:
+        if self.scheme == "folder":
+            return
+        if self.count < 2:
+            raise ValueError(
+                f"partition: scheme {self.scheme!r} splits data among count >= 2 envoys "
+                f"(count = {self.count}); to train on all of it, leave [data.partition] out"
+            )
+        if self.index >= self.count:
+            raise ValueError(
+                f"partition: index {self.index} is not one of the {self.count} parts "
+                f"(0..{self.count - 1})"
+            )
+
 
 class DataSource(_Section, frozen=True, kw_only=True):
     source: Literal["pneumoniamnist", "image_folder"] = "pneumoniamnist"
     path: PathStr
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
+    image_size: ImageSize = 28
     # Fraction of this envoy's training part held out as its validation split (image folders
     # have none of their own; PneumoniaMNIST's official val split is partitioned instead).
     val_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.1
     # Use at most this many samples of each split (small test federations); 0 = all.
     limit: Annotated[int, msgspec.Meta(ge=0)] = 0
-    partition: Partition = msgspec.field(default_factory=Partition)
+    # None (no [data.partition] table): the envoy trains on all of its data, as a hospital
+    # does on its own images.
+    partition: Partition | None = None
+
+    def __post_init__(self) -> None:
+        if self.source == "pneumoniamnist" and self.partition and self.partition.scheme == "folder":
+            raise ValueError(
+                'partition: scheme "folder" means a hospital\'s own image folder, and '
+                "PneumoniaMNIST is one shared file: split it with dirichlet or iid (index, "
+                "count), or leave [data.partition] out to train on all of it"
+            )
 
 
 class ModelConfig(_Section, frozen=True, kw_only=True):
     arch: Literal["cnn", "resnet18"] = "cnn"
     defense: Literal["cvb", "precode", "none"] = "cvb"
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
+    image_size: ImageSize = 28
     num_classes: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 2
     width: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     norm: Literal["group", "batch", "none"] | None = None

@@ -56,18 +56,20 @@ def load_local_data(cfg: EnvoyConfig) -> LocalData:
     """This envoy's share of the data, computed locally from the config (no coordination)."""
     src = cfg.data
     part = src.partition
+    seed = part.seed if part is not None else 0
     if src.source == "pneumoniamnist":
         ds = d.load_pneumoniamnist(src.path)
         splits = {"train": ds.train, "val": ds.val}
     else:
         ds = d.load_image_folder_dataset(
-            src.path, src.image_size, val_fraction=src.val_fraction, seed=part.seed
+            src.path, src.image_size, val_fraction=src.val_fraction, seed=seed
         )
         splits = {"train": ds.train, "val": ds.val}
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for offset, (name, split) in enumerate(splits.items()):
-        images, labels = _limit(split.images, split.labels, src.limit, part.seed + 7)
-        if part.scheme != "folder" and part.count > 1:
+        images, labels = _limit(split.images, split.labels, src.limit, seed + 7)
+        # No partition, or "folder": all of this envoy's data is its own.
+        if part is not None and part.scheme != "folder":
             idx = select_partition(
                 labels,
                 scheme=part.scheme,
