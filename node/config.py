@@ -60,12 +60,37 @@ class Credentials(_Section, frozen=True, kw_only=True):
     tls_key: PathStr | None = None
 
 
+# The image sizes the models accept (node.training.model.build_model checks these very
+# bounds), so a size that passes validation never fails at run time.
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 256
+ImageSize = Annotated[int, msgspec.Meta(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]
+
+
 class Partition(_Section, frozen=True, kw_only=True):
+    """This envoy's share of a data source that several envoys hold a copy of (a simulated
+    federation): part `index` of `count`. `folder` says "the whole folder is this hospital's
+    own", the same as leaving [data.partition] out."""
+
     scheme: Literal["dirichlet", "iid", "folder"] = "dirichlet"
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
     count: PosInt = 1
     seed: Seed = 0
+
+    def __post_init__(self) -> None:
+        if self.scheme == "folder":
+            return
+        if self.count < 2:
+            raise ValueError(
+                f"partition: scheme {self.scheme!r} splits data among count >= 2 envoys "
+                f"(count = {self.count}); to train on all of it, leave [data.partition] out"
+            )
+        if self.index >= self.count:
+            raise ValueError(
+                f"partition: index {self.index} is not one of the {self.count} parts "
+                f"(0..{self.count - 1})"
+            )
 
 
 class DataSource(_Section, frozen=True, kw_only=True):
@@ -76,16 +101,28 @@ class DataSource(_Section, frozen=True, kw_only=True):
     options: Options = {}
     source: Literal["pneumoniamnist", "image_folder"] = "pneumoniamnist"
     path: PathStr | None = None
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
+    image_size: ImageSize = 28
     # Fraction of this envoy's training part held out as its validation split (image folders
     # have none of their own; PneumoniaMNIST's official val split is partitioned instead).
     val_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.1
     # Use at most this many samples of each split (small test federations); 0 = all.
     limit: Annotated[int, msgspec.Meta(ge=0)] = 0
-    partition: Partition = msgspec.field(default_factory=Partition)
+    # None (no [data.partition] table): the envoy trains on all of its data, as a hospital
+    # does on its own images.
+    partition: Partition | None = None
 
     def __post_init__(self) -> None:
         if self.loader is None:
+            if (
+                self.source == "pneumoniamnist"
+                and self.partition
+                and self.partition.scheme == "folder"
+            ):
+                raise ValueError(
+                    'partition: scheme "folder" means a hospital\'s own image folder, and '
+                    "PneumoniaMNIST is one shared file: split it with dirichlet or iid (index, "
+                    "count), or leave [data.partition] out to train on all of it"
+                )
             if self.path is None:
                 raise ValueError(
                     f"data.path is required for source {self.source!r} (or name your own "
@@ -129,7 +166,8 @@ class ModelConfig(_Section, frozen=True, kw_only=True):
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
     # The model's input and output, whoever builds it: images in_channels x image_size x
     # image_size in [0, 1], logits over num_classes (named by `classes`, in label order).
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
+    # The bundled models take MIN_IMAGE_SIZE..MAX_IMAGE_SIZE; a team's own, up to 4096.
+    image_size: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 28
     in_channels: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     num_classes: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 2
     classes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] | None = None
@@ -145,6 +183,11 @@ class ModelConfig(_Section, frozen=True, kw_only=True):
             if len(set(self.classes)) != len(self.classes):
                 raise ValueError(f"model.classes has a name twice: {self.classes}")
         if self.factory is None:
+            if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+                raise ValueError(
+                    f"model.image_size {self.image_size}: the bundled models take "
+                    f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels"
+                )
             if self.options:
                 raise ValueError(
                     "model.options are the keyword arguments of a custom model.factory; the "

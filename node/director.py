@@ -1,6 +1,6 @@
 """The director: drives the rounds of one federation over the bus.
 
-A round (DESIGN.md "A round"): select participants among online envoys (node.presence),
+A round (docs/architecture.md, "One round, file by file"): select participants among online envoys (node.presence),
 broadcast RoundStart, drive one `Aggregation` (node.aggregation) with a deadline per stage,
 apply the weighted FedAvg, ask the online envoys to score the new model on their validation
 splits, turn the summed histograms into ROC/AUC/threshold, keep the best model by validation,
@@ -382,7 +382,7 @@ class Director:
                 if not await self._run_attempts(r):
                     self.log.error("round_failed", round=r, attempts=self.cfg.max_attempts)
                     self._set_stage("failed")
-                    return 2
+                    return ExitCode.ROUND_FAILED
             self.round = self.cfg.rounds
             self._set_stage("finished")
             await self._send(BROADCAST, Shutdown(reason="federation finished"), round=self.round)

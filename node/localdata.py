@@ -58,13 +58,12 @@ def _limit_indices(n: int, limit: int, seed: int) -> np.ndarray | None:
 
 
 def _bundled(src: DataSource) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    part = src.partition
     assert src.path is not None  # DataSource requires it without a loader
     if src.source == "pneumoniamnist":
         ds = d.load_pneumoniamnist(src.path)
     else:
         ds = d.load_image_folder_dataset(
-            src.path, src.image_size, val_fraction=src.val_fraction, seed=part.seed
+            src.path, src.image_size, val_fraction=src.val_fraction, seed=_seed(src)
         )
     return {"train": (ds.train.images, ds.train.labels), "val": (ds.val.images, ds.val.labels)}
 
@@ -105,17 +104,28 @@ def call_loader(src: DataSource) -> dict[str, Dataset[Any]]:
     return splits
 
 
+def _seed(src: DataSource) -> int:
+    return src.partition.seed if src.partition is not None else 0
+
+
+def _shared_out(src: DataSource) -> bool:
+    """This envoy holds one part of data other envoys hold too ([data.partition]); without
+    a partition, or with "folder", all of its data is its own."""
+    return src.partition is not None and src.partition.scheme != "folder"
+
+
 def load_local_data(cfg: EnvoyConfig) -> LocalData:
     """This envoy's share of the data, computed locally from the config (no coordination)."""
     src = cfg.data
     part = src.partition
+    seed = _seed(src)
     out: dict[str, Dataset[Any]] = {}
     if src.loader is None:
         for offset, (name, (images, labels)) in enumerate(_bundled(src).items()):
-            idx = _limit_indices(len(labels), src.limit, part.seed + 7)
+            idx = _limit_indices(len(labels), src.limit, seed + 7)
             if idx is not None:
                 images, labels = images[idx], labels[idx]
-            if part.scheme != "folder" and part.count > 1:
+            if part is not None and _shared_out(src):
                 keep = select_partition(
                     labels,
                     scheme=part.scheme,
@@ -133,10 +143,10 @@ def load_local_data(cfg: EnvoyConfig) -> LocalData:
     for offset, name in enumerate(("train", "val")):
         ds = splits[name]
         ds = with_labels(ds)
-        idx = _limit_indices(len(ds), src.limit, part.seed + 7)  # type: ignore[arg-type]
+        idx = _limit_indices(len(ds), src.limit, seed + 7)  # type: ignore[arg-type]
         if idx is not None:
             ds = Subset(ds, idx.tolist())
-        if part.scheme != "folder" and part.count > 1:
+        if part is not None and _shared_out(src):
             keep = select_partition(
                 dataset_labels(ds),
                 scheme=part.scheme,

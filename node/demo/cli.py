@@ -3,9 +3,10 @@
     fedbus demo [--envoys 5] [--rounds N] [--data PATH] [--transport zmq|mqtt]
                 [--faults PLAN.toml] [--audit] [--out runs/NAME] [--set KEY=VALUE ...]
 
-Ctrl-C / SIGTERM stops every process the demo started. Exit status 0 only when every round
-completed exactly once (and, with --audit, every secure aggregate verified); 130 when
-interrupted, 2 for bad arguments or missing data, 1 otherwise.
+Ctrl-C / SIGTERM stops every process the demo started. Exit status (node.errors.ExitCode)
+0 only when every round completed exactly once; 8 when --audit found a secure aggregate that
+differs from the survivors' updates; 130 when interrupted; 2 for bad arguments; 3 for missing
+or unusable data; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from node.demo.launcher import DIRECTOR, DemoError, Federation, Options
+from node.demo.launcher import DIRECTOR, DemoError, Federation, Options, shipped_fault_plans
 from node.demo.report import (
     REPORT,
     audit_rounds,
@@ -31,6 +32,7 @@ from node.demo.report import (
     write_report,
 )
 from node.errors import ExitCode, FedbusError
+from node.progress import progress_display
 
 POLL_S = 0.5
 # After the director's Shutdown, envoys get this long to leave on their own.
@@ -55,50 +57,48 @@ def parse_set_value(text: str) -> Any:
 
 
 class Progress:
-    """A progress bar fed by the director's status.json and rounds.jsonl (no bus needed)."""
+    """The demo's display, fed by the director's status.json and rounds.jsonl (no bus needed):
+    one line per completed round (also with --quiet), and on a terminal a bar with the
+    current round, stage and envoys online."""
 
     def __init__(self, fed: Federation, quiet: bool) -> None:
         self.fed = fed
-        self.bar: Any = None
+        self.display = progress_display(fed.opts.rounds, desc="fedbus", unit="round", quiet=quiet)
         self.seen = 0
         self.page_shown = False
-        self.finished = False  # the director's status says the federation is done
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=fed.opts.rounds, unit="round", desc="fedbus", dynamic_ncols=True)
 
     def update(self) -> None:
         records = self.fed.records()
         status: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             status = json.loads((self.fed.director_state / "status.json").read_text())
-        for rec in records[self.seen :]:
-            if self.bar is not None:
-                self.bar.write(_round_line(rec))
-                self.bar.update(1)
-        self.seen = max(self.seen, len(records))
-        self.finished = self.finished or status.get("stage") == "finished"
         url = status.get("ui_url")
         if url and not self.page_shown:  # --set ui.bind=...: the director serves the page
             self.page_shown = True
-            print(f"fedbus demo: operator page {url}", file=sys.stderr)
-        if self.bar is not None and status:
+            self.display.message(f"fedbus demo: operator page {url}")
+        if status:
             online = sum(1 for e in status.get("envoys", {}).values() if e.get("online"))
-            self.bar.set_postfix_str(
-                f"round {status.get('round')} {status.get('stage')}, {online} online", refresh=True
+            self.display.set_status(
+                f"round {status.get('round')} {status.get('stage')}, {online} online"
             )
+        for rec in records[self.seen :]:
+            self.display.message(_round_line(rec, self.fed.opts.rounds))
+            self.display.update(1)
+        self.seen = max(self.seen, len(records))
+
+    def message(self, line: str) -> None:
+        self.display.message(line)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.display.close()
 
 
-def _round_line(rec: dict[str, Any]) -> str:
+def _round_line(rec: dict[str, Any], total: int) -> str:
     val = (rec.get("metrics") or {}).get("val") or {}
     dropped = f" (dropped {', '.join(rec['dropped'])})" if rec["dropped"] else ""
+    width = len(str(total))
     return (
-        f"round {rec['round']:3d}: {len(rec['survivors'])} envoys{dropped}, "
+        f"round {rec['round']:{width}d}/{total}: {len(rec['survivors'])} envoys{dropped}, "
         f"{'secure' if rec['secure'] else 'PLAIN'}, val acc {val.get('accuracy', float('nan')):.3f} "
         f"auc {val.get('auc', float('nan')):.3f}, {rec['seconds']:.1f} s"
     )
@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--data", help="pneumoniamnist.npz (or set FEDBUS_DATA)")
     p.add_argument("--transport", choices=("zmq", "mqtt"), default="zmq")
-    p.add_argument("--faults", help="fault plan TOML (configs/faults/*.toml)")
+    p.add_argument(
+        "--faults",
+        help="fault plan: a TOML file, or the name of a shipped plan "
+        f"({', '.join(shipped_fault_plans())})",
+    )
     p.add_argument("--audit", action="store_true", help="check every secure aggregate bit for bit")
     p.add_argument("--out", help="output folder (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -186,6 +190,10 @@ def route_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
+    if args.envoys < 2:
+        raise DemoError("--envoys must be at least 2 (secure aggregation needs a crowd)")
+    if args.rounds < 1:
+        raise DemoError("--rounds must be at least 1")
     overrides: dict[str, Any] = {}
     for item in args.set:
         if "=" not in item:
@@ -230,10 +238,9 @@ def _supervise(fed: Federation, progress: Progress) -> None:
             p = fed.procs[name]
             if p.popen.poll() is not None and name not in warned:
                 warned.add(name)
-                if p.popen.returncode == 0 and progress.finished:
-                    continue  # it left after the director's Shutdown, as it should
-                how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
-                print(f"fedbus demo: {name} exited ({p.popen.returncode}), {how}", file=sys.stderr)
+                line = _exit_line(fed, name, p.popen.returncode)
+                if line:
+                    progress.message(line)
     progress.update()
     if director.popen.returncode != 0:
         raise DemoError(f"the director exited with {director.popen.returncode}; see {director.log}")
@@ -241,6 +248,16 @@ def _supervise(fed: Federation, progress: Progress) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             fed.procs[name].popen.wait(ENVOY_EXIT_GRACE_S)
     fed.stop_all()
+
+
+def _exit_line(fed: Federation, name: str, returncode: int) -> str | None:
+    """What to say about an envoy that exited while the director runs: nothing for exit 0
+    (the director's Shutdown at the end of the federation), else whether the fault plan
+    meant it."""
+    if returncode == 0:
+        return None
+    how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
+    return f"fedbus demo: {name} exited ({returncode}), {how}; see {fed.procs[name].log}"
 
 
 def _report(fed: Federation, seconds: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -279,20 +296,14 @@ def _verdict(opts: Options, records: list[dict[str, Any]]) -> ExitCode:
         bad = [r["round"] for r in records if r.get("secure") and not r["aggregate_verified"]]
         if bad:
             print(f"fedbus demo: FAILED: audit mismatch in rounds {bad}", file=sys.stderr)
-            return ExitCode.FAILURE
+            return ExitCode.AUDIT_FAILED
         print("fedbus demo: audit: every secure aggregate verified bit for bit", file=sys.stderr)
     return ExitCode.OK
 
 
 def run(opts: Options) -> int:
-    from node.training.data import DataUnavailable
-
     fed = Federation(opts)
-    try:
-        fed.resolve_data()
-    except DataUnavailable as exc:
-        print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+    fed.resolve_data()  # DataUnavailable (exit status 3) before anything starts
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise Interrupted(signal.Signals(signum).name)
@@ -304,7 +315,8 @@ def run(opts: Options) -> int:
         fed.prepare()
         fed.start_all()
         print(
-            f"fedbus demo: {opts.envoys} envoys, {opts.rounds} rounds, bus {fed.broker_url}, "
+            f"fedbus demo: {opts.envoys} envoys, {opts.rounds} round{'s' * (opts.rounds != 1)}, "
+            f"bus {fed.broker_url}, "
             f"output {fed.out}",
             file=sys.stderr,
         )
@@ -330,10 +342,10 @@ def run(opts: Options) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         opts = options_from_args(args)
     except DemoError as exc:
-        print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        parser.error(str(exc))  # exits with status 2
     return run(opts)

@@ -36,11 +36,11 @@ from broker.server.mosquitto_process import MosquittoError, MosquittoProcess, mo
 from broker.server.ports import ADDRESS_IN_USE, free_port
 from node.config import BUNDLED_DATA_FIELDS, BUNDLED_MODEL_FIELDS
 from node.errors import ExitCode, FedbusError
-from node.provision import Plan, provision, update_config
+from node.logs import configured_level
+from node.provision import SHIPPED_CONFIGS, Plan, provision, update_config
 from node.status import read_records
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
-REPO = Path(__file__).resolve().parents[2]
 FEDERATION = "demo"
 DIRECTOR = "director"
 LOOPBACK = "127.0.0.1"
@@ -164,14 +164,14 @@ class Federation:
         return "data.loader" in self.opts.envoy_set
 
     def resolve_data(self) -> Path | None:
-        from node.training.data import DataUnavailable, resolve_pneumoniamnist
+        from node.training.data import DATA_ENV, DataUnavailable, resolve_pneumoniamnist
 
         if self.custom_loader:
             return None  # the loader knows its data; PneumoniaMNIST is not needed
-        path = self.opts.data or os.environ.get("FEDBUS_DATA") or None
+        path = self.opts.data or os.environ.get(DATA_ENV) or None
         if path is None:
             raise DataUnavailable(
-                "no data: pass --data PATH/pneumoniamnist.npz or set FEDBUS_DATA.\n" + _how_to_get()
+                f"no data: pass --data PATH/pneumoniamnist.npz or set {DATA_ENV}.\n" + _how_to_get()
             )
         self.data_path = resolve_pneumoniamnist(path).resolve()
         return self.data_path
@@ -184,7 +184,7 @@ class Federation:
         if self.opts.envoys < 2:
             raise DemoError("--envoys must be at least 2 (secure aggregation needs a crowd)")
         if self.opts.faults:
-            self.plan = FaultPlan.load(self.opts.faults)
+            self.plan = FaultPlan.load(fault_plan_file(self.opts.faults))
         if (self.director_state / "checkpoint.msgpack").exists():
             raise DemoError(f"{self.out} already holds a run; choose a new --out")
         if self.opts.transport == "mqtt":
@@ -284,12 +284,11 @@ class Federation:
         log = self.logs / f"{name}.log"
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
-        )
+        # The same interpreter and installed fedbus as this process: no PYTHONPATH needed.
+        command = [sys.executable, "-m", "node.cli", "--log-level", configured_level(), *args]
         with open(log, "ab") as fh:  # the child's stdout: a stream, not a saved file
             popen = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", *args],
+                command,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -419,6 +418,21 @@ class Federation:
     def records(self) -> list[dict[str, Any]]:
         """The director's completed rounds so far (rounds.jsonl)."""
         return read_records(self.director_state)
+
+
+def shipped_fault_plans() -> list[str]:
+    """Names of the fault plans fedbus ships (configs/faults/NAME.toml)."""
+    return sorted(p.stem for p in (SHIPPED_CONFIGS / "faults").glob("*.toml"))
+
+
+def fault_plan_file(plan: str | os.PathLike[str]) -> Path:
+    """A fault plan file, or the name of a shipped plan (`chaos`), which an installed fedbus
+    finds without the repository's configs/ folder."""
+    path = Path(plan)
+    shipped = SHIPPED_CONFIGS / "faults" / f"{plan}.toml"
+    if not path.exists() and path.name == str(plan) and shipped.is_file():
+        return shipped
+    return path
 
 
 class _PortTaken(Exception):

@@ -65,7 +65,7 @@ def test_envoys_partition_pneumoniamnist_disjointly_and_completely(tmp_path, sch
 
 
 def test_limit_takes_a_subset(tmp_path):
-    d = load_local_data(cfg(tmp_path, {"path": str(NPZ), "limit": 100, "partition": {"count": 1}}))
+    d = load_local_data(cfg(tmp_path, {"path": str(NPZ), "limit": 100}))
     assert len(d.train.labels) == 100 and len(d.val.labels) == 100
 
 
@@ -85,3 +85,16 @@ def test_image_folder_is_one_hospitals_data(tmp_path):
     assert d.train.images.shape[1:] == (28, 28) and d.train.images.dtype == np.uint8
     assert len(d.train.labels) + len(d.val.labels) == 16
     assert set(d.val.labels.tolist()) == {0, 1}  # stratified hold-out
+
+
+def test_an_image_folder_without_a_partition_is_trained_whole(tmp_path):
+    # What `fedbus provision --data FOLDER` writes into a hospital's kit: no [data.partition].
+    c = cfg(tmp_path, {"source": "image_folder", "path": str(KERMANY_SAMPLE), "val_fraction": 0.25})
+    assert c.data.partition is None
+    d = load_local_data(c)
+    assert len(d.train.labels) + len(d.val.labels) == 16
+
+
+def test_pneumoniamnist_without_a_partition_is_the_whole_file(tmp_path):
+    d = load_local_data(cfg(tmp_path, {"path": str(NPZ)}))
+    assert (len(d.train.labels), len(d.val.labels)) == (4708, 524)
