@@ -44,9 +44,9 @@ def checkout_copy(dest: Path) -> Path:
     ).stdout
     for name in filter(None, listed.split("\0")):
         src = REPO / name
-        if src.is_file():
+        if src.is_symlink() or src.is_file():  # links as links (node/configs -> ../configs)
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+            shutil.copy2(src, dest / name, follow_symlinks=False)
     return dest
 
 
