@@ -248,26 +248,36 @@ def envoy_main(argv: Sequence[str]) -> int:
     set_node(cfg.node_id)
     log = get_logger()
     plan = _load_fault_plan(cfg.faults)
-    from node.trainer import LocalData, TorchTrainer, load_local_data
+    from node.localdata import load_local_data
+    from node.trainer import make_trainer
 
-    data: LocalData = load_local_data(cfg)  # DataUnavailable: exit status CONFIG
-    log.info("data_loaded", train=len(data.train_labels), val=len(data.val_labels))
+    # DataUnavailable, and a factory, loader, trainer, device or data that cannot work
+    # (EntryPointError, DataMismatch, DeviceUnavailable): exit status CONFIG.
+    data = load_local_data(cfg)
+    log.info("data_loaded", train=len(data.train), val=len(data.val))
+    trainer, model = make_trainer(cfg, data=data)
+    log.info(
+        "trainer_ready",
+        trainer=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+        model=cfg.model.factory_name,
+        loader=cfg.data.loader or cfg.data.source,
+        device=cfg.train.device,
+    )
     if args.check:
         print(_data_summary(cfg, data))
         return int(ExitCode.OK)
-    trainer = TorchTrainer(cfg, data)
 
     async def run() -> int:
         from node.envoy import Envoy
 
-        envoy = Envoy(cfg, None, trainer, fault_plan=plan)  # type: ignore[arg-type]
+        envoy = Envoy(cfg, None, trainer, fault_plan=plan, model=model)
         bus = await _connect(
             cfg, args.config, role="envoy", credentials=credentials, will=envoy.will()
         )
         outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
         envoy.attach(outer)
         try:
-            return await envoy.run()
+            return await envoy.run()  # ModelMismatchError: exit status CONFIG
         finally:
             await outer.close()
 
@@ -278,22 +288,32 @@ def _data_summary(cfg: Any, data: Any) -> str:
     """`fedbus envoy --check`: what this envoy trains and validates on, in one paragraph."""
     import numpy as np
 
+    from node.training.batches import dataset_labels
+
     part = cfg.data.partition
     share = (
         "all of it (no partition)"
         if part is None or part.scheme == "folder"
         else f"part {part.index} of {part.count} ({part.scheme})"
     )
+    bundled_names = ("normal", "pneumonia") if cfg.data.loader is None else None
+    names = cfg.model.classes or data.classes or bundled_names
 
-    def counts(labels: Any) -> str:
-        normal, pneumonia = np.bincount(labels, minlength=2)[:2]
-        return f"{len(labels)} images ({normal} normal, {pneumonia} pneumonia)"
+    def counts(split: Any) -> str:
+        per_class = np.bincount(dataset_labels(split), minlength=cfg.model.num_classes)
+        named = [
+            f"{n} {names[i] if names and i < len(names) else f'class {i}'}"
+            for i, n in enumerate(per_class)
+        ]
+        return f"{int(per_class.sum())} images ({', '.join(named)})"
 
+    source = cfg.data.loader or cfg.data.source
     return (
-        f"envoy {cfg.node_id} of federation {cfg.federation}: {cfg.data.source} at "
-        f"{cfg.data.path}, {share}\n  train {counts(data.train_labels)}\n"
-        f"  validation {counts(data.val_labels)}\n  bus {cfg.bus_url}; config, keys and "
-        "data are usable"
+        f"envoy {cfg.node_id} of federation {cfg.federation}: {source} at "
+        f"{cfg.data.path}, {share}\n  train {counts(data.train)}\n"
+        f"  validation {counts(data.val)}\n  model {cfg.model.factory_name} on "
+        f"{cfg.train.device}, bus {cfg.bus_url}; config, keys and data are usable, and the "
+        "model builds and fits them"
     )
 
 

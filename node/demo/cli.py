@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 from node.demo.launcher import DIRECTOR, DemoError, Federation, Options, shipped_fault_plans
@@ -64,12 +65,17 @@ class Progress:
         self.fed = fed
         self.display = progress_display(fed.opts.rounds, desc="fedbus", unit="round", quiet=quiet)
         self.seen = 0
+        self.page_shown = False
 
     def update(self) -> None:
         records = self.fed.records()
         status: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             status = json.loads((self.fed.director_state / "status.json").read_text())
+        url = status.get("ui_url")
+        if url and not self.page_shown:  # --set ui.bind=...: the director serves the page
+            self.page_shown = True
+            self.display.message(f"fedbus demo: operator page {url}")
         if status:
             online = sum(1 for e in status.get("envoys", {}).values() if e.get("online"))
             self.display.set_status(
@@ -132,10 +138,55 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a director config value, e.g. --set train.local_epochs=1",
+        help="override a config value: the director's (e.g. train.local_epochs=1, "
+        "model.factory=pkg.mod:fn; the envoys take its [model]) or, for keys only envoys "
+        "have, every envoy's (data.loader=pkg.mod:fn, train.device=cuda, train.trainer=...)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def config_has(kind: type, dotted: str) -> bool:
+    """Whether `dotted` ("train.device") names a setting of the config Struct `kind`; any key
+    below a free-form table (model.options.width) counts."""
+    import msgspec
+
+    info: Any = msgspec.inspect.type_info(kind)
+    for part in dotted.split("."):
+        if isinstance(info, msgspec.inspect.UnionType):
+            info = next((t for t in info.types if isinstance(t, msgspec.inspect.StructType)), info)
+        if isinstance(info, msgspec.inspect.DictType):
+            return True
+        if not isinstance(info, msgspec.inspect.StructType):
+            return False
+        field = next((f for f in info.fields if f.name == part), None)
+        if field is None:
+            return False
+        info = field.type
+    return True
+
+
+def route_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--set KEY=VALUE pairs -> (director settings, envoy settings).
+
+    A key of the director's config goes to the director (the envoys copy its [model]); a key
+    only the envoy config has ([data] loader and options, [train] device, trainer, options,
+    workers) goes to every envoy; anything else is an error naming the key.
+    """
+    from node.config import _PATH_FIELDS, DirectorConfig, EnvoyConfig
+
+    director: dict[str, Any] = {}
+    envoy: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key.rsplit(".", 1)[-1] in _PATH_FIELDS and isinstance(value, str) and value:
+            value = str(Path(value).resolve())  # a path on the command line: from here
+        if config_has(DirectorConfig, key):
+            director[key] = value
+        elif config_has(EnvoyConfig, key):
+            envoy[key] = value
+        else:
+            raise DemoError(f"--set {key}: neither the director's nor an envoy's config has it")
+    return director, envoy
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -149,6 +200,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
             raise DemoError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = parse_set_value(value.strip())
+    director_set, envoy_set = route_settings(overrides)
     return Options(
         envoys=args.envoys,
         rounds=args.rounds,
@@ -162,7 +214,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         partition=args.partition,
         limit=args.limit,
         insecure_plain=args.insecure_plain_aggregation,
-        director_set=overrides,
+        director_set=director_set,
+        envoy_set=envoy_set,
         quiet=args.quiet,
     )
 
@@ -217,11 +270,19 @@ def _report(fed: Federation, seconds: float) -> tuple[list[dict[str, Any]], dict
     report["plots"] = write_plots(fed.out, records, final)
     write_report(fed.out, report)
     t = final["test"]
+    chosen = f"Best model: round {final['best_round']}"
+    if final["threshold"] is not None:
+        chosen += f" (threshold {final['threshold']:.2f} from validation)"
+    if t is None:
+        result = "no test split to score it on (the data loader returns none)"
+    else:
+        result = (
+            f"TEST accuracy {t['accuracy']:.3f}, AUC {t['auc']:.3f}, sensitivity "
+            f"{t['sensitivity']:.3f}, specificity {t['specificity']:.3f}, F1 {t['f1']:.3f}"
+        )
     print(
-        f"fedbus demo: done in {report['seconds']:.0f} s. Best model: round {final['best_round']} "
-        f"(threshold {final['threshold']:.2f} from validation). TEST accuracy {t['accuracy']:.3f}, "
-        f"AUC {t['auc']:.3f}, sensitivity {t['sensitivity']:.3f}, specificity "
-        f"{t['specificity']:.3f}, F1 {t['f1']:.3f}. Report: {fed.out / REPORT}",
+        f"fedbus demo: done in {report['seconds']:.0f} s. {chosen}. {result}. "
+        f"Report: {fed.out / REPORT}",
         file=sys.stderr,
     )
     return records, report

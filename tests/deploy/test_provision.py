@@ -460,13 +460,13 @@ def test_an_image_folder_kit_trains_on_all_of_the_hospitals_images(
         cfg = load_envoy_config(path)
         assert cfg.data.source == "image_folder" and cfg.data.partition is None
         data = load_local_data(cfg)
-        assert len(data.train_labels) + len(data.val_labels) == 16  # every image, both envoys
+        assert len(data.train.labels) + len(data.val.labels) == 16  # every image, both envoys
         # The deployment guide's check: the hospital sees what its envoy would train on.
         capsys.readouterr()
         assert fedbus(["envoy", "--config", str(path), "--check"]) == 0
         said = capsys.readouterr().out
         assert "all of it (no partition)" in said and "config, keys and data are usable" in said
-        assert f"train {len(data.train_labels)} images" in said
+        assert f"train {len(data.train.labels)} images" in said
     # A .npz is one shared file: each envoy of the simulated federation gets its own part.
     npz = tmp_path / "npz"
     assert run(npz, envoys="a,b") == 0
