@@ -143,6 +143,25 @@ def test_a_person_watches_the_federation_change_live(page, tmp_path: Path) -> No
     assert (tmp_path / "operator-page.png").stat().st_size > 10_000
 
 
+def test_a_finished_federation_ends_the_stream_without_reconnecting(page) -> None:
+    """Once the director says "finished" the page stops listening: the director going away
+    afterwards is no error (the page fixture fails on any refused connection it logs)."""
+    from playwright.sync_api import expect
+
+    feed = MemoryFeed()
+    online = {"envoy-1": True, "envoy-2": True}
+    feed.publish_status(director_status(5, "evaluate", online=online))
+    with serving(feed, UiConfig(bind="127.0.0.1:0", poll_s=0.1)) as server:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        expect(page.locator("#connection")).to_have_text("live")
+        feed.publish_status(director_status(5, "finished", online=online))
+        expect(page.locator("#connection")).to_have_text("ended")
+        expect(page.locator("#stage")).to_have_text("finished")
+        server.stop()
+        page.wait_for_timeout(3_000)  # long enough for EventSource's retry, had it one
+        expect(page.locator("#connection")).to_have_text("ended")
+
+
 def test_a_plain_federation_is_flagged(page) -> None:
     from playwright.sync_api import expect
 
@@ -223,7 +242,8 @@ def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: P
         )
         expect(page.locator("#envoys tr[data-envoy='envoy-3']")).to_contain_text("offline")
         expect(page.locator("#secure")).to_have_text("secure")
-        expect(page.locator("#connection")).to_have_text("live")
+        # Still connected, or the federation already finished and the page stopped listening.
+        expect(page.locator("#connection")).to_have_text(re.compile("^(live|ended)$"))
         _photograph_until_finished(page, tmp_path / "operator-page-demo.png", "", rounds=3)
         assert proc.wait(timeout=600) == 0
     finally:

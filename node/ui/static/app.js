@@ -228,6 +228,8 @@ function accept(data) {
   render();
 }
 
+const FINAL_STAGES = new Set(["finished", "failed"]);
+
 function connection(state, text) {
   const pill = $("connection");
   pill.className = `pill ${state}`;
@@ -242,8 +244,16 @@ function start() {
   const source = new EventSource("/api/events");
   source.addEventListener("open", () => connection("live", "live"));
   source.addEventListener("snapshot", (e) => {
-    connection("live", "live");
-    accept(JSON.parse(e.data));
+    const data = JSON.parse(e.data);
+    accept(data);
+    if (FINAL_STAGES.has(data.stage)) {
+      // The director has said its last word and is going away: reconnecting would only
+      // fill the console with refused connections while the page shows the final state.
+      source.close();
+      connection("ended", "ended");
+    } else {
+      connection("live", "live");
+    }
   });
   source.addEventListener("error", () => connection("down", "reconnecting"));
   setInterval(renderClock, 1000);
