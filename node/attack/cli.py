@@ -67,7 +67,10 @@ from node.attack.deployed import (
     load_deployment,
     observe_group,
 )
+from node.errors import ExitCode, FedbusError
+from node.progress import progress_display
 from node.training.privacy import DPConfig, check_model
+from protocol.configfile import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -411,7 +414,9 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     xs = [data.victims[i : i + per] for i in range(0, cfg.images, per)]
     ys = [data.labels[i : i + per] for i in range(0, cfg.images, per)]
     iterations = cfg.effective_iterations
-    bar = _progress_bar(iterations * cfg.restarts, cfg, f"{cfg.attack} vs {deployment.defense}")
+    bar = progress_display(
+        iterations * cfg.restarts, desc=f"{cfg.attack} vs {deployment.defense}", quiet=cfg.quiet
+    )
     workers = min(cfg.workers, len(xs))
     if workers == 1:
         done = [0]
@@ -425,7 +430,7 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
                 within = (p.victims[0] * per_victim + within) // len(xs)
             bar.update(within - done[0])
             done[0] = within
-            bar.set_postfix(loss=f"{p.loss:.4f}")
+            bar.set_status(f"loss={p.loss:.4f}")
 
         results = attack_groups(cfg, xs, ys, list(range(len(xs))), tick)
         bar.update(iterations * cfg.restarts - done[0])
@@ -642,39 +647,6 @@ def write_outputs(
     atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
 
 
-class _PlainBar:
-    """Progress as plain lines when tqdm is unavailable or output is not a terminal."""
-
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
-        self.total, self.done, self.desc, self.quiet = total, 0, desc, quiet
-        self.next_report = 0.0
-        self.postfix = ""
-
-    def update(self, n: int) -> None:
-        self.done += n
-        frac = self.done / max(1, self.total)
-        if not self.quiet and frac >= self.next_report:
-            print(f"{self.desc}: {100 * frac:5.1f}% {self.postfix}", file=sys.stderr, flush=True)
-            self.next_report = math.floor(frac * 10 + 1) / 10
-
-    def set_postfix(self, **kw: str) -> None:
-        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, cfg: AttackConfig, desc: str):
-    if not cfg.quiet and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)
-        except ImportError:  # tqdm is optional
-            pass
-    return _PlainBar(total, desc, cfg.quiet)
-
-
 def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     ap = argparse.ArgumentParser(
         prog="fedbus attack",
@@ -805,21 +777,15 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from node.config import ConfigError
-
     try:
         cfg = parse_args(argv)
         report = run(cfg)
-    except (ValueError, FileNotFoundError, ConfigError) as exc:
+    except (FedbusError, ConfigError) as exc:  # missing data, an unusable director config
         print(f"fedbus attack: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from node.training.data import DataUnavailable
-
-        if isinstance(exc, DataUnavailable):
-            print(f"fedbus attack: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return int(getattr(exc, "exit_code", ExitCode.CONFIG))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fedbus attack: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
     s = report["summary"]
     defense = report["config"]["deployment"]["model"]["defense"]
     print(

@@ -50,12 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.training.batches import images_to_tensor
 from node.training.train import (
     Progress,
     TrainResult,
     augment_batch,
-    images_to_tensor,
     make_optimizer,
+    model_device,
 )
 from protocol.messages import TrainPlan
 
@@ -260,18 +261,25 @@ def train_local_dp(
     progress: Progress | None = None,
     flip: bool = True,
     augment_strength: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> DPTrainResult:
     """DP-SGD version of ``train_local``: trains ``model`` in place and says what it spent.
 
     ``seed`` draws the Poisson samples, the augmentation and the bottleneck's noise, as in
     ``train_local``; ``noise`` is the generator of the DP noise, which must be
     unpredictable to everyone but the envoy (a CSPRNG-seeded generator; None: one seeded
-    from ``seed``, for experiments only).
+    from ``seed``, for experiments only). ``noise`` must live on the device the model
+    trains on (``device``, else where its parameters are); each sampled batch travels there.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     check_model(model)
+    if device is not None:
+        model.to(device)
+    dev = model_device(model)
+    if not isinstance(images, (np.ndarray, torch.Tensor)):
+        raise PrivacyError("DP training needs the records in memory (an array, not a Dataset)")
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
     n = int(y_all.shape[0])
@@ -285,10 +293,12 @@ def train_local_dp(
     if dp.class_weights is not None:
         if len(dp.class_weights) != num_classes:
             raise PrivacyError(f"class_weights: {len(dp.class_weights)} for {num_classes} classes")
-        weight = torch.tensor(dp.class_weights, dtype=torch.float32)
+        weight = torch.tensor(dp.class_weights, dtype=torch.float32, device=dev)
     expected = q * n
     gen = torch.Generator().manual_seed(seed)
-    noise_gen = noise if noise is not None else torch.Generator().manual_seed(seed * 7 + 3)
+    noise_gen = noise if noise is not None else torch.Generator(dev).manual_seed(seed * 7 + 3)
+    if noise_gen.device.type != dev.type:
+        raise PrivacyError(f"the DP noise generator is on {noise_gen.device}, the model on {dev}")
     sigma = dp.own_noise_multiplier
     started = time.perf_counter()
     # Opacus's backward hooks cannot follow an activation that overwrites its input.
@@ -311,7 +321,7 @@ def train_local_dp(
     seen = clipped = 0
     sampled: list[int] = []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed + 1)  # the bottleneck's noise
             for step in range(steps):
                 idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten()
@@ -320,7 +330,8 @@ def train_local_dp(
                 if idx.numel() == 0:
                     _noise_only_step(inner, sigma * dp.max_grad_norm / expected, noise_gen)
                     continue
-                x = x_all[idx]
+                x = x_all[idx].to(dev)
+                y = y_all[idx].to(dev)
                 if plan.augment:
                     s = augment_strength
                     x = augment_batch(
@@ -328,11 +339,11 @@ def train_local_dp(
                         max_shift=0.08 * s, jitter=0.10 * s, flip=flip,
                     )  # fmt: skip
                 logits = gsm(x)
-                per_record = F.cross_entropy(logits, y_all[idx], reduction="none")
+                per_record = F.cross_entropy(logits, y, reduction="none")
                 if weight is not None:
-                    per_record = per_record * weight[y_all[idx]]
+                    per_record = per_record * weight[y]
                 loss = per_record.mean()
-                kl = kl_fn() if kl_fn is not None else torch.zeros(())
+                kl = kl_fn() if kl_fn is not None else torch.zeros((), device=dev)
                 if plan.kl_beta > 0:
                     loss = loss + plan.kl_beta * kl
                 value = float(loss.detach())
@@ -378,7 +389,7 @@ def _noise_only_step(
     """An empty Poisson sample still releases a step: the noise alone, scaled as usual."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            p.grad = torch.normal(0.0, std, p.shape, generator=generator)
+            p.grad = torch.normal(0.0, std, p.shape, generator=generator, device=p.device)
     optimizer.step()
 
 
