@@ -47,7 +47,8 @@ class UpdateProgram(Protocol):
     on dummy images: ``envoys`` envoys, ``slots`` images fed by each (an image fed in several
     epochs fills several slots)."""
 
-    envoys: int
+    @property
+    def envoys(self) -> int: ...
 
     @property
     def slots(self) -> int: ...

@@ -41,7 +41,7 @@ import numpy as np
 import structlog
 import torch
 
-from gradient_leakage.attacks import AttackProgress, build_attack
+from gradient_leakage.attacks import AttackProgress, GradientAttack, build_attack
 from gradient_leakage.bottleneck import bottleneck_snr_db
 from gradient_leakage.contrast import ContrastPrior
 from gradient_leakage.figures import save_animation, save_grid
@@ -286,7 +286,7 @@ def deployment_of(cfg: AttackConfig) -> Deployment:
     )
 
 
-def make_attack(cfg: AttackConfig, deployment: Deployment):  # -> GradientAttack
+def make_attack(cfg: AttackConfig, deployment: Deployment) -> GradientAttack:
     from node.training.model import PIXEL_MEAN, PIXEL_STD
 
     options: dict[str, Any] = {

@@ -126,7 +126,9 @@ def load_deployment(
         if value is not None:
             kwargs[key] = value
     kwargs.setdefault("norm", "batch")
-    weights, last_round, source = None, 0, "initial weights (round 1)"
+    weights: dict[str, np.ndarray] | None = None
+    last_round: int | None = 0
+    source = "initial weights (round 1)"
     if trained:
         weights, last_round = load_trained_weights(trained)
         source = f"{trained}" + (f" (after round {last_round})" if last_round is not None else "")

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradient_leakage.bottleneck import Bottleneck, NoiseSource, noise_from
+from node.training.batches import images_to_tensor
 from node.training.privacy import DPConfig
-from node.training.train import augment_batch, class_weights, images_to_tensor, train_local
+from node.training.train import TrainResult, augment_batch, class_weights, train_local
 from protocol.messages import TrainPlan
 
 Params = dict[str, Tensor]
@@ -84,7 +85,9 @@ class EnvoyRecipe:
                 "sample drew is one more secret)"
             )
 
-    def train(self, model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, seed: int):
+    def train(
+        self, model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, seed: int
+    ) -> TrainResult:
         """The envoy's own ``train_local`` with this recipe (the victim's side)."""
         return train_local(
             model,
@@ -302,8 +305,13 @@ def replay(
                     loss = loss + plan.kl_beta * kl_fn()
                 if model.training:
                     running.update(_running_stats(model, bn_inputs, {**buffers0, **running}))
-                grads = torch.autograd.grad(
-                    loss, [current[n] for n in names], create_graph=create_graph, allow_unused=True
+                grads = list(
+                    torch.autograd.grad(
+                        loss,
+                        [current[n] for n in names],
+                        create_graph=create_graph,
+                        allow_unused=True,
+                    )
                 )
             current = _sgd_step(current, dict(zip(names, grads, strict=True)), momentum, recipe)
     return ReplayResult(
@@ -352,14 +360,14 @@ def _dp_gradient(
             loss = loss * (weight[y[i]] if not y.dtype.is_floating_point else (y[i] * weight).sum())
         if recipe.plan.kl_beta > 0 and kl_fn is not None:
             loss = loss + recipe.plan.kl_beta * kl_fn()
-        grads = torch.autograd.grad(
+        raw = torch.autograd.grad(
             loss, [state[n] for n in names], create_graph=create_graph, allow_unused=True
         )
         grads = [
             g if g is not None else torch.zeros_like(state[n])
-            for g, n in zip(grads, names, strict=True)
+            for g, n in zip(raw, names, strict=True)
         ]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
         coef = torch.clamp(dp.max_grad_norm / (norm + 1e-6), max=1.0)
         clipped = [g * coef for g in grads]
         total = clipped if total is None else [t + c for t, c in zip(total, clipped, strict=True)]

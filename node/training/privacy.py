@@ -38,12 +38,14 @@ loss: both are statistics of the private records.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -59,6 +61,9 @@ from node.training.train import (
     model_device,
 )
 from protocol.messages import TrainPlan
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 Mode = Literal["local", "distributed"]
 AccountantKind = Literal["rdp", "prv"]
@@ -393,7 +398,7 @@ def _noise_only_step(
     optimizer.step()
 
 
-def _count_clipped(optimizer, max_norm: float) -> int:
+def _count_clipped(optimizer: DPOptimizer, max_norm: float) -> int:
     """How many records of the step had a gradient norm above ``max_norm``."""
     samples = [
         p.grad_sample for p in optimizer.params if getattr(p, "grad_sample", None) is not None
@@ -402,3 +407,116 @@ def _count_clipped(optimizer, max_norm: float) -> int:
         return 0
     norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
     return int((norms > max_norm).sum())
+
+
+class PrivacyBudgetExhausted(PrivacyError):
+    """Training one more round would spend beyond the envoy's ``max_epsilon``."""
+
+
+LEDGER_NAME = "privacy.json"
+
+
+class PrivacyLedger:
+    """One envoy's privacy spend over the rounds, kept in ``path`` (JSON, written atomically)
+    so that a restarted envoy goes on composing from where it stopped instead of from zero.
+
+    ``epsilon`` is what the guarantee counts on (in distributed mode: the secure aggregate
+    of at least ``honest_envoys`` honest envoys); ``own_epsilon`` what protects this envoy's
+    update seen on its own (its share of the noise only; equal to ``epsilon`` locally).
+    """
+
+    def __init__(self, dp: DPConfig, path: Path | None, *, max_epsilon: float | None = None):
+        self.dp, self.path, self.max_epsilon = dp, path, max_epsilon
+        self.aggregate = PrivacyAccountant(dp.accountant)
+        self.own = PrivacyAccountant(dp.accountant)
+        self.rounds: list[dict[str, Any]] = []
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            saved = json.loads(path.read_text())
+            if saved["accountant"] != self.dp.accountant or saved["delta"] != self.dp.delta:
+                raise PrivacyError(
+                    f"{path}: kept with accountant {saved['accountant']} and delta "
+                    f"{saved['delta']}, configured {self.dp.accountant} and {self.dp.delta}"
+                )
+            self.aggregate = PrivacyAccountant(self.dp.accountant, saved["history"])
+            self.own = PrivacyAccountant(self.dp.accountant, saved["own_history"])
+            self.rounds = list(saved["rounds"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, PrivacyError):
+                raise
+            # A ledger that cannot be read must not silently restart the count at zero.
+            raise PrivacyError(f"{path}: unreadable privacy ledger ({exc})") from exc
+
+    @property
+    def epsilon(self) -> float:
+        return self.aggregate.epsilon(self.dp.delta)
+
+    def check(self, records: int, plan: TrainPlan) -> None:
+        """Refuse a round whose spend would take epsilon beyond ``max_epsilon``."""
+        if self.max_epsilon is None:
+            return
+        spend = PrivacySpend(
+            noise_multiplier=self.dp.noise_multiplier,
+            sample_rate=self.dp.rate(records, plan),
+            steps=self.dp.steps_per_round(records, plan),
+            own_noise_multiplier=self.dp.own_noise_multiplier,
+        )
+        after = PrivacyAccountant(self.dp.accountant, self.aggregate.history)
+        after.record(spend)
+        projected = after.epsilon(self.dp.delta)
+        if projected > self.max_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"another round would spend epsilon {projected:.3f} > max_epsilon "
+                f"{self.max_epsilon} (delta {self.dp.delta}); this envoy trains no more"
+            )
+
+    def record(self, spend: PrivacySpend, *, round: int | None) -> dict[str, Any]:
+        """Add one round's spend; return (and persist) its entry."""
+        self.aggregate.record(spend)
+        self.own.record(spend, own=True)
+        entry = {
+            "round": round,
+            "epsilon": self.epsilon,
+            "own_epsilon": self.own.epsilon(self.dp.delta),
+            "delta": self.dp.delta,
+            "accountant": self.dp.accountant,
+            "mode": self.dp.mode,
+            "noise_multiplier": spend.noise_multiplier,
+            "own_noise_multiplier": spend.own_noise_multiplier,
+            "sample_rate": spend.sample_rate,
+            "steps": spend.steps,
+            "total_steps": self.aggregate.steps,
+        }
+        self.rounds.append(entry)
+        if self.path is not None:
+            from broker.files import atomic_write_text
+
+            atomic_write_text(self.path, json.dumps(self.summary(), indent=1))
+        return entry
+
+    def summary(self) -> dict[str, Any]:
+        """The ledger as JSON: settings, composed epsilon, history and per-round entries."""
+        return {
+            "accountant": self.dp.accountant,
+            "delta": self.dp.delta,
+            "mode": self.dp.mode,
+            "honest_envoys": self.dp.honest_envoys,
+            "noise_multiplier": self.dp.noise_multiplier,
+            "max_grad_norm": self.dp.max_grad_norm,
+            "epsilon": self.epsilon,
+            "own_epsilon": self.own.epsilon(self.dp.delta),
+            "history": [list(h) for h in self.aggregate.history],
+            "own_history": [list(h) for h in self.own.history],
+            "rounds": self.rounds,
+        }
+
+
+def read_ledger(path: Path) -> dict[str, Any] | None:
+    """A ledger file's JSON (None when there is none), for reports."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None

@@ -143,6 +143,7 @@ def train_local(
     device: torch.device | str | None = None,
     workers: int = 0,
     privacy: DPConfig | None = None,
+    noise: torch.Generator | None = None,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -157,14 +158,15 @@ def train_local(
     whole (node.training.batches).
 
     `privacy` switches to record-level differentially private training (DP-SGD, see
-    node/training/privacy.py), which replaces the class weighting and the global clip.
+    node/training/privacy.py), which replaces the class weighting and the global clip;
+    `noise` is then the generator of its noise (it must be secret: see train_local_dp).
     """
     if privacy is not None:
         from node.training.privacy import train_local_dp
 
         return train_local_dp(
             model, images, labels, plan, privacy, seed=seed, progress=progress, flip=flip,
-            augment_strength=augment_strength, device=device,
+            augment_strength=augment_strength, device=device, noise=noise,
         )  # fmt: skip
     if device is not None:
         model.to(device)

@@ -111,7 +111,8 @@ def test_attack_command_refuses_bad_arguments(
     assert "--smooth-relu" in capsys.readouterr().err
     assert main(["--smooth-relu", "-1", "--out", str(tmp_path)]) == 2
     assert "--smooth-relu" in capsys.readouterr().err
-    assert main(["--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 2
+    # An unusable director config: exit status 3 (ExitCode.CONFIG).
+    assert main(["--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 3
     assert main(["--images", "400", "--data", str(PNEUMONIAMNIST), "--out", str(tmp_path)]) == 2
     assert "half the split" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
