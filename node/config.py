@@ -247,7 +247,10 @@ class PrivacySettings(_Section, frozen=True, kw_only=True):
     `sample_rate` the Poisson sampling rate (unset: batch_size over the record count);
     `class_weights` public per-class loss weights (unset: all 1: the usual balanced weights
     come from the envoy's own label counts, a statistic of the records). `max_epsilon`:
-    the envoy refuses to train a round that would spend beyond it.
+    the envoy refuses to train a round that would spend beyond it. `sample_weight` is the
+    FedAvg weight the envoy reports instead of its record count (a statistic of the
+    records, which the add/remove-one guarantee does not cover): a public number, such as
+    a size the hospital agrees to publish; unset, every DP envoy weighs 1.
 
     `mode = "distributed"` weakens what protects one envoy's update on its own: each envoy
     adds only a 1/honest_envoys share of the noise variance, so the guarantee holds for the
@@ -265,6 +268,7 @@ class PrivacySettings(_Section, frozen=True, kw_only=True):
     honest_envoys: PosInt | None = None
     class_weights: list[PosFloat] | None = None
     max_epsilon: PosFloat | None = None
+    sample_weight: PosInt = 1
 
     def __post_init__(self) -> None:
         if self.mode == "distributed" and self.honest_envoys is None:

@@ -186,9 +186,9 @@ class PrivateTraining:
     The DP noise is drawn from a generator seeded from the operating system's CSPRNG each
     round: the guarantee needs it unpredictable to the director and to every other party,
     so it never derives from the envoy's configured seed. What leaves the envoy besides the
-    noised weights is kept free of the records too: the sample count is the FedAvg weight
-    (the record count is public under DP: it is the unit the guarantee counts in), and the
-    training loss sent is NaN (a loss over the private records is not covered by the noise).
+    noised weights is kept free of the records too: the sample count sent is the configured
+    public `sample_weight`, not the record count, and the training loss sent is NaN (a loss
+    over the private records is not covered by the noise).
     """
 
     def __init__(self, context: TrainerContext, model: torch.nn.Module) -> None:
@@ -215,6 +215,7 @@ class PrivateTraining:
             honest_envoys=settings.honest_envoys or 1,
             class_weights=tuple(weights) if weights is not None else None,
         )
+        self.sample_weight = settings.sample_weight
         path = context.state_dir / LEDGER_NAME if context.state_dir is not None else None
         self.ledger = PrivacyLedger(self.dp, path, max_epsilon=settings.max_epsilon)
 
@@ -246,7 +247,7 @@ class PrivateTraining:
             steps=entry["steps"],
             clipped_fraction=round(getattr(res, "clipped_fraction", 0.0), 3),
         )
-        return self.context.get_weights(self.model), records, float("nan")
+        return self.context.get_weights(self.model), self.sample_weight, float("nan")
 
 
 def make_trainer(

@@ -127,7 +127,8 @@ def test_the_envoy_trains_with_dp_and_keeps_its_ledger_across_restarts(tmp_path:
     for r in (1, 2):
         structlog.contextvars.bind_contextvars(round=r)
         new, samples, loss = trainer.train(start, PLAN, seed=r)
-        assert samples == 32 and math.isnan(loss)  # the loss over private records stays home
+        # neither the record count nor a loss over the records leaves the envoy
+        assert samples == 1 and math.isnan(loss)
         assert any(not np.array_equal(new[k], start[k]) for k in start)
         entries.append(json.loads((tmp_path / LEDGER_NAME).read_text()))
     structlog.contextvars.unbind_contextvars("round")
@@ -151,10 +152,11 @@ def test_the_envoy_trains_with_dp_and_keeps_its_ledger_across_restarts(tmp_path:
 
 
 def test_the_dp_noise_is_fresh_each_round_not_derived_from_the_seed(tmp_path: Path) -> None:
-    settings = PrivacySettings(noise_multiplier=1.0, sample_rate=1.0)
+    settings = PrivacySettings(noise_multiplier=1.0, sample_rate=1.0, sample_weight=500)
     trainer = TorchTrainer(context(tmp_path, settings))
     start = get_weights(trainer.model)
-    first, _, _ = trainer.train(start, PLAN, seed=7)
+    first, samples, _ = trainer.train(start, PLAN, seed=7)
+    assert samples == 500  # the configured public weight, not the 32 records
     second, _, _ = trainer.train(start, PLAN, seed=7)  # same seed, same sample, same data
     assert any(not np.array_equal(first[k], second[k]) for k in first)
 
