@@ -231,3 +231,29 @@ def test_the_demo_report_carries_each_dp_envoys_epsilon(tmp_path: Path) -> None:
     assert report["max_epsilon"] == eps["envoy-3"] and report["delta"] == 1e-5
     assert [r["round"] for r in report["envoys"]["envoy-1"]["rounds"]] == [1, 2]
     json.dumps(report, allow_nan=False)  # report.json stays strict JSON
+
+
+async def test_a_distributed_dp_envoy_refuses_a_plain_round(tmp_path: Path) -> None:
+    import asyncio
+
+    import msgspec
+
+    from node.config import EnvoyTraining
+    from tests.node.nodeharness import make_fed
+
+    fed = make_fed(tmp_path, 3, secure=False, rounds=1)
+    share = PrivacySettings(noise_multiplier=1.0, mode="distributed", honest_envoys=2)
+    cfg = fed.envoy_cfgs["envoy-1"]
+    fed.envoy_cfgs["envoy-1"] = msgspec.structs.replace(
+        cfg, train=EnvoyTraining(privacy=share), model=GROUP
+    )
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    with structlog.testing.capture_logs() as logs:
+        rc = await asyncio.wait_for(fed.director().run(), 120)
+    await fed.stop()
+    assert rc == 0
+    record = fed.records()[0]
+    assert record["secure"] is False and "envoy-1" not in record["survivors"]
+    assert fed.trainers["envoy-1"].calls == 0  # its update was never even computed
+    assert any(e["event"] == "training_refused" for e in logs)
