@@ -203,7 +203,7 @@ class PrivateTraining:
                 "source), not a streamed data set"
             )
         check_model(model)
-        self.context, self.model, self.images = context, model, context.train_data
+        self.context, self.model, self.records = context, model, context.train_data
         weights = settings.class_weights
         self.dp = DPConfig(
             noise_multiplier=settings.noise_multiplier,
@@ -225,16 +225,17 @@ class PrivateTraining:
 
         from node.training.train import model_device, train_local
 
-        records = len(self.images)
-        self.ledger.check(records, plan)
+        self.ledger.check(len(self.records), plan)
         device = model_device(self.model)
         noise = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
         res = train_local(
-            self.model, self.images.images, self.images.labels, plan, seed=seed,
+            self.model, self.records.images, self.records.labels, plan, seed=seed,
             privacy=self.dp, noise=noise,
         )  # fmt: skip
         spend = getattr(res, "spend", None)
         assert spend is not None
+        # The envoy binds the round it trains for (node.logs.set_round); the worker thread
+        # it trains in runs in a copy of its context.
         round_ = structlog.contextvars.get_contextvars().get("round")
         entry = self.ledger.record(spend, round=round_)
         structlog.get_logger().info(
@@ -258,7 +259,7 @@ def make_trainer(
     Loads the data (unless given), resolves the device, builds the configured model once to
     check it against the data and `[model]`, and constructs the trainer. Every problem is a
     FedbusError with exit code CONFIG naming the field (EntryPointError, DataMismatch,
-    DeviceUnavailable), before the envoy joins the federation.
+    DeviceUnavailable, PrivacyError), before the envoy joins the federation.
     """
     import torch
 
@@ -274,13 +275,9 @@ def make_trainer(
     probe = build_configured_model(cfg.model)
     check_model(probe, cfg.model)
     if cfg.train.privacy is not None:
-        from node.training.privacy import PrivacyError
         from node.training.privacy import check_model as check_private
 
-        try:
-            check_private(probe)  # a factory's model: batch norm is refused here
-        except PrivacyError as exc:
-            raise EntryPointError(f"train.privacy: {exc}") from exc
+        check_private(probe)  # a factory's model: batch norm is refused here (PrivacyError)
     summary = model_summary(cfg.model, get_weights(probe))
     del probe
     context = TrainerContext(

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.errors import ExitCode, FedbusError
 from node.training.batches import images_to_tensor
 from node.training.train import (
     Progress,
@@ -75,8 +76,10 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12
 RDP_ORDERS += [float(a) for a in (80, 100, 128, 160, 200, 256, 320, 400, 512, 768, 1024)]
 
 
-class PrivacyError(ValueError):
-    """A model, recipe or setting under which the DP guarantee would not hold."""
+class PrivacyError(FedbusError, ValueError):
+    """A model, recipe, setting or ledger under which the DP guarantee would not hold."""
+
+    exit_code = ExitCode.CONFIG
 
 
 @dataclass(frozen=True)
