@@ -123,16 +123,13 @@ def test_the_envoy_trains_with_dp_and_keeps_its_ledger_across_restarts(tmp_path:
     settings = PrivacySettings(noise_multiplier=1.0, sample_rate=0.5)
     trainer = TorchTrainer(context(tmp_path, settings))
     start = get_weights(trainer.model)
-    entries = []
     for r in (1, 2):
-        structlog.contextvars.bind_contextvars(round=r)
-        new, samples, loss = trainer.train(start, PLAN, seed=r)
+        with structlog.contextvars.bound_contextvars(round=r):  # as the envoy binds it
+            new, samples, loss = trainer.train(start, PLAN, seed=r)
         # neither the record count nor a loss over the records leaves the envoy
         assert samples == 1 and math.isnan(loss)
         assert any(not np.array_equal(new[k], start[k]) for k in start)
-        entries.append(json.loads((tmp_path / LEDGER_NAME).read_text()))
-    structlog.contextvars.unbind_contextvars("round")
-    ledger = entries[-1]
+    ledger = json.loads((tmp_path / LEDGER_NAME).read_text())
     assert [e["round"] for e in ledger["rounds"]] == [1, 2]
     # local mode, 1 epoch at q = 0.5: 2 steps a round; the accountant composes all 4
     assert [e["total_steps"] for e in ledger["rounds"]] == [2, 4]
@@ -141,9 +138,8 @@ def test_the_envoy_trains_with_dp_and_keeps_its_ledger_across_restarts(tmp_path:
     assert ledger["rounds"][0]["epsilon"] < ledger["rounds"][1]["epsilon"]
     # a restarted envoy goes on from the ledger, not from zero
     again = TorchTrainer(context(tmp_path, settings))
-    structlog.contextvars.bind_contextvars(round=3)
-    again.train(start, PLAN, seed=3)
-    structlog.contextvars.unbind_contextvars("round")
+    with structlog.contextvars.bound_contextvars(round=3):
+        again.train(start, PLAN, seed=3)
     ledger = json.loads((tmp_path / LEDGER_NAME).read_text())
     assert ledger["rounds"][-1]["total_steps"] == 6
     assert ledger["epsilon"] == pytest.approx(
