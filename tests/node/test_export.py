@@ -350,7 +350,7 @@ def test_export_of_a_real_demo_federation_runs_in_onnxruntime(tmp_path, data) ->
             "--format",
             "onnx",
             "--config",
-            str(out / "configs" / "director.toml"),
+            str(out / "kits" / "director" / "director.toml"),
         ],
         capture_output=True,
         text=True,
