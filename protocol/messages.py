@@ -12,17 +12,28 @@ from typing import Annotated, get_args
 import msgspec
 
 from protocol.base import Message
-from protocol.secagg.messages import SecAggMessage, SecAggParams
+from protocol.secagg.messages import MAX_PARTICIPANTS, SecAggMessage, SecAggParams
 from protocol.tensors import Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Tries of one training round: a round aborted below the threshold is retried under the same
 # round number, at most this many times (RoundStart.attempt and RoundEnd.attempt are below it).
 MAX_ATTEMPTS = 64
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS - 1)]
 
-Weights = dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor]
+# Every container a frame may carry is bounded in its type, so the validating decode refuses
+# an oversized one before building it (memory stays proportional to the frame's real content).
+MAX_TENSORS = 4096  # a ResNet-18 has ~120
+MAX_BINS = 10000
+Weights = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor], msgspec.Meta(max_length=MAX_TENSORS)
+]
+NodeIds = Annotated[list[NodeId], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
+Histogram = Annotated[list[Count], msgspec.Meta(max_length=MAX_BINS)]
+# The L2 bound of an envoy's update when the director's config names none.
+DEFAULT_UPDATE_NORM = 100.0
+UpdateNorm = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
 
 
 class Presence(Message, frozen=True):
@@ -46,13 +57,18 @@ class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RoundStart(Message, frozen=True):
     weights: Weights
-    selected: list[NodeId]
+    selected: NodeIds
     plan: TrainPlan
-    deadlines: dict[ShortText, Annotated[float, msgspec.Meta(gt=0)]]
+    deadlines: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=32)], Annotated[float, msgspec.Meta(gt=0)]],
+        msgspec.Meta(max_length=16),
+    ]
     secagg: SecAggParams | None = None
     # A round aborted below the threshold is retried under the same round number; the attempt
     # tells the tries apart (late frames of an aborted try must not touch the next one).
     attempt: Attempt = 0
+    # Every envoy clips its update to this L2 norm (at most its policy's bound) before masking.
+    update_norm: UpdateNorm = DEFAULT_UPDATE_NORM
 
 
 class PlainUpdate(Message, frozen=True):
@@ -64,20 +80,33 @@ class PlainUpdate(Message, frozen=True):
 
 
 class EvaluateRequest(Message, frozen=True):
+    """Score the model the round (of the envelope) produced on the validation splits.
+
+    With `secagg` (the default), the envoys in `selected` run a SecAgg session of purpose
+    "evaluate" (protocol.secagg.evaluation) and the director learns only the summed
+    histograms; without, each envoy answers an EvaluateResult in the clear, which an envoy
+    only does under its own insecure opt-in.
+    """
+
     weights: Weights
-    bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
+    bins: Annotated[int, msgspec.Meta(ge=2, le=MAX_BINS)] = 100
+    secagg: SecAggParams | None = None
+    selected: NodeIds = msgspec.field(default_factory=list)
+    # The attempt of the round that produced the model (it numbers the evaluation session).
+    attempt: Attempt = 0
 
 
 class EvaluateResult(Message, frozen=True):
-    """Per-class histograms of the pneumonia score on the envoy's validation split.
+    """Per-class histograms of the pneumonia score on the envoy's validation split, in the
+    clear: only sent under the envoy's insecure plain-update opt-in.
 
     Histograms, not per-image scores, so the director learns the ROC and nothing per patient.
     """
 
     num_samples: Count
     loss_sum: float
-    hist_negative: list[Count]
-    hist_positive: list[Count]
+    hist_negative: Histogram
+    hist_positive: Histogram
 
 
 class RoundEnd(Message, frozen=True):
@@ -104,7 +133,7 @@ class StatusReply(Message, frozen=True):
     round: Round
     stage: ShortText
     rounds_total: Round
-    envoys: dict[NodeId, EnvoyStatus]
+    envoys: Annotated[dict[NodeId, EnvoyStatus], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
 CoreMessage = (

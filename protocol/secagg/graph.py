@@ -2,7 +2,9 @@
 
 Every party derives the same graph from public data only, so a client can check the director
 did not pick its neighbours: the participant list (sorted, so order never matters), the
-round, k, and `graph_seed` from the round's SecAggParams.
+round, k, and `graph_seed`: the digest of the session's key roster, i.e. of the clients'
+signed key advertisements (protocol.secagg.common.roster_digest), which the server cannot
+choose. (It can still choose whose advertisements to admit; see the README's threat model.)
 
 Harary graph H(k, n) on a ring of n positions: position p is joined to p +/- 1 .. p +/- k//2;
 for odd k and even n also to the antipodal p + n/2; for odd k and odd n to p + (n+1)/2 for
@@ -74,6 +76,7 @@ class Graph:
         self.complete = kind == "complete" or k >= n - 1
         self.k = n - 1 if self.complete else k
         self._cache: dict[str, frozenset[str]] = {}
+        self._ranks: dict[str, dict[str, int]] = {}
         if self.complete:
             self._everyone = frozenset(nodes)
             return
@@ -133,6 +136,20 @@ class Graph:
 
     def closed(self, node: str) -> frozenset[str]:
         return self.neighbours(node) | {node}
+
+    def rank(self, node: str, peer: str) -> int:
+        """The position of `peer` in sorted(neighbours(node)), -1 if it is not a neighbour
+        (the bit of `peer` in `node`'s partner bitmap)."""
+        if peer == node or peer not in self.index:
+            return -1
+        if self.complete:
+            i, j = self.index[peer], self.index[node]
+            return i - 1 if i > j else i
+        ranks = self._ranks.get(node)
+        if ranks is None:
+            ranks = {v: i for i, v in enumerate(sorted(self.neighbours(node)))}
+            self._ranks[node] = ranks
+        return ranks.get(peer, -1)
 
 
 @functools.lru_cache(maxsize=16)

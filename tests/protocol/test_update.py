@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_ATTEMPTS
+from protocol.secagg.common import EVALUATE, PURPOSES
 from protocol.secagg.messages import SecAggParams
 from protocol.secagg.update import (
     EXTRA,
@@ -134,10 +135,12 @@ def test_every_party_derives_the_same_quantisation_range():
     assert qrange_for(PARAMS, 0).max_summands == 1
 
 
-@given(st.integers(0, 2**20), st.integers(0, MAX_ATTEMPTS - 1))
-def test_secagg_sessions_are_unique_per_round_and_attempt(round, attempt):
-    session = secagg_session(round, attempt)
-    assert divmod(session, MAX_ATTEMPTS) == (round, attempt)
+@given(st.integers(0, 2**20), st.integers(0, MAX_ATTEMPTS - 1), st.sampled_from(PURPOSES))
+def test_secagg_sessions_are_unique_per_round_attempt_and_purpose(round, attempt, purpose):
+    session = secagg_session(round, attempt, purpose)
+    try_number, is_evaluation = divmod(session, 2)
+    assert divmod(try_number, MAX_ATTEMPTS) == (round, attempt)
+    assert is_evaluation == (purpose == EVALUATE)
 
 
 @pytest.mark.parametrize("attempt", [-1, MAX_ATTEMPTS])

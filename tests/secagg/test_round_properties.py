@@ -20,6 +20,8 @@ from protocol.secagg.simulate import node_names, seeded_randbytes, simulate_roun
 from protocol.stages import SECAGG_STAGES
 from protocol.tensors import to_numpy
 
+from .conftest import MECHANICS
+
 D = 48  # vector length: enough coordinates for the privacy checks, small enough to be quick
 
 
@@ -32,9 +34,7 @@ def rounds(draw: st.DrawFn) -> dict:
     holders = min(k, n - 1) + 1
     lo = holders // 2 + 1 if malicious else 1
     t = draw(st.integers(min(lo, holders), holders))
-    params = SecAggParams(
-        graph=graph, k=k, t=t, clip=1.0, malicious=malicious, graph_seed=draw(st.binary(max_size=8))
-    )
+    params = SecAggParams(graph=graph, k=k, t=t, clip=1.0, malicious=malicious)
     names = node_names(n)
     drop_p = draw(st.sampled_from([0.0, 0.1, 0.3, 0.6]))
     dropouts = {}
@@ -79,6 +79,7 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         duplicate=case["duplicate"],
         seed=case["seed"],
         randbytes=seeded_randbytes(case["seed"]),
+        policy=MECHANICS,
     )
     server = sim.server
     assert server is not None and server.done

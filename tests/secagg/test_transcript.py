@@ -38,7 +38,7 @@ ROUNDS = {
         "bdaeeb1afc55db3113b88dbf72837230a8998ca2e287390e5918f954b1e869ad",
     ),
     "harary": (
-        SecAggParams(graph="harary", k=4, t=3, clip=1.0, malicious=True, graph_seed=b"s" * 16),
+        SecAggParams(graph="harary", k=4, t=3, clip=1.0, malicious=True),
         "c48ad10783eadc8e0f264727ccd9445fb79e075e51ed12080de70da3861bf142",
     ),
 }
