@@ -87,15 +87,15 @@ class RoundLedger:
         `kept`: whether it still holds the update it trained for that round."""
         t, e = self.training, self.evaluation
         if round < t.round or round <= e.round - 1:
-            return f"round {round} is older than round {max(t.round, e.round)} already taken part in"
+            return (
+                f"round {round} is older than round {max(t.round, e.round)} already taken part in"
+            )
         if round == t.round and weights != t.weights:
             return f"round {round} was already trained on another model"
         if round == t.round and t.trained and not kept:
             return f"the update of round {round} was lost (restart); a round is never trained twice"
         if e.round == round - 1 and e.model and weights != e.model:
-            return (
-                f"the director evaluated one model after round {e.round} and now trains another"
-            )
+            return f"the director evaluated one model after round {e.round} and now trains another"
         return ""
 
     def begin(self, round: int, weights: str) -> None:

@@ -121,9 +121,7 @@ class ClientPolicy:
             raise PolicyViolation(f"threshold {t} exceeds the {k + 1} holders of each secret")
         corrupt, dropouts = self.corrupt(n), self.dropouts(n)
         min_t = self.min_threshold(n, k, malicious=params.malicious)
-        result = analyse(
-            n, k, t, dropouts=dropouts, corrupt=corrupt, malicious=params.malicious
-        )
+        result = analyse(n, k, t, dropouts=dropouts, corrupt=corrupt, malicious=params.malicious)
         verdict = Verdict(
             n=n,
             k=k,

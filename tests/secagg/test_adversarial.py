@@ -18,7 +18,6 @@ from protocol.secagg.messages import (
     SecAggAbort,
     SecAggAdvertiseKeys,
     SecAggConsistencyRequest,
-    SecAggConsistencySignature,
     SecAggForwardedShares,
     SecAggKeyRoster,
     SecAggParams,
@@ -247,9 +246,7 @@ def test_forged_advertise_keys_signature_is_refused_by_server() -> None:
     mallory = generate_signing_keypair()
     forged_sig = sign(
         mallory.private,
-        keys_signing_payload(
-            drv.server.context, "envoy-1", adv.keys.c_public, adv.keys.s_public
-        ),
+        keys_signing_payload(drv.server.context, "envoy-1", adv.keys.c_public, adv.keys.s_public),
     )
     forged = msgspec.structs.replace(
         adv, keys=msgspec.structs.replace(adv.keys, signature=forged_sig)
