@@ -7,9 +7,11 @@ could do the same with the two trainings. So an envoy:
 * trains once per round, on one model: a later attempt of round r must carry the same
   weights, and reuses the update it kept (the masks are fresh: every attempt is a new SecAgg
   session); after a restart it has lost that update and stays out of round r;
-* signs at most one survivor set per round, and reveals shares only for that set: a later
-  attempt can only complete with exactly the same survivors, whose sum (of the same kept
-  updates) the director then learns again, nothing new;
+* signs at most one survivor set per round, and once it has signed one it stays out of the
+  later attempts of that round: the sums of two attempts can then only differ by a set that
+  holds all of the first attempt's signers (at least t - C honest envoys), never by one
+  envoy (the masked input of an envoy that did not sign may go into two attempts: it cancels
+  out of their difference);
 * evaluates once per round, and only a model it will train on next: the model evaluated
   after round r must be the one RoundStart r + 1 carries.
 
@@ -94,6 +96,11 @@ class RoundLedger:
             return f"round {round} was already trained on another model"
         if round == t.round and t.trained and not kept:
             return f"the update of round {round} was lost (restart); a round is never trained twice"
+        if round == t.round and t.signed:
+            return (
+                f"a survivor set of round {round} was signed in an earlier attempt; a later "
+                "attempt could be differenced against it"
+            )
         if e.round == round - 1 and e.model and weights != e.model:
             return f"the director evaluated one model after round {e.round} and now trains another"
         return ""

@@ -240,6 +240,8 @@ class Federation:
                 },
             },
             "model": model,
+            # A plain demo needs each envoy's own opt-in as well as the director's.
+            "policy": {"insecure_plain_updates": self.opts.insecure_plain},
         }
         if self.plan is not None:
             settings["faults"] = str(self.faults_file)

@@ -14,8 +14,9 @@ Rules that keep an input secret even from a malicious director:
 * the client reveals, per peer, either the self-mask share (peer survived) or the mask-key
   share (peer dropped out), never both: an Unmask request whose survivor and dropout lists
   overlap is refused, and so is one whose survivors differ from the set it signed;
-* it signs a survivor set only if every surviving neighbour is one of its partners (a server
-  that cut edges to learn the sums of cliques is refused), and the signature covers the
+* it signs a survivor set only if it is large (`min_survivors`: a majority, and all but the
+  dropouts the policy allows) and every surviving neighbour is one of its partners (a server
+  that cut edges to learn the sums of cliques is refused); the signature covers the
   survivor set, the roster digest and its partner set;
 * in malicious mode a peer's keys are used only under a valid Ed25519 signature, and a share
   of peer u is only revealed when at least t members of u's closed neighbourhood that hold a
@@ -439,6 +440,12 @@ class SecAggClient(RefusalLog):
             raise Refused("this client is not among the survivors")
         if len(survivors) < self.params.t:
             raise Refused(f"{len(survivors)} survivors, below the threshold {self.params.t}")
+        if len(survivors) < self.verdict.min_survivors:
+            # Two disjoint survivor sets could otherwise both be unmasked in one session.
+            raise Refused(
+                f"{len(survivors)} survivors of {len(self.participants)}; this client signs "
+                f"and unmasks only sets of at least {self.verdict.min_survivors}"
+            )
         if not survivors <= self.graph.index.keys():
             raise Refused("survivor list names a non-participant")
 

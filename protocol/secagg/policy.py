@@ -21,10 +21,15 @@ anything weaker, before it generates or sends anything:
   after D = ceil(dropout_fraction * n) dropouts and C corruptions) is at most 2^-40;
 * the client masks with at least ceil((1 - dropout_fraction) k) distinct partners (and at
   least t - 1): a server that cuts edges to isolate a group of clients is refused
-  (`min_partners`).
+  (`min_partners`);
+* it signs (and unmasks) a survivor set only if it holds at least max(t, n - D, n // 2 + 1)
+  of the n participants (`min_survivors`). Honest clients sign one set per session, so two
+  survivor sets that share a member would need 2t <= k + 1 + C signers around it, and two
+  disjoint ones cannot both be majorities: at most one sum per session, over most clients.
 
-`insecure_any_threshold` skips the parameter checks (tests of the threshold mechanics and
-benchmarks of deliberately weak parameters); nothing in a node sets it.
+`insecure_any_threshold` skips the (k, t) checks (tests of the threshold mechanics and
+benchmarks of deliberately weak parameters; the partner and survivor minimums stay, set by
+`dropout_fraction`); nothing in a node sets it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Verdict:
     dropouts: int
     min_threshold: int
     min_partners: int
+    min_survivors: int
     p_security: float
 
 
@@ -98,13 +104,14 @@ class ClientPolicy:
                 return t
         return k + 2
 
+    def min_survivors(self, params: SecAggParams, n: int) -> int:
+        """The smallest survivor set this client signs or unmasks (module docstring)."""
+        return max(params.t, n - self.dropouts(n), n // 2 + 1)
+
     def min_partners(self, params: SecAggParams, n: int) -> int:
         """The fewest distinct neighbours this client masks with (see the module docstring)."""
         k = _degree(n, params.k if params.graph == "harary" else n - 1)
-        floor = params.t - 1
-        if self.insecure_any_threshold:
-            return max(floor, 0)
-        return max(floor, math.ceil((1.0 - self.dropout_fraction) * k - 1e-9))
+        return max(params.t - 1, math.ceil((1.0 - self.dropout_fraction) * k - 1e-9))
 
     def check(self, params: SecAggParams, n: int) -> Verdict:
         """The verdict on `params` for n participants; PolicyViolation if they are weaker
@@ -130,6 +137,7 @@ class ClientPolicy:
             dropouts=dropouts,
             min_threshold=min_t,
             min_partners=self.min_partners(params, n),
+            min_survivors=self.min_survivors(params, n),
             p_security=result.p_security,
         )
         if self.insecure_any_threshold:

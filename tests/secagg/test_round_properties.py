@@ -99,11 +99,14 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         np.testing.assert_array_equal(sim.result, sim.expected)
 
     # Success is not optional: on the complete graph the round must complete exactly when
-    # at least t clients stay to the end (they are the ones who can answer Unmask).
+    # at least t clients stay to the end (they are the ones who can answer Unmask) and the
+    # survivors are the majority the clients insist on.
     if params.graph == "complete" or params.k >= n - 1:
         late_stages = {"unmask"} | ({"consistency"} if params.malicious else set())
         to_end = {u for u in node_names(n) if u not in early and dropouts.get(u) not in late_stages}
-        assert sim.aborted == (len(to_end) < params.t), (to_end, sim.abort_reason)
+        survivors = {u for u in node_names(n) if u not in early}
+        fails = len(to_end) < params.t or len(survivors) < MECHANICS.min_survivors(params, n)
+        assert sim.aborted == fails, (to_end, sim.abort_reason)
 
     _check_view(sim, params, inputs)
 
