@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from broker.client import Bus, Will
-from broker.files import atomic_path
+from broker.files import SECRET_MODE, atomic_path, private_dir
 from broker.keys import read_key_file
 from broker.topics import Topics
 from node.config import EnvoyConfig
@@ -406,8 +406,8 @@ class Envoy:
 
     def _audit(self, round: int, vector: np.ndarray) -> None:
         """--audit: keep the quantised update, so the launcher can check the director's sum."""
-        path = Path(self.cfg.state_dir) / "audit" / f"round-{round}.npy"
-        with atomic_path(path, mode=0o600) as tmp:
+        path = private_dir(Path(self.cfg.state_dir) / "audit") / f"round-{round}.npy"
+        with atomic_path(path, mode=SECRET_MODE) as tmp:
             np.save(tmp, np.asarray(vector, dtype=np.uint32))
 
     async def _on_round_message(self, round: int, body: Message) -> None:

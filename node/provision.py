@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from broker.files import PUBLIC_MODE, SECRET_MODE, atomic_write_bytes, read_toml
+from broker.files import (
+    PRIVATE_DIR_MODE,
+    PUBLIC_MODE,
+    SECRET_MODE,
+    atomic_write_bytes,
+    private_dir,
+    read_toml,
+)
 from broker.keys import curve_public_key, generate_curve_keypair, read_key_file, write_key_file
 from broker.server.config import AllowEntry, BrokerFile, Heartbeat
 from broker.server.mosquitto_files import (
@@ -61,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIRECTOR_TEMPLATE = REPO / "configs" / "director.toml"
 DEFAULT_PORTS = {"zmq": 5555, "mqtt": 8883}
 # Kit folders hold secrets: only their owner may list or enter them.
-KIT_DIR_MODE = 0o700
+KIT_DIR_MODE = PRIVATE_DIR_MODE
 
 NodeKind = Literal["director", "envoy"]
 _SCHEMAS: dict[NodeKind, type[DirectorConfig] | type[EnvoyConfig]] = {
@@ -94,9 +100,7 @@ def _ensure_secret(path: Path, make: Callable[[], bytes]) -> bytes:
 
 
 def _kit_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, KIT_DIR_MODE)
-    return path
+    return private_dir(path)
 
 
 def _read_toml_if_present(path: Path) -> dict[str, Any] | None:
