@@ -70,10 +70,9 @@ def test_atomic_path_never_exposes_a_secret_while_it_is_written(tmp_path: Path) 
     seen: list[int] = []
     old_umask = os.umask(0o022)
     try:
-        with atomic_path(tmp_path / "audit.npy", mode=0o600) as tmp:
-            with open(tmp, "wb") as fh:  # what np.save(tmp, ...) does
-                fh.write(b"secret")
-                seen.append(stat.S_IMODE(os.fstat(fh.fileno()).st_mode))
+        with atomic_path(tmp_path / "audit.npy", mode=0o600) as tmp, open(tmp, "wb") as fh:
+            fh.write(b"secret")  # what np.save(tmp, ...) does
+            seen.append(stat.S_IMODE(os.fstat(fh.fileno()).st_mode))
     finally:
         os.umask(old_umask)
     assert seen == [0o600]

@@ -243,7 +243,6 @@ async def test_9_training_seeds_are_fresh_secrets_each_run(tmp_path):
             await director.settle(0.5)
         await fed.stop()
         seeds.append({name: t.seeds for name, t in fed.trainers.items()})
-    a, b = seeds
     every = [s for run in seeds for per_envoy in run.values() for s in per_envoy]
     assert len(every) == 8 and len(set(every)) == 8
     assert all(s != reproducible_seed(0, 1) for s in every)
