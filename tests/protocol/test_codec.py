@@ -240,7 +240,7 @@ def _tensor(shape: list[int]) -> list:
                 "hist_positive": [],
             },
             "length <= 10000",
-        ),  # fmt: skip
+        ),
     ],
     ids=["rank", "tensors", "selected", "histogram"],
 )
