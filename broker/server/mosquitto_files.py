@@ -299,6 +299,9 @@ def render_conf(config: MosquittoConfig) -> str:
             # A listener option: given before the first `listener` line it would make
             # Mosquitto open its default listener on port 1883 as well.
             "allow_zero_length_clientid false",
+            # The client id is the authenticated name, whatever CONNECT says: a node can no
+            # longer connect under another node's id and take over (and wipe) its session.
+            "use_username_as_clientid true",
             f"password_file {config.password_file}",
             f"acl_file {config.acl_file}",
         ]
@@ -308,10 +311,13 @@ def render_conf(config: MosquittoConfig) -> str:
                 f"certfile {listener.tls.cert}",
                 f"keyfile {listener.tls.key}",
                 *([f"crlfile {listener.tls.crl}"] if listener.tls.crl else []),
-                # Client certificates from the federation CA AND a password: a stolen
-                # password alone, or a certificate alone, does not get in.
+                # A client certificate from the federation CA is the node's identity: its
+                # common name is the username (so the ACL's %u and, above, the client id),
+                # whatever username and password the client sends. A stolen password is of
+                # no use without the node's private key, and a removed node's certificate
+                # is on the CRL.
                 "require_certificate true",
-                "use_identity_as_username false",
+                "use_identity_as_username true",
                 "tls_version tlsv1.2",
             ]
     return "\n".join(out) + "\n"
