@@ -83,16 +83,28 @@ def verify_password(hashed: str, password: str) -> bool:
 
 
 def render_passwd(
-    passwords: Mapping[str, str], *, iterations: int = DEFAULT_PASSWORD_ITERATIONS
+    passwords: Mapping[str, str],
+    *,
+    hashes: Mapping[str, str] | None = None,
+    iterations: int = DEFAULT_PASSWORD_ITERATIONS,
 ) -> str:
-    """A Mosquitto password_file for {username: clear-text password}."""
-    lines = []
-    for username in sorted(passwords):
-        validate_id(username, field="MQTT username")
-        password = passwords[username]
+    """A Mosquitto password_file for {username: clear-text password}, plus {username: hash}
+    entries whose password only their owner ever saw (an envoy hashes its own)."""
+    entries: dict[str, str] = {}
+    for username, password in passwords.items():
         if not password or "\n" in password:
             raise ValueError(f"password of {username!r} is empty or spans lines")
-        lines.append(f"{username}:{hash_password(password, iterations=iterations)}")
+        entries[username] = hash_password(password, iterations=iterations)
+    for username, hashed in (hashes or {}).items():
+        if username in entries:
+            raise ValueError(f"{username!r} has both a password and a password hash")
+        if not hashed.startswith(("$7$", "$6$")) or "\n" in hashed or ":" in hashed:
+            raise ValueError(f"password hash of {username!r} is not a Mosquitto hash")
+        entries[username] = hashed
+    lines = []
+    for username in sorted(entries):
+        validate_id(username, field="MQTT username")
+        lines.append(f"{username}:{entries[username]}")
     return "\n".join(lines) + "\n"
 
 
@@ -348,13 +360,15 @@ def write_broker_files(
     data_dir: Path | None = None,
     run_as_user: str | None = None,
     install_dir: Path | None = None,
+    password_hashes: Mapping[str, str] | None = None,
 ) -> BrokerFiles:
     """Write mosquitto.conf, passwd and acl into `directory`.
 
     `install_dir` is where the files will live on the broker host (the paths inside the
-    conf); it defaults to `directory` itself.
+    conf); it defaults to `directory` itself. `password_hashes`: nodes whose clear-text
+    password stays with them (envoys), by their Mosquitto hash.
     """
-    missing = sorted(set(nodes) - set(passwords))
+    missing = sorted(set(nodes) - set(passwords) - set(password_hashes or {}))
     if missing:
         raise ValueError(f"no MQTT password for node(s) {', '.join(missing)}")
     directory = Path(directory)
@@ -372,7 +386,7 @@ def write_broker_files(
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
     # 0600 all three: the password hashes above all, and nothing here is for other users.
     for name, text in (
-        ("mosquitto.passwd", render_passwd(passwords)),
+        ("mosquitto.passwd", render_passwd(passwords, hashes=password_hashes)),
         ("mosquitto.acl", render_acl(federation=federation, nodes=nodes)),
         ("mosquitto.conf", render_conf(config)),
     ):

@@ -9,9 +9,10 @@ Layout of OUT (every node runs from its kit, as it would on its own machine):
     OUT/pids.json            who is who, for operators and tests (e.g. to kill -9 one envoy)
     OUT/faults.toml          the fault plan the nodes read (--faults)
 
-Keys, configs, the broker's allow-list and Mosquitto's files are made once, by provisioning;
-the demo then only writes its own settings into the node configs (`update_config`) and runs
-the processes on loopback.
+Each envoy makes its keys in its own folder (`node.identity`, as `fedbus envoy init` on a
+hospital's host); configs, the broker's allow-list and Mosquitto's files are made once, by
+provisioning from their public halves; the demo then only writes its own settings into the
+node configs (`update_config`) and runs the processes on loopback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from broker.server.config import Heartbeat
 from broker.server.mosquitto_process import MosquittoError, MosquittoProcess, mosquitto_binary
 from broker.server.ports import ADDRESS_IN_USE, free_port
 from node.errors import ExitCode, FedbusError
+from node.identity import init_identity
 from node.provision import Plan, provision, update_config
 from node.status import read_records
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
@@ -179,7 +181,11 @@ class Federation:
 
     def _provision(self, port: int) -> None:
         assert self.data_path is not None
+        # Each envoy makes its own keys in its own folder, as on its own host; provisioning
+        # gets their public half only.
+        public = {name: init_identity(self.kit(name), name) for name in self.names}
         plan = Plan(
+            public_keys=public,
             federation=FEDERATION,
             envoys=list(self.names),
             director_id=DIRECTOR,
