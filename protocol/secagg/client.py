@@ -19,10 +19,10 @@ Rules that keep an input secret even from a malicious director:
   that cut edges to learn the sums of cliques is refused); the signature covers the
   survivor set, the roster digest and its partner set;
 * in malicious mode a peer's keys are used only under a valid Ed25519 signature, and a share
-  of peer u is only revealed when at least t members of u's closed neighbourhood that hold a
-  share of u signed the very survivor set and roster of the request (honest clients sign one
-  set per session, so with 2t > k + 1 + corrupt neighbours two contradicting sets cannot
-  both gather t signatures);
+  of peer u is only revealed when at least t members of u's closed neighbourhood signed the
+  very survivor set and roster of the request (honest clients sign one set per session, so
+  with 2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t
+  signatures);
 * every signature, HKDF info and AEAD associated data binds the session context (federation,
   purpose, session number, participants and their identity keys: protocol.secagg.common);
 * pairwise masks come from the PRG seeded with the whole 32-byte agreement output.
@@ -55,7 +55,6 @@ from protocol.secagg.common import (
     ENC_INFO,
     MASK_INFO,
     TRAIN,
-    bitmap_has,
     consistency_signing_payload,
     keys_signing_payload,
     pair_info,
@@ -480,24 +479,16 @@ class SecAggClient(RefusalLog):
     def _enough_signatures(
         self, u: str, survivors: frozenset[str], body: SecAggUnmaskRequest, digest: bytes
     ) -> bool:
-        """At least t members of N[u], all survivors holding a share of u (u itself, or a
-        neighbour whose signed partner set names u), signed exactly `survivors` and the roster
-        this client was given.
+        """At least t members of N[u], all survivors, signed exactly `survivors`, the roster
+        this client was given and their own partner sets.
 
         Ed25519 verification dominates malicious-mode cost, so each signature is verified at
         most once per client, and signatures already known valid, then those of this
         client's own neighbourhood (shared by most of the u it answers for), are used first.
         """
         t = self.params.t
-        graph = self.graph
         signatures, bitmaps = body.signatures, body.partners
-        members = [
-            w
-            for w in graph.closed(u)
-            if w in survivors
-            and w in signatures
-            and (w == u or bitmap_has(bitmaps.get(w, b""), graph.rank(w, u)))
-        ]
+        members = [w for w in self.graph.closed(u) if w in survivors and w in signatures]
         if len(members) < t:
             return False
         cache = self._sig_cache
@@ -508,14 +499,14 @@ class SecAggClient(RefusalLog):
         good = sum(1 for w in members if cache.get(key(w)) is True)
         if good >= t:
             return True
-        mine = graph.closed(self.node_id)
+        mine = self.graph.closed(self.node_id)
         todo = sorted(
             (w for w in members if key(w) not in cache),
             key=lambda w: (w not in mine, w),
         )
         for w in todo:
-            # Keyed by the signature and bitmap too: a forged one must not poison a later
-            # genuine one.
+            # Keyed by the signature and the partner set too: a forged one must not poison a
+            # later genuine one.
             payload = consistency_signing_payload(
                 self.context, digest, self._roster_digest, bitmaps.get(w, b"")
             )

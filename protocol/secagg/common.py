@@ -102,10 +102,25 @@ def roster_digest(context: bytes, entries: Iterable[tuple[str, bytes, bytes, byt
     It seeds the SecAgg+ graph (protocol.secagg.graph), so the graph follows from the
     clients' signed key advertisements rather than from a value the server picks.
     """
-    h = hashlib.sha256(_pack("roster", context))
+    # One length-prefixed record per entry, hashed in one call: every client hashes the
+    # whole roster, so this runs n times per round in a one-process simulation.
+    parts = [_pack("roster", context)]
     for node, c_public, s_public, signature in sorted(entries):
-        h.update(_pack(node, c_public, s_public, signature))
-    return h.digest()
+        raw = node.encode("utf-8")
+        parts.append(
+            b"%b%b%b%b%b%b%b%b"
+            % (
+                struct.pack(">H", len(raw)),
+                raw,
+                struct.pack(">H", len(c_public)),
+                c_public,
+                struct.pack(">H", len(s_public)),
+                s_public,
+                struct.pack(">H", len(signature)),
+                signature,
+            )
+        )
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def partners_bitmap(neighbours: Sequence[str], partners: Iterable[str]) -> bytes:
@@ -117,12 +132,6 @@ def partners_bitmap(neighbours: Sequence[str], partners: Iterable[str]) -> bytes
         if v in chosen:
             out[i >> 3] |= 1 << (i & 7)
     return bytes(out)
-
-
-def bitmap_has(bitmap: bytes, index: int) -> bool:
-    """Whether bit `index` of a partners_bitmap is set (False beyond its end)."""
-    byte = index >> 3
-    return byte < len(bitmap) and bool(bitmap[byte] >> (index & 7) & 1)
 
 
 def share_purpose(context: bytes) -> str:

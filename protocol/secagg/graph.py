@@ -76,7 +76,6 @@ class Graph:
         self.complete = kind == "complete" or k >= n - 1
         self.k = n - 1 if self.complete else k
         self._cache: dict[str, frozenset[str]] = {}
-        self._ranks: dict[str, dict[str, int]] = {}
         if self.complete:
             self._everyone = frozenset(nodes)
             return
@@ -136,20 +135,6 @@ class Graph:
 
     def closed(self, node: str) -> frozenset[str]:
         return self.neighbours(node) | {node}
-
-    def rank(self, node: str, peer: str) -> int:
-        """The position of `peer` in sorted(neighbours(node)), -1 if it is not a neighbour
-        (the bit of `peer` in `node`'s partner bitmap)."""
-        if peer == node or peer not in self.index:
-            return -1
-        if self.complete:
-            i, j = self.index[peer], self.index[node]
-            return i - 1 if i > j else i
-        ranks = self._ranks.get(node)
-        if ranks is None:
-            ranks = {v: i for i, v in enumerate(sorted(self.neighbours(node)))}
-            self._ranks[node] = ranks
-        return ranks.get(peer, -1)
 
 
 @functools.lru_cache(maxsize=16)
