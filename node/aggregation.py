@@ -18,13 +18,14 @@ import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from node.config import SecAggConfig
 from node.errors import ExitCode, FedbusError
 from protocol.base import Message
-from protocol.events import Outgoing, RefusalLog, Refused
+from protocol.events import Outgoing, Refusal, RefusalLog, Refused
 from protocol.messages import PlainUpdate
 from protocol.secagg.common import EVALUATE, TRAIN
 from protocol.secagg.evaluation import EvaluationLayout, EvaluationSum, decode_evaluation
@@ -47,6 +48,7 @@ __all__ = [
     "AggregateResult",
     "Aggregation",
     "AggregationError",
+    "Driven",
     "PlainAggregation",
     "SecureAggregation",
     "SecureEvaluation",
@@ -63,6 +65,26 @@ class AggregationError(FedbusError, ValueError):
 
 class OutOfRangeAggregate(AggregationError):
     """The unmasked sum is outside the format (protocol AggregateOutOfRange): refused."""
+
+
+class Driven(Protocol):
+    """What the director's round driver feeds, stage by stage, until it is done: an
+    Aggregation, or the SecureEvaluation after a round."""
+
+    @property
+    def stage(self) -> State: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+    def receive(self, sender: str, body: Message) -> list[Outgoing]: ...
+
+    def close_stage(self) -> list[Outgoing]: ...
+
+    def take_refusals(self) -> list[Refusal]: ...
 
 
 @dataclass

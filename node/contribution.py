@@ -100,6 +100,7 @@ class Contribution(RefusalLog, abc.ABC):
 
     secure: bool
     session: int | None = None  # the SecAgg session number its messages carry
+    round: int | None = None  # the training round it belongs to (SecAgg sessions only)
 
     def __init__(self, *, director_id: str) -> None:
         super().__init__("fedbus.contribution", "contribution_refused")
@@ -153,7 +154,7 @@ class _SecAggContribution(Contribution):
         guard: SurvivorGuard | None = None,
     ) -> None:
         super().__init__(director_id=director_id)
-        self.round = round
+        self.round = self._round = round
         self.session = secagg_session(round, attempt, purpose)
         self.participants = list(participants)
         self.guard = guard
@@ -196,7 +197,7 @@ class _SecAggContribution(Contribution):
             body, SecAggConsistencyRequest | SecAggUnmaskRequest
         ):
             digest = survivors_digest(body.survivors).hex()
-            reason = self.guard.refuse_signing(self.round, digest)
+            reason = self.guard.refuse_signing(self._round, digest)
             if reason:
                 return self.refuse(sender, body, reason)
         out = self.client.receive(sender, body)
@@ -204,7 +205,7 @@ class _SecAggContribution(Contribution):
         if digest and any(isinstance(o.body, SecAggConsistencySignature) for o in out):
             # Recorded before the signature leaves the envoy (the caller sends `out`).
             assert self.guard is not None
-            self.guard.signed(self.round, digest)
+            self.guard.signed(self._round, digest)
         return out
 
     def entered_on(self, body: Message) -> Stage | None:

@@ -35,6 +35,7 @@ from node.aggregation import (
     AggregateResult,
     Aggregation,
     AggregationError,
+    Driven,
     OutOfRangeAggregate,
     PlainAggregation,
     SecureAggregation,
@@ -502,7 +503,7 @@ class Director:
 
     async def _drive(
         self,
-        agg: Any,
+        agg: Driven,
         r: int,
         participants: list[str],
         deadlines: dict[str, float],
@@ -539,7 +540,7 @@ class Director:
                 self._set_stage(stage)
         stage_times[stage] = round(self.clock() - stage_start, 3)
 
-    def _receive(self, agg: Any, env: Envelope) -> list[Outgoing]:
+    def _receive(self, agg: Driven, env: Envelope) -> list[Outgoing]:
         """One participant's message into the aggregation; refusals are logged, not raised."""
         try:
             outs = agg.receive(env.sender, env.body)

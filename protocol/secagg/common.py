@@ -123,7 +123,7 @@ def roster_digest(context: bytes, entries: Iterable[tuple[str, bytes, bytes, byt
     return hashlib.sha256(b"".join(parts)).digest()
 
 
-def partners_bitmap(neighbours: Sequence[str], partners: Iterable[str]) -> bytes:
+def partners_bitmap(neighbours: Iterable[str], partners: Iterable[str]) -> bytes:
     """Bit i (little-endian within each byte) set iff sorted(neighbours)[i] is a partner."""
     chosen = set(partners)
     ordered = sorted(neighbours)
