@@ -119,19 +119,21 @@ def issue_cert(
     return _key_pem(key), cert
 
 
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
 def make_csr(common_name: str) -> tuple[bytes, bytes]:
     """(key PEM, certificate request PEM) of a fresh client key, made where it will stay."""
     key = _new_ec_key()
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
+        .subject_name(_subject(common_name))
         .sign(key, hashes.SHA256())
     )
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
@@ -181,14 +183,7 @@ def _sign(
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
+        .subject_name(_subject(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())

@@ -41,6 +41,20 @@ def raw_client(
     )
 
 
+def record_refusals(client: aiomqtt.Client) -> list[int]:
+    """The reason codes of the client's refused publishes (PUBACK failures), as they come."""
+    refusals: list[int] = []
+    original = client._client.on_publish
+
+    def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            refusals.append(reason_code.value)
+        original(client, userdata, mid, reason_code, properties)
+
+    client._client.on_publish = on_publish
+    return refusals
+
+
 async def first_message(client: aiomqtt.Client) -> aiomqtt.Message:
     async for message in client.messages:
         return message
@@ -121,16 +135,8 @@ async def test_envoy_cannot_publish_on_broadcast_or_as_another_envoy(
     presence = director.subscribe(topics.presence_filter)
     for sub in (e2_broadcast, e2_inbox, presence):
         await sub.ready()
-    refusals: list[int] = []
     async with raw_client(mosquitto, "e1", mosquitto.passwords["e1"]) as attacker:
-        original = attacker._client.on_publish
-
-        def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
-            if reason_code.is_failure:
-                refusals.append(reason_code.value)
-            original(client, userdata, mid, reason_code, properties)
-
-        attacker._client.on_publish = on_publish
+        refusals = record_refusals(attacker)
         # Each publish returns on its PUBACK: Mosquitto has handled (and dropped) it.
         await attacker.publish(topics.broadcast, b"forged round start", qos=1)
         await attacker.publish(topics.envoy("e2"), b"forged unmask request", qos=1)
@@ -154,16 +160,8 @@ async def test_envoy_cannot_impersonate_with_its_own_password(mosquitto: Broker)
 
 async def test_director_rights_are_its_own(mosquitto: Broker) -> None:
     """The director may not speak as an envoy (publish on the director inbox or presence)."""
-    refusals: list[int] = []
     async with raw_client(mosquitto, "director", mosquitto.passwords["director"]) as rogue:
-        original = rogue._client.on_publish
-
-        def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
-            if reason_code.is_failure:
-                refusals.append(reason_code.value)
-            original(client, userdata, mid, reason_code, properties)
-
-        rogue._client.on_publish = on_publish
+        refusals = record_refusals(rogue)
         topics = Topics(FEDERATION)
         await rogue.publish(topics.director, b"forged envoy message", qos=1)
         await rogue.publish(topics.presence("e1"), b"e1 offline (forged)", qos=1)
