@@ -22,6 +22,7 @@ by wrapping the bus in broker.faults.FaultyBus (see node.cli).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -65,7 +66,7 @@ from protocol.messages import (
     RoundStart,
     Shutdown,
 )
-from protocol.secagg.update import Layout, UpdateNotFinite, clip_to_norm
+from protocol.secagg.update import Layout, UpdateNotFinite, update_norm
 from protocol.stages import Stage
 from protocol.tensors import TensorError, state_digest, state_to_numpy
 
@@ -140,7 +141,8 @@ class Envoy:
         self._background: set[asyncio.Task[None]] = set()
         self.rounds_trained = 0
         self.evaluations = 0
-        self.refused: list[tuple[int, str]] = []  # (round, why) of every refused request
+        # (round, why) of the latest refused requests of the director
+        self.refused: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -370,11 +372,13 @@ class Envoy:
         if update is None:
             return None
         try:
-            clip_to_norm(update.delta, rs.update_norm)  # only the finiteness check matters here
+            norm = update_norm(update.delta)
         except UpdateNotFinite as exc:
             # A broken training run is this envoy's error, not a silent dropout.
             self.log.error("update_not_finite", error=type(exc).__name__, reason=str(exc))
             return None
+        if norm > rs.update_norm:
+            self.log.info("update_clipped", norm=norm, bound=rs.update_norm)
         self._kept = KeptUpdate(round, digest, update)
         self.ledger.trained(round)
         return update

@@ -30,7 +30,13 @@ from pathlib import Path
 import msgspec
 
 from broker.files import PUBLIC_MODE, SECRET_MODE, atomic_write_bytes, private_dir, read_toml
-from broker.keys import curve_public_key, generate_curve_keypair, read_key_file, write_key_file
+from broker.keys import (
+    check_z85_key,
+    curve_public_key,
+    generate_curve_keypair,
+    read_key_file,
+    write_key_file,
+)
 from broker.server.mosquitto_files import generate_password, hash_password
 from broker.topics import validate_id
 from crypto.signing import generate_signing_keypair, signing_public_key
@@ -74,8 +80,6 @@ class PublicIdentity(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raw = bytes.fromhex(self.signing_public_key)
             if len(raw) != 32:
                 raise ValueError("signing_public_key: not 32 bytes")
-            from broker.keys import check_z85_key
-
             check_z85_key(self.curve_public_key, "curve_public_key")
             if not self.mqtt_password_hash.startswith("$7$"):
                 raise ValueError("mqtt_password_hash: not a Mosquitto $7$ hash")

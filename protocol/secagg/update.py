@@ -49,6 +49,7 @@ __all__ = [
     "encode_update",
     "qrange_for",
     "secagg_session",
+    "update_norm",
 ]
 
 # Sample counts are divided by this public constant before masking: w in (0, 1] keeps every
@@ -86,6 +87,21 @@ def secagg_session(round: int, attempt: int, purpose: str = TRAIN) -> int:
     return (round * MAX_ATTEMPTS + attempt) * 2 + (purpose == EVALUATE)
 
 
+def update_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of an update over all its tensors; UpdateNotFinite if any value is NaN or
+    infinite (or the norm overflows)."""
+    squares = []
+    for name, value in delta.items():
+        flat = np.asarray(value, dtype=np.float64).ravel()
+        if not np.isfinite(flat).all():
+            raise UpdateNotFinite(f"the local update has non-finite values in {name!r}")
+        squares.append(float(np.dot(flat, flat)))
+    norm = math.sqrt(math.fsum(squares))
+    if not math.isfinite(norm):
+        raise UpdateNotFinite("the local update's norm overflows")
+    return norm
+
+
 def clip_to_norm(
     delta: Mapping[str, np.ndarray], bound: float
 ) -> tuple[dict[str, np.ndarray], float]:
@@ -93,15 +109,9 @@ def clip_to_norm(
     value is NaN or infinite."""
     if not (math.isfinite(bound) and bound > 0):
         raise UpdateFormatError(f"norm bound {bound} must be finite and > 0")
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in delta.items()}
-    bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
-    if bad:
-        raise UpdateNotFinite(f"the local update has non-finite values in {bad[0]!r}")
-    norm = math.sqrt(math.fsum(float(np.dot(v.ravel(), v.ravel())) for v in arrays.values()))
-    if not math.isfinite(norm):
-        raise UpdateNotFinite("the local update's norm overflows")
+    norm = update_norm(delta)
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {k: v * scale for k, v in arrays.items()}, norm
+    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}, norm
 
 
 def qrange_for(params: SecAggParams, participants: int) -> QuantizationRange:
