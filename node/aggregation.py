@@ -430,12 +430,13 @@ class SecureEvaluation(_SecAggDriver):
         *,
         round: int,
         participants: Sequence[str],
+        num_classes: int,
         bins: int,
         params: SecAggParams,
         client_signing_keys: Mapping[str, bytes] | None = None,
         federation: str = "",
     ) -> None:
-        self.layout = EvaluationLayout(bins)
+        self.layout = EvaluationLayout(num_classes, bins)
         self.participants = list(participants)
         super().__init__(
             round=round,

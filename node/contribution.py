@@ -287,6 +287,7 @@ class SecureEvaluation(_SecAggContribution):
         attempt: int,
         params: SecAggParams,
         participants: Sequence[str],
+        num_classes: int,
         bins: int,
         signing_key: bytes | None,
         peer_signing_keys: Mapping[str, bytes],
@@ -305,13 +306,13 @@ class SecureEvaluation(_SecAggContribution):
             peer_signing_keys=peer_signing_keys,
             policy=policy,
         )
-        self.layout = EvaluationLayout(bins)
+        self.layout = EvaluationLayout(num_classes, bins)
 
-    def submit(self, neg: np.ndarray, pos: np.ndarray, loss_sum: float) -> list[Outgoing]:
+    def submit(self, histograms: np.ndarray, loss_sum: float) -> list[Outgoing]:
+        """Mask this envoy's histogram vector (node.training.histograms) and loss sum."""
         vector = encode_evaluation(
             self.layout,
-            neg,
-            pos,
+            histograms,
             loss_sum,
             participants=len(self.participants),
             rng=np.random.default_rng(),

@@ -13,7 +13,7 @@ import msgspec
 
 from protocol.base import Message
 from protocol.secagg.messages import MAX_PARTICIPANTS, SecAggMessage, SecAggParams
-from protocol.tensors import Tensor
+from protocol.tensors import MAX_DIMS, Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
 
 PROTOCOL_VERSION = 2
@@ -26,14 +26,19 @@ Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS - 1)]
 # an oversized one before building it (memory stays proportional to the frame's real content).
 MAX_TENSORS = 4096  # a ResNet-18 has ~120
 MAX_BINS = 10000
-Weights = Annotated[
-    dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor], msgspec.Meta(max_length=MAX_TENSORS)
-]
+# A histogram vector (node.training.histograms) has 2 C bins + C^2 entries for C > 2 classes:
+# 1.2 million for 1000 classes and 100 bins. A longer one is refused before it is built.
+MAX_HISTOGRAM = 2**21
+LayerName = Annotated[str, msgspec.Meta(max_length=256)]
+Weights = Annotated[dict[LayerName, Tensor], msgspec.Meta(max_length=MAX_TENSORS)]
 NodeIds = Annotated[list[NodeId], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
-Histogram = Annotated[list[Count], msgspec.Meta(max_length=MAX_BINS)]
+Histograms = Annotated[list[Count], msgspec.Meta(max_length=MAX_HISTOGRAM)]
 # The L2 bound of an envoy's update when the director's config names none.
 DEFAULT_UPDATE_NORM = 100.0
 UpdateNorm = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
+# A model fingerprint: 32 hex digits of SHA-256 over a ModelSummary (node.modelcheck).
+Fingerprint = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")]
+MAX_LAYERS = 100_000
 
 
 class Presence(Message, frozen=True):
@@ -43,6 +48,28 @@ class Presence(Message, frozen=True):
     role: Annotated[str, msgspec.Meta(pattern="^(envoy|director)$")]
     heartbeat_s: float
     stage: ShortText = ""
+    # The fingerprint of the model this node builds from its config ("" = not declared), so
+    # a director and an envoy configured with different models find out when the envoy joins.
+    model: Fingerprint = ""
+
+
+class ModelSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What makes two nodes' models the same network: the [model] settings that shape it
+    (as canonical JSON text) and the name and shape of every weight."""
+
+    settings: dict[ShortText, ShortText]
+    layers: Annotated[
+        list[tuple[LayerName, Annotated[list[Count], msgspec.Meta(max_length=MAX_DIMS)]]],
+        msgspec.Meta(max_length=MAX_LAYERS),
+    ]
+
+
+class ModelMismatch(Message, frozen=True):
+    """Director -> envoy: your model's fingerprint is not the federation's; this is its model
+    (the envoy names the differences and stops: a config error, not something to retry)."""
+
+    fingerprint: Fingerprint
+    model: ModelSummary
 
 
 class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,16 +124,18 @@ class EvaluateRequest(Message, frozen=True):
 
 
 class EvaluateResult(Message, frozen=True):
-    """Per-class histograms of the pneumonia score on the envoy's validation split, in the
-    clear: only sent under the envoy's insecure plain-update opt-in.
+    """Per-class score histograms of the envoy's validation split, as one flat vector, in the
+    clear: only sent under the envoy's insecure plain-update opt-in (otherwise the same vector
+    goes through the evaluation SecAgg session, protocol.secagg.evaluation).
 
     Histograms, not per-image scores, so the director learns the ROC and nothing per patient.
+    The layout (node.training.histograms) depends on the number of classes and bins: for two
+    classes it is the negative then the positive histogram of P(class 1).
     """
 
     num_samples: Count
     loss_sum: float
-    hist_negative: Histogram
-    hist_positive: Histogram
+    histograms: Histograms
 
 
 class RoundEnd(Message, frozen=True):
@@ -138,6 +167,7 @@ class StatusReply(Message, frozen=True):
 
 CoreMessage = (
     Presence
+    | ModelMismatch
     | RoundStart
     | PlainUpdate
     | EvaluateRequest

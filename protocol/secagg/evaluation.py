@@ -8,9 +8,18 @@ threshold of the federation without any envoy's histogram, class balance or vali
 is built before the new model exists, so it could only score the model the round started
 from.)
 
-The vector is [negative histogram (bins), positive histogram (bins), loss]:
+The vector is [histogram vector, loss]. The histogram vector is node.training.histograms'
+layout for `num_classes` classes and `bins` bins (the same one a plain EvaluateResult carries):
 
-* counts are plain integers: each envoy contributes at most `count_cap(n)` samples (at most
+* two classes: the histogram of P(class 1) over the class-0 images, then over the class-1
+  images (2 bins entries);
+* C > 2 classes: per class, its one-vs-rest pair of histograms (2 C bins entries), then the
+  C x C confusion counts of the argmax decision.
+
+In both, every pair of histograms and the confusion matrix count each image once; the first
+pair's total is the number of images. Then:
+
+* counts are plain integers: each envoy contributes at most `count_cap(n)` images (at most
   SAMPLE_CAP, and few enough that n envoys' counts never wrap mod 2^32), so the sum is exact;
 * the loss sum, clipped to LOSS_CAP per sample, is quantised with crypto.quantize over
   [0, count_cap * LOSS_CAP] (unbiased stochastic rounding).
@@ -52,24 +61,60 @@ def count_cap(participants: int) -> int:
 
 @dataclass(frozen=True)
 class EvaluationLayout:
+    num_classes: int
     bins: int
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2 or self.bins < 2:
+            raise UpdateFormatError(
+                f"need >= 2 classes and >= 2 bins, got {self.num_classes} and {self.bins}"
+            )
+
+    @property
+    def histogram_length(self) -> int:
+        """Entries of the histogram vector (node.training.histograms.vector_length)."""
+        c, b = self.num_classes, self.bins
+        return 2 * b if c == 2 else 2 * c * b + c * c
 
     @property
     def vector_length(self) -> int:
-        return 2 * self.bins + 1
+        return self.histogram_length + 1
+
+    def images(self, histograms: np.ndarray) -> int:
+        """The images a histogram vector counts, or UpdateFormatError if its parts disagree
+        (a pair of histograms or the confusion matrix counting another number of images)."""
+        h = np.asarray(histograms, dtype=np.int64)
+        if h.shape != (self.histogram_length,):
+            raise UpdateFormatError(
+                f"histogram vector of shape {list(h.shape)}, expected [{self.histogram_length}]"
+            )
+        if (h < 0).any():
+            raise UpdateFormatError("histogram counts must be non-negative")
+        c, b = self.num_classes, self.bins
+        pairs = 1 if c == 2 else c
+        per_pair = h[: 2 * pairs * b].reshape(pairs, 2 * b).sum(axis=1)
+        count = int(per_pair[0])
+        if c > 2:
+            confusion = h[2 * c * b :].reshape(c, c)
+            positives = h[: 2 * c * b].reshape(c, 2, b)[:, 1, :].sum(axis=1)
+            if (
+                (per_pair != count).any()
+                or int(confusion.sum()) != count
+                or (confusion.sum(axis=1) != positives).any()
+            ):
+                raise UpdateFormatError(
+                    "the per-class histograms and the confusion counts disagree"
+                )
+        return count
 
 
 @dataclass(frozen=True)
 class EvaluationSum:
-    """The federation's validation histograms and summed log loss (no envoy's own)."""
+    """The federation's histogram vector and summed log loss (no envoy's own)."""
 
-    hist_negative: np.ndarray
-    hist_positive: np.ndarray
+    histograms: np.ndarray
+    num_samples: int
     loss_sum: float
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.hist_negative.sum() + self.hist_positive.sum())
 
 
 def _loss_range(participants: int) -> QuantizationRange:
@@ -80,23 +125,15 @@ def _loss_range(participants: int) -> QuantizationRange:
 
 def encode_evaluation(
     layout: EvaluationLayout,
-    hist_negative: np.ndarray,
-    hist_positive: np.ndarray,
+    histograms: np.ndarray,
     loss_sum: float,
     *,
     participants: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """The uint32 vector an envoy masks in the evaluation session."""
-    neg = np.asarray(hist_negative, dtype=np.int64)
-    pos = np.asarray(hist_positive, dtype=np.int64)
-    if neg.shape != (layout.bins,) or pos.shape != (layout.bins,):
-        raise UpdateFormatError(
-            f"histograms of {neg.shape} and {pos.shape}, expected ({layout.bins},) each"
-        )
-    if (neg < 0).any() or (pos < 0).any():
-        raise UpdateFormatError("histogram counts must be non-negative")
-    count = int(neg.sum() + pos.sum())
+    hist = np.asarray(histograms, dtype=np.int64)
+    count = layout.images(hist)
     cap = count_cap(participants)
     if count > cap:
         raise UpdateFormatError(
@@ -107,7 +144,7 @@ def encode_evaluation(
     qrange = _loss_range(participants)
     loss = min(max(float(loss_sum), 0.0), count * LOSS_CAP)
     loss_q = quantize(np.array([loss - qrange.clip]), qrange, rng=rng)
-    return np.concatenate([neg, pos, loss_q.astype(np.int64)]).astype(np.uint32)
+    return np.concatenate([hist, loss_q.astype(np.int64)]).astype(np.uint32)
 
 
 def decode_evaluation(
@@ -122,8 +159,11 @@ def decode_evaluation(
         )
     if not 1 <= summands <= participants:
         raise UpdateFormatError(f"summands: {summands} outside 1..{participants}")
-    counts = arr[: 2 * layout.bins].astype(np.int64)
-    total_count = int(counts.sum())
+    counts = arr[: layout.histogram_length].astype(np.int64)
+    try:
+        total_count = layout.images(counts)
+    except UpdateFormatError as exc:
+        raise AggregateOutOfRange(f"no sum of honest histograms: {exc}") from None
     if total_count > summands * count_cap(participants):
         raise AggregateOutOfRange(
             f"{total_count} validation samples from {summands} envoys: more than each may "
@@ -139,8 +179,4 @@ def decode_evaluation(
         raise AggregateOutOfRange(
             f"loss sum {loss:.4g} outside [0, {LOSS_CAP:g} x {total_count} samples]"
         )
-    return EvaluationSum(
-        hist_negative=counts[: layout.bins],
-        hist_positive=counts[layout.bins :],
-        loss_sum=max(loss, 0.0),
-    )
+    return EvaluationSum(histograms=counts, num_samples=total_count, loss_sum=max(loss, 0.0))

@@ -228,10 +228,14 @@ def test_an_aggregate_outside_what_honest_updates_give_is_refused():
 @settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(1, 8),
+    classes=st.integers(2, 5),
     bins=st.integers(2, 30),
     seed=st.integers(0, 2**16),
 )
-def test_evaluation_sums_are_exact_and_refused_out_of_range(m, bins, seed):
+def test_evaluation_sums_are_exact_and_refused_out_of_range(m, classes, bins, seed):
+    """The evaluation session carries node.training.histograms' vector for any number of
+    classes (issue #13's multi-class layout) and sums it exactly."""
+    from node.training.histograms import histogram_vector, vector_length
     from protocol.secagg.evaluation import (
         LOSS_CAP,
         EvaluationLayout,
@@ -241,23 +245,31 @@ def test_evaluation_sums_are_exact_and_refused_out_of_range(m, bins, seed):
     )
 
     gen = np.random.default_rng(seed)
-    layout = EvaluationLayout(bins)
-    negs = [gen.integers(0, 50, bins) for _ in range(m)]
-    poss = [gen.integers(0, 50, bins) for _ in range(m)]
-    losses = [
-        float(gen.uniform(0, 2)) * int(n.sum() + p.sum()) for n, p in zip(negs, poss, strict=True)
-    ]
+    layout = EvaluationLayout(classes, bins)
+    assert layout.histogram_length == vector_length(classes, bins)
+    hists = []
+    for _ in range(m):
+        images = int(gen.integers(0, 60))
+        probs = gen.dirichlet(np.ones(classes), size=images)
+        hists.append(histogram_vector(probs, gen.integers(0, classes, images), bins))
+    losses = [float(gen.uniform(0, 2)) * layout.images(h) for h in hists]
     vectors = [
-        encode_evaluation(layout, n, p, loss, participants=m, rng=gen)
-        for n, p, loss in zip(negs, poss, losses, strict=True)
+        encode_evaluation(layout, h, loss, participants=m, rng=gen)
+        for h, loss in zip(hists, losses, strict=True)
     ]
     total = np.sum(vectors, axis=0, dtype=np.uint32)
     got = decode_evaluation(layout, total, participants=m, summands=m)
-    np.testing.assert_array_equal(got.hist_negative, np.sum(negs, axis=0))
-    np.testing.assert_array_equal(got.hist_positive, np.sum(poss, axis=0))
+    np.testing.assert_array_equal(got.histograms, np.sum(hists, axis=0))
+    assert got.num_samples == sum(layout.images(h) for h in hists)
     step = count_cap(m) * LOSS_CAP / (2**32 // m)  # one quantisation level of the loss
     assert got.loss_sum == pytest.approx(sum(losses), abs=2 * m * step + 1e-6)
     inflated = total.copy()
     inflated[0] += np.uint32(m * count_cap(m))
     with pytest.raises(AggregateOutOfRange):
         decode_evaluation(layout, inflated, participants=m, summands=m)
+    if classes > 2:
+        # One class's pair counting an image the others do not: no honest sum looks so.
+        skewed = total.copy()
+        skewed[2 * bins] += np.uint32(1)
+        with pytest.raises(AggregateOutOfRange):
+            decode_evaluation(layout, skewed, participants=m, summands=m)
