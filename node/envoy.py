@@ -210,6 +210,10 @@ class Envoy:
         readers = [asyncio.create_task(self._read(sub)) for sub in subs]
         heartbeat = asyncio.create_task(self._heartbeat())
         self.log.info("envoy_started")
+        opted_in = [name for name in INSECURE_POLICY if getattr(self.policy, name)]
+        if opted_in:
+            # The hospital's own choice, but never a quiet one.
+            self.log.warning("insecure_policy", opted_in=opted_in)
         try:
             await self._stop.wait()
         finally:
@@ -555,6 +559,10 @@ class Envoy:
         await self.endpoint.send(
             self.topics.director, round=round, recipient=self.cfg.director_id, body=body
         )
+
+
+# The envoy's opt-outs of its own protections (node.config.PolicyConfig).
+INSECURE_POLICY = ("insecure_plain_updates", "insecure_reproducible_seeds")
 
 
 def round_(x: float) -> float:

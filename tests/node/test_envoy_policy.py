@@ -81,6 +81,18 @@ async def test_2_a_downgraded_round_start_is_refused_and_nothing_is_sent(tmp_pat
     assert all(t.calls == 0 for t in fed.trainers.values())  # not even trained
 
 
+async def test_2_an_envoys_own_insecure_opt_in_is_logged_as_a_warning(tmp_path):
+    fed = make_fed(tmp_path, 2, secure=False)  # each envoy opts into plain updates itself
+    with capture_logs() as logs:
+        fed.start_envoy("envoy-1")
+        while not any(e["event"] == "envoy_started" for e in logs):
+            await asyncio.sleep(0.02)
+    await fed.stop()
+    (warning,) = [e for e in logs if e["event"] == "insecure_policy"]
+    assert warning["log_level"] == "warning"
+    assert warning["opted_in"] == ["insecure_plain_updates"]
+
+
 async def test_2_an_update_norm_above_the_policy_is_refused(tmp_path):
     fed = await started(tmp_path)
     async with ScriptedDirector(fed) as director:
