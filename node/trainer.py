@@ -23,7 +23,6 @@ gradient clipping) on any model and any dataset.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,9 +182,10 @@ class PrivateTraining:
     ``train_local(privacy=...)``, every round's spend composed in the envoy's privacy
     ledger (state_dir/privacy.json) and logged with its epsilon.
 
-    The DP noise is drawn from a generator seeded from the operating system's CSPRNG each
-    round: the guarantee needs it unpredictable to the director and to every other party,
-    so it never derives from the envoy's configured seed. What leaves the envoy besides the
+    The DP noise is drawn from a generator seeded from the OS CSPRNG each round
+    (node.training.seeds.secret_seed): the guarantee needs it unpredictable to the director
+    and to every other party, so it never derives from the envoy's configured seed, not
+    even under `[policy] insecure_reproducible_seeds`. What leaves the envoy besides the
     noised weights is kept free of the records too: the sample count sent is the configured
     public `sample_weight`, not the record count, and the training loss sent is NaN (a loss
     over the private records is not covered by the noise).
@@ -223,11 +223,12 @@ class PrivateTraining:
         import structlog
         import torch
 
+        from node.training.seeds import secret_seed
         from node.training.train import model_device, train_local
 
         self.ledger.check(len(self.records), plan)
         device = model_device(self.model)
-        noise = torch.Generator(device).manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+        noise = torch.Generator(device).manual_seed(secret_seed())
         res = train_local(
             self.model, self.records.images, self.records.labels, plan, seed=seed,
             privacy=self.dp, noise=noise,

@@ -16,9 +16,8 @@ OUT/grid.png, OUT/reconstruction.gif and OUT/results.json.
 
 The attacker knows everything but the secrets: the architecture, the weights it sent, the
 plan, the recipe, the normalisation constants; not the envoy's shuffle, augmentation or
-bottleneck noise (the envoy's secrets: drawn from a CSPRNG each round with issue #11,
-until then derived from the envoy's own configured seed), except ``--attack oracle``, the
-upper bound handed the noise. The stress test of the literature, not a deployed setting, is
+bottleneck noise (the envoy's secrets, seeded from the OS CSPRNG every round:
+node.training.seeds), except ``--attack oracle``, the upper bound handed the noise. The stress test of the literature, not a deployed setting, is
 ``--threat gradient --norm group --defense none``: one image's gradient on the untrained
 group-norm sibling, where Inverting Gradients must (and does) work.
 """
@@ -661,9 +660,9 @@ def parse_args(argv: Sequence[str] | None) -> AttackConfig:
         help="ig: Inverting Gradients; adaptive: match conv1 only, before the bottleneck; "
         "eot: expectation over noise draws; joint: image and noise together; two-stage: "
         "latent, then conv1 by least squares; oracle: handed the victims' exact bottleneck "
-        "noise, an upper bound only: that noise is the envoy's secret, never sent (drawn "
-        "from a CSPRNG each round once issue #11 lands; until then derived from the "
-        "envoy's own configured seed), so no real attacker has it; dlg, idlg: the classics",
+        "noise, an upper bound only: the envoy seeds that noise from the OS CSPRNG every "
+        "round and never sends it (node.training.seeds), so no real attacker has it; dlg, "
+        "idlg: the classics",
     )
     ap.add_argument(
         "--threat",
