@@ -433,6 +433,7 @@ class PrivacyLedger:
         self.aggregate = PrivacyAccountant(dp.accountant)
         self.own = PrivacyAccountant(dp.accountant)
         self.rounds: list[dict[str, Any]] = []
+        self._computed: dict[tuple[tuple[float, float, int], ...], float] = {}
         if path is not None and path.exists():
             self._load(path)
 
@@ -455,7 +456,20 @@ class PrivacyLedger:
 
     @property
     def epsilon(self) -> float:
-        return self.aggregate.epsilon(self.dp.delta)
+        return self._epsilon(self.aggregate)
+
+    @property
+    def own_epsilon(self) -> float:
+        # Locally the two accountants hold the same history: one computation serves both.
+        return self._epsilon(self.own)
+
+    def _epsilon(self, accountant: PrivacyAccountant) -> float:
+        """The accountant's epsilon, computed once per history (the RDP optimum over ~170
+        orders is not free, and the ledger and its summary ask several times)."""
+        key = tuple(accountant.history)
+        if key not in self._computed:
+            self._computed[key] = accountant.epsilon(self.dp.delta)
+        return self._computed[key]
 
     def check(self, records: int, plan: TrainPlan) -> None:
         """Refuse a round whose spend would take epsilon beyond ``max_epsilon``."""
@@ -483,7 +497,7 @@ class PrivacyLedger:
         entry = {
             "round": round,
             "epsilon": self.epsilon,
-            "own_epsilon": self.own.epsilon(self.dp.delta),
+            "own_epsilon": self.own_epsilon,
             "delta": self.dp.delta,
             "accountant": self.dp.accountant,
             "mode": self.dp.mode,
@@ -510,7 +524,7 @@ class PrivacyLedger:
             "noise_multiplier": self.dp.noise_multiplier,
             "max_grad_norm": self.dp.max_grad_norm,
             "epsilon": self.epsilon,
-            "own_epsilon": self.own.epsilon(self.dp.delta),
+            "own_epsilon": self.own_epsilon,
             "history": [list(h) for h in self.aggregate.history],
             "own_history": [list(h) for h in self.own.history],
             "rounds": self.rounds,
