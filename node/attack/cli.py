@@ -69,7 +69,7 @@ from node.attack.deployed import (
 )
 from node.errors import ExitCode, FedbusError
 from node.progress import progress_display
-from node.training.privacy import DPConfig, check_model
+from node.training.privacy import DPConfig, PrivacyError, check_model
 from protocol.configfile import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -790,6 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         report = run(cfg)
+    except PrivacyError as exc:  # --dp-noise against a model DP cannot train: the options'
+        print(f"fedbus attack: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
     except (FedbusError, ConfigError) as exc:  # missing data, an unusable director config
         print(f"fedbus attack: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", ExitCode.CONFIG))
