@@ -38,6 +38,15 @@ def bin_edges(bins: int = DEFAULT_BINS) -> np.ndarray:
     return np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-logits)), [1.0]])
 
 
+def bin_thresholds(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Threshold k = 0..bins of the rule "positive iff bin >= k", as a score threshold.
+
+    edge[k] for k < bins; k = bins (nobody positive) is 1 + 1/bins, above every score, 1.0
+    included, so raw scores compared with ">=" read it the same way.
+    """
+    return np.concatenate([bin_edges(bins)[:-1], [1.0 + 1.0 / bins]])
+
+
 def _check_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
@@ -128,9 +137,7 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
     tp = float(tpr[k] * n_pos)
     fp = float(fpr[k] * n_neg)
     out.update(_confusion_metrics(n_neg - round(fp), round(fp), n_pos - round(tp), round(tp)))
-    # Threshold k means "bin >= k"; for k = bins (nobody is positive) that is a threshold
-    # above every score, 1.0 included, so raw scores read it the same way.
-    thresholds = np.concatenate([edges[:-1], [1.0 + 1.0 / bins]])
+    thresholds = bin_thresholds(bins)
     out.update(
         auc=auc,
         threshold=float(thresholds[k]),

@@ -146,6 +146,8 @@ def train_local(
     flip: bool = True,
     max_grad_norm: float | None = 5.0,
     augment_strength: float = 1.0,
+    label_smoothing: float = 0.0,
+    prox_mu: float = 0.0,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -154,7 +156,14 @@ def train_local(
     bottleneck's mean can grow to outrun its noise; clipping keeps both from kicking the
     momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
     the rotation, scale, shift and jitter ranges of `augment_batch` together.
+    `label_smoothing` is cross-entropy's. `prox_mu` > 0 adds FedProx's proximal term
+    mu/2 ||w - w_global||^2 (Li et al. 2020), which keeps a skewed envoy's local steps near
+    the global model; its gradient mu (w - w_global) is added before clipping.
     """
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
     x_all = images_to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
     n = int(y_all.shape[0])
@@ -175,6 +184,7 @@ def train_local(
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, plan)
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     model.train()
     step = 0
     epoch_loss = epoch_kl = 0.0
@@ -199,7 +209,9 @@ def train_local(
                         flip=flip,
                     )
                 logits = model(x)
-                loss = F.cross_entropy(logits, y_all[idx], weight=weight)
+                loss = F.cross_entropy(
+                    logits, y_all[idx], weight=weight, label_smoothing=label_smoothing
+                )
                 kl = kl_fn() if (kl_fn is not None) else torch.zeros(())
                 total = loss + plan.kl_beta * kl if plan.kl_beta > 0 else loss
                 value = float(total.detach())
@@ -207,6 +219,8 @@ def train_local(
                     raise FloatingPointError(f"training diverged at step {step} (lr={plan.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if anchor is not None:
+                    _add_proximal_gradient(model, anchor, prox_mu)
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
@@ -229,31 +243,58 @@ def train_local(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512) -> Tensor:
+def _add_proximal_gradient(model: nn.Module, anchor: list[Tensor], mu: float) -> None:
+    for p, p0 in zip(model.parameters(), anchor, strict=True):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    batch_size: int = 512,
+    *,
+    flip_tta: bool = False,
+) -> Tensor:
+    """Eval-mode logits. `flip_tta` averages them with those of the mirrored images
+    (training augments with the same horizontal flip, so both views are in distribution).
+    """
     was_training = model.training
     model.eval()
     try:
         x_all = images_to_tensor(images)
-        outs = [model(x_all[i : i + batch_size]) for i in range(0, x_all.shape[0], batch_size)]
+        outs = []
+        for i in range(0, x_all.shape[0], batch_size):
+            x = x_all[i : i + batch_size]
+            out = model(x)
+            if flip_tta:
+                out = (out + model(x.flip(-1))) / 2
+            outs.append(out)
         return torch.cat(outs) if outs else torch.zeros(0, 2)
     finally:
         model.train(was_training)
 
 
 def predict_scores(
-    model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512
+    model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512, *, flip_tta: bool = False
 ) -> np.ndarray:
     """P(pneumonia) per image, float64 in [0, 1], eval mode (bottleneck at its mean)."""
-    logits = predict_logits(model, images, batch_size)
+    logits = predict_logits(model, images, batch_size, flip_tta=flip_tta)
     return torch.softmax(logits.double(), dim=1)[:, 1].numpy()
 
 
 def evaluate(
-    model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, bins: int = DEFAULT_BINS
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    labels: np.ndarray,
+    bins: int = DEFAULT_BINS,
+    *,
+    flip_tta: bool = False,
 ) -> EvalResult:
     """What an envoy reports for federated validation: loss sum and per-class histograms."""
     labels = np.asarray(labels, np.int64).reshape(-1)
-    logits = predict_logits(model, images)
+    logits = predict_logits(model, images, flip_tta=flip_tta)
     loss_sum = float(F.cross_entropy(logits, torch.as_tensor(labels), reduction="sum"))
     scores = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
     neg, pos = score_histograms(scores, labels, bins)
