@@ -206,31 +206,35 @@ def main(argv: list[str] | None = None) -> int:
 
     candidates: dict[str, dict[str, Any]] = {}
     cache: dict[tuple[int, bool], tuple[list[np.ndarray], np.ndarray]] = {}
-    for tta in (False, True):
-        suffix = "+tta" if tta else ""
-        for r, w in enumerate(rounds, start=1):
+    tags = {False: "", True: "+tta"}
+    for r, w in enumerate(rounds, start=1):
+        for tta, sfx in tags.items():
             cache[r, tta] = predict(w, tta)
-            candidates[f"round-{r}{suffix}"] = assess(
+            candidates[f"round-{r}{sfx}"] = assess(
                 *_pair(cache[r, tta], val_y, test_y), args.bins, targets
             )
-        last = len(rounds)
-        for k in [1, *ks]:
-            avg = average_weights(rounds[-k:])
-            recal = secure_batchnorm(model, avg, trains, seed=recipe["seed"] * 7919 + k)
-            candidates[f"swa-{k}{suffix}"] = assess(
+    print(f"rounds done at {time.perf_counter() - started:.0f} s", flush=True)
+    last = len(rounds)
+    for k in [1, *ks]:
+        avg = average_weights(rounds[-k:])
+        # One secure batch-norm pass per window, shared by both evaluations.
+        recal = secure_batchnorm(model, avg, trains, seed=recipe["seed"] * 7919 + k)
+        for tta, sfx in tags.items():
+            candidates[f"swa-{k}{sfx}"] = assess(
                 *_pair(predict(recal, tta), val_y, test_y), args.bins, targets
             )
-            if k > 1:
-                candidates[f"swaraw-{k}{suffix}"] = assess(
-                    *_pair(predict(avg, tta), val_y, test_y), args.bins, targets
-                )
-                members = [cache[r, tta] for r in range(last - k + 1, last + 1)]
-                val_mean = [np.mean([m[0][e] for m in members], 0) for e in range(len(vals))]
-                test_mean = np.mean([m[1] for m in members], 0)
-                candidates[f"ens-{k}{suffix}"] = assess(
-                    *_pair((val_mean, test_mean), val_y, test_y), args.bins, targets
-                )
-        print(f"tta={tta} done at {time.perf_counter() - started:.0f} s", flush=True)
+            if k == 1:
+                continue
+            candidates[f"swaraw-{k}{sfx}"] = assess(
+                *_pair(predict(avg, tta), val_y, test_y), args.bins, targets
+            )
+            members = [cache[r, tta] for r in range(last - k + 1, last + 1)]
+            val_mean = [np.mean([m[0][e] for m in members], 0) for e in range(len(vals))]
+            test_mean = np.mean([m[1] for m in members], 0)
+            candidates[f"ens-{k}{sfx}"] = assess(
+                *_pair((val_mean, test_mean), val_y, test_y), args.bins, targets
+            )
+        print(f"window {k} done at {time.perf_counter() - started:.0f} s", flush=True)
     out = {
         "run": str(args.run),
         "recipe": recipe,
