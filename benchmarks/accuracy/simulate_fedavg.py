@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flip-tta", action="store_true", help="flip test-time augmentation in eval")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--final-lr-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--hold-rounds", type=int, default=0, help="last rounds at the final lr (an SWA tail)"
+    )
     p.add_argument("--bins", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", action="store_true", help="one process per defence")
@@ -170,7 +173,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds: list[float] = []
     for r in range(args.rounds):
         lr = round_lr(
-            args.lr, r, args.rounds, schedule=args.schedule, final_fraction=args.final_lr_fraction
+            args.lr,
+            r,
+            args.rounds,
+            schedule=args.schedule,
+            final_fraction=args.final_lr_fraction,
+            hold_rounds=args.hold_rounds,
         )
         plan = TrainPlan(
             local_epochs=args.local_epochs,

@@ -308,18 +308,26 @@ def round_lr(
     *,
     schedule: str = "cosine",
     final_fraction: float = 0.05,
+    hold_rounds: int = 0,
 ) -> float:
     """Learning rate the director sends for round `round_index` (0-based) of `total_rounds`.
 
     "cosine" decays from base_lr to final_fraction * base_lr over the rounds; "constant"
     keeps base_lr. Decaying across rounds is what lets FedAvg settle under label skew.
+    `hold_rounds` > 0 ends the cosine that many rounds early and holds its final rate for
+    the last `hold_rounds` rounds: the constant-rate tail whose models SWA averages.
     """
     if total_rounds < 1 or not 0 <= round_index < total_rounds:
         raise ValueError(f"round {round_index} out of range for {total_rounds} rounds")
+    if not 0 <= hold_rounds < total_rounds:
+        raise ValueError(f"hold_rounds must be in 0..{total_rounds - 1}, got {hold_rounds}")
     if schedule == "constant" or total_rounds == 1:
         return base_lr
     if schedule != "cosine":
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    progress = round_index / (total_rounds - 1)
+    decay_rounds = total_rounds - hold_rounds
+    if decay_rounds == 1:
+        return base_lr if round_index == 0 else base_lr * final_fraction
+    progress = min(round_index, decay_rounds - 1) / (decay_rounds - 1)
     low = base_lr * final_fraction
     return low + (base_lr - low) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -176,6 +176,20 @@ def test_round_lr_schedule() -> None:
         round_lr(0.1, 20, 20)
 
 
+def test_round_lr_holds_the_final_rate_for_an_swa_tail() -> None:
+    held = [round_lr(0.1, r, 20, final_fraction=0.2, hold_rounds=5) for r in range(20)]
+    assert held[0] == pytest.approx(0.1)
+    assert all(a > b for a, b in itertools.pairwise(held[:15]))
+    assert held[14:] == [pytest.approx(0.02)] * 6
+    # the decay itself is the cosine of a 15-round run
+    assert held[:15] == [pytest.approx(round_lr(0.1, r, 15, final_fraction=0.2)) for r in range(15)]
+    assert [round_lr(0.1, r, 20) for r in range(20)] == [
+        round_lr(0.1, r, 20, hold_rounds=0) for r in range(20)
+    ]
+    with pytest.raises(ValueError, match="hold_rounds"):
+        round_lr(0.1, 0, 20, hold_rounds=20)
+
+
 def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a if "running" not in k)))
 
