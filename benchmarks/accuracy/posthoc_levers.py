@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1, default=_json_default))
+    tmp.write_text(json.dumps(out, separators=(",", ":"), default=_json_default))
     os.replace(tmp, args.out)
     return 0
 

@@ -85,6 +85,7 @@ def _stats(values: list[float]) -> dict[str, float]:
         "min": float(arr.min()),
         "max": float(arr.max()),
         "n": int(arr.size),
+        "values": arr.tolist(),
     }
 
 
