@@ -28,6 +28,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from broker.files import atomic_write_text  # noqa: E402
 from node.training.data import load_pneumoniamnist  # noqa: E402
 from node.training.model import build_model  # noqa: E402
 from node.training.train import train_local  # noqa: E402
@@ -126,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(out, indent=1))
     return 0
 
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 
 from simulate_fedavg import federated_shares, model_from_recipe  # noqa: E402
 
+from broker.files import atomic_write_text  # noqa: E402
 from crypto.quantize import QuantizationRange, decode_weighted_sum, encode_weighted_update  # noqa: E402
 from node.aggregation import SAMPLE_CAP  # noqa: E402
 from node.training.averaging import average_weights  # noqa: E402
@@ -245,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, separators=(",", ":"), default=_json_default))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(out, separators=(",", ":"), default=_json_default))
     return 0
 
 

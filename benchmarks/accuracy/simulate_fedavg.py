@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from broker.files import atomic_write_text  # noqa: E402
 from node.strategy import StrategyConfig, build_strategy, is_buffer_name  # noqa: E402
 from node.training.data import load_pneumoniamnist  # noqa: E402
 from node.training.metrics import binary_metrics, metrics_from_histograms  # noqa: E402
@@ -348,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(result, indent=1))
     return 0
 
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from broker.files import atomic_write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary, methods, args.rules.split(",") if args.rules else None)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(summary, indent=1))
     return 0
 
 

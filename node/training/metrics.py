@@ -105,13 +105,8 @@ def _confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, 
     }
 
 
-def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    """AUC, ROC and the Youden-optimal threshold with the metrics it gives on this data.
-
-    The threshold maximises sensitivity + specificity; ties go to the higher accuracy, then
-    to the threshold nearest 0.5 (the least extreme of equally good choices). The
-    threshold is a bin edge; k = bins (nobody positive) is reported as 1 + 1/bins.
-    """
+def check_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(neg, pos) as flat int64 arrays; ValueError unless same length >= 2 and counts >= 0."""
     neg = np.asarray(neg, np.int64).reshape(-1)
     pos = np.asarray(pos, np.int64).reshape(-1)
     if neg.shape != pos.shape or neg.size < 2:
@@ -120,6 +115,17 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
         )
     if (neg < 0).any() or (pos < 0).any():
         raise ValueError("histogram counts must be >= 0")
+    return neg, pos
+
+
+def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
+    """AUC, ROC and the Youden-optimal threshold with the metrics it gives on this data.
+
+    The threshold maximises sensitivity + specificity; ties go to the higher accuracy, then
+    to the threshold nearest 0.5 (the least extreme of equally good choices). The
+    threshold is a bin edge; k = bins (nobody positive) is reported as 1 + 1/bins.
+    """
+    neg, pos = check_histograms(neg, pos)
     n_neg, n_pos = int(neg.sum()), int(pos.sum())
     bins = neg.size
     edges = bin_edges(bins)

@@ -48,6 +48,7 @@ from node.training.metrics import (
     LOGIT_RANGE,
     bin_thresholds,
     binary_metrics,
+    check_histograms,
     metrics_from_histograms,
     roc_from_histograms,
 )
@@ -107,14 +108,7 @@ class OperatingPoint:
 
 
 def _check(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    neg = np.asarray(neg, np.int64).reshape(-1)
-    pos = np.asarray(pos, np.int64).reshape(-1)
-    if neg.shape != pos.shape or neg.size < 2:
-        raise ValueError(
-            f"histograms must have the same number (>= 2) of bins: {neg.size}, {pos.size}"
-        )
-    if (neg < 0).any() or (pos < 0).any():
-        raise ValueError("histogram counts must be >= 0")
+    neg, pos = check_histograms(neg, pos)
     if neg.sum() == 0 or pos.sum() == 0:
         raise ValueError("an operating point needs both classes in the histograms")
     return neg, pos
@@ -323,7 +317,7 @@ def held_out_confusion(
     return {
         "method": method,
         "params": dict(params),
-        "bins": [k for k in ks],
+        "bins": list(ks),
         "threshold_logit_sd": float(np.std(logits)) if logits.size else math.nan,
         "sensitivity": sens,
         "specificity": spec,
