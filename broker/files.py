@@ -22,7 +22,19 @@ from typing import Any
 
 from protocol.configfile import ConfigError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_toml"]
+__all__ = [
+    "PUBLIC_MODE",
+    "SECRET_MODE",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "read_toml",
+]
+
+# The two modes fedbus writes files with: secrets (keys, passwords) for their owner only,
+# everything else (configs, certificates, public keys, reports) readable by all.
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
 
 
 def _temp_name(path: Path) -> Path:
@@ -39,7 +51,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> Path:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = PUBLIC_MODE
+) -> Path:
     """Replace `path` by `data`: readers see the old or the new content, never a mix.
 
     `mode` is set on the temporary file before any byte is written, so a secret is never
@@ -67,13 +81,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int = 0o644) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, mode: int = PUBLIC_MODE) -> Path:
     """`atomic_write_bytes` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, mode: int = PUBLIC_MODE) -> Iterator[Path]:
     """A temporary path to write to; renamed over `path` when the block ends without error.
 
     For writers that only take a path (``fig.savefig(tmp)``, ``np.save(tmp, ...)``): the file

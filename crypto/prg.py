@@ -115,7 +115,7 @@ def expand_mask(seed: bytes, length: int, *, out: np.ndarray | None = None) -> n
         raise CryptoError("out: array is read-only")
     if length == 0:
         return out
-    raw = memoryview(out).cast("B")
+    raw = memoryview(out.data).cast("B")
     total = 4 * length
     chunk = DEFAULT_CHUNK_BYTES
     zeros = memoryview(bytes(min(chunk, total)))
@@ -193,7 +193,7 @@ class MaskAccumulator:
         scratch = self._scratch
         step = scratch.chunk_bytes // 4
         out = scratch.out
-        add, sub = np.add, np.subtract
+        np_add, np_subtract = np.add, np.subtract
         plus_into = [enc.update_into for enc in plus]
         minus_into = [enc.update_into for enc in minus]
         for start in range(0, value.size, step):
@@ -203,10 +203,10 @@ class MaskAccumulator:
             words = scratch.words if n == step else scratch.words[:n]
             for update_into in plus_into:
                 update_into(zeros, out)
-                add(part, words, out=part)
+                np_add(part, words, out=part)
             for update_into in minus_into:
                 update_into(zeros, out)
-                sub(part, words, out=part)
+                np_subtract(part, words, out=part)
 
     def add_vector(self, vector: np.ndarray) -> None:
         """value += vector (mod 2^32), e.g. the client's quantised input."""

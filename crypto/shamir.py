@@ -180,7 +180,8 @@ def _lagrange_rows(xs: np.ndarray, at: int) -> np.ndarray:
         factor = (xs - col) % PRIME
         factor[:, m] = 1
         den = den * factor % PRIME
-    return full[:, None] * _mulmod_pow(den, PRIME - 2) % PRIME
+    coefficients: np.ndarray = full[:, None] * _mulmod_pow(den, PRIME - 2) % PRIME
+    return coefficients
 
 
 def lagrange_coefficients(xs: Sequence[int], at: int = 0) -> np.ndarray:
@@ -192,7 +193,8 @@ def lagrange_coefficients(xs: Sequence[int], at: int = 0) -> np.ndarray:
         out = np.zeros(x.size, dtype=np.int64)
         out[hit[0]] = 1
         return out
-    return _lagrange_rows(x[None, :], at)[0]
+    row: np.ndarray = _lagrange_rows(x[None, :], at)[0]
+    return row
 
 
 # -- split ------------------------------------------------------------------------------------

@@ -1,137 +1,52 @@
 """How the director turns the participants' messages into one averaged update.
 
-The director drives exactly one `Aggregation` object per round attempt, whatever the mode:
-it feeds it the participants' messages (`receive`), tells it when the current stage's deadline
-has passed (`close_stage`: whoever has not answered is a dropout), sends whatever it returns,
-and reads `result()` once `done`. `SecureAggregation` (the default) runs the Bonawitz/SecAgg+
-server of protocol.secagg; `PlainFedAvg` only exists behind `insecure_plain_aggregation`.
-
-Weighted FedAvg under masking: an envoy with n samples quantises, with
-crypto.quantize.encode_weighted_update, the vector [delta..., train_loss] scaled by
-w = n / SAMPLE_CAP, followed by the weight itself. The unmasked sum gives sum(w_i delta_i),
-sum(w_i loss_i) and sum(w_i), so the director gets the sample-weighted mean update and loss
-without ever learning any single n_i, delta_i or loss.
+The director drives exactly one `Aggregation` per round attempt, whatever the mode: it feeds
+it the participants' messages (`receive`), tells it when the current stage's deadline has
+passed (`close_stage`: whoever has not answered is a dropout), sends whatever it returns, logs
+what it refused (`take_refusals`), and reads `result()` once `done`. `SecureAggregation` (the
+default) runs the Bonawitz/SecAgg+ server of protocol.secagg and decodes the unmasked sum with
+the update format of protocol.secagg.update; `PlainAggregation` only exists behind
+`insecure_plain_aggregation`. The envoy's counterpart is node.contribution.
 """
 
 from __future__ import annotations
 
 import abc
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+import msgspec
 import numpy as np
 
+from node.config import SecAggConfig
+from node.errors import ExitCode, FedbusError
+from protocol.base import Message
+from protocol.events import Outgoing, RefusalLog, Refused
 from protocol.messages import PlainUpdate
+from protocol.secagg.messages import SecAggParams
+from protocol.secagg.params import ParameterError, find_parameters
+from protocol.secagg.server import SecAggServer
+from protocol.secagg.transitions import State
+from protocol.secagg.update import Layout, UpdateFormatError, decode_update, qrange_for
+from protocol.stages import Stage
 from protocol.tensors import TensorError, state_to_numpy
 
-# Sample counts are divided by this public constant before masking: w in (0, 1] keeps every
-# coordinate of w * delta inside the quantisation range whatever the local data size (an
-# envoy holding more samples than this counts as holding exactly this many).
-SAMPLE_CAP = 65536
-EXTRA = 2  # w * loss, w * clip
+__all__ = [
+    "AggregateResult",
+    "Aggregation",
+    "AggregationError",
+    "PlainAggregation",
+    "SecureAggregation",
+    "params_for",
+]
 
 
-MAX_ATTEMPTS = 64
+class AggregationError(FedbusError, ValueError):
+    """An aggregation asked for a result it does not have (the round fails)."""
 
-
-def secagg_session(round: int, attempt: int) -> int:
-    """The SecAgg `round` of one try of a training round: unique per (round, attempt).
-
-    Every SecAgg message and every AEAD associated data carries it, so a late frame of an
-    aborted try is refused by the next try's state machines instead of corrupting them.
-    """
-    if not 0 <= attempt < MAX_ATTEMPTS:
-        raise ValueError(f"attempt {attempt} outside 0..{MAX_ATTEMPTS - 1}")
-    return round * MAX_ATTEMPTS + attempt
-
-
-class AggregationError(ValueError):
-    """A participant's message that cannot be part of the aggregate (logged and dropped)."""
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    recipient: str  # node id, or "*" for every participant
-    body: Any
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Names, shapes and offsets of the model tensors inside the flat update vector."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, weights: Mapping[str, np.ndarray]) -> Layout:
-        return cls(tuple(weights), tuple(tuple(np.shape(v)) for v in weights.values()))
-
-    @property
-    def size(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def vector_length(self) -> int:
-        return self.size + EXTRA
-
-    def flatten(self, weights: Mapping[str, np.ndarray]) -> np.ndarray:
-        if tuple(weights) != self.names:
-            raise AggregationError("update tensors do not match the model's tensor names")
-        parts = []
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            value = np.asarray(weights[name])
-            if value.shape != shape:
-                raise AggregationError(f"tensor {name} has shape {value.shape}, expected {shape}")
-            parts.append(value.reshape(-1).astype(np.float64))
-        return np.concatenate(parts) if parts else np.zeros(0)
-
-    def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            n = math.prod(shape)
-            out[name] = vector[offset : offset + n].reshape(shape).astype(np.float32)
-            offset += n
-        return out
-
-
-def encode_update(
-    layout: Layout,
-    delta: Mapping[str, np.ndarray],
-    num_samples: int,
-    train_loss: float,
-    qrange: Any,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """The uint32 vector an envoy masks (see the module docstring)."""
-    from crypto.quantize import encode_weighted_update
-
-    loss = float(train_loss) if math.isfinite(train_loss) else 0.0
-    payload = np.concatenate([layout.flatten(delta), [loss]])
-    return encode_weighted_update(
-        payload, min(int(num_samples), SAMPLE_CAP), sample_cap=SAMPLE_CAP, qrange=qrange, rng=rng
-    )
-
-
-def decode_update(
-    layout: Layout, total: np.ndarray, qrange: Any, summands: int
-) -> tuple[dict[str, np.ndarray], float, float]:
-    """(mean delta, mean train loss, total samples) from the unmasked sum of survivors."""
-    from crypto.quantize import decode_weighted_sum
-
-    if total.shape != (layout.vector_length,):
-        raise AggregationError(
-            f"aggregate has {total.shape} elements, expected {layout.vector_length}"
-        )
-    try:
-        mean, samples = decode_weighted_sum(
-            total, sample_cap=SAMPLE_CAP, qrange=qrange, summands=summands
-        )
-    except ValueError as exc:
-        raise AggregationError(str(exc)) from None
-    return layout.unflatten(mean[: layout.size]), float(mean[-1]), samples
+    exit_code = ExitCode.ROUND_FAILED
 
 
 @dataclass
@@ -144,19 +59,26 @@ class AggregateResult:
     unmasked_sum: np.ndarray | None = None
 
 
-class Aggregation(abc.ABC):
+class Aggregation(RefusalLog, abc.ABC):
     """One round attempt's aggregation, driven by the director (see module docstring)."""
 
     secure: bool
 
     def __init__(self, participants: Sequence[str], layout: Layout, min_survivors: int) -> None:
+        super().__init__("fedbus.aggregation", "aggregation_refused")
         self.participants = list(participants)
         self.layout = layout
         self.min_survivors = min_survivors
 
     @property
+    def params(self) -> SecAggParams | None:
+        """What RoundStart announces for this aggregation (None: plain updates)."""
+        return None
+
+    @property
     @abc.abstractmethod
-    def stage(self) -> str: ...
+    def stage(self) -> State:
+        """The stage whose deadline runs now (the SecAgg server's state in secure mode)."""
 
     @property
     @abc.abstractmethod
@@ -171,7 +93,8 @@ class Aggregation(abc.ABC):
         return []
 
     @abc.abstractmethod
-    def receive(self, sender: str, body: Any) -> list[Outgoing]: ...
+    def receive(self, sender: str, body: Message) -> list[Outgoing]:
+        """Take one participant's message; a refused one is recorded (take_refusals)."""
 
     @abc.abstractmethod
     def close_stage(self) -> list[Outgoing]: ...
@@ -187,7 +110,7 @@ class _Plain:
     loss: float
 
 
-class PlainFedAvg(Aggregation):
+class PlainAggregation(Aggregation):
     """Unmasked weighted FedAvg. The director sees every update: insecure by design."""
 
     secure = False
@@ -198,8 +121,8 @@ class PlainFedAvg(Aggregation):
         self._closed = False
 
     @property
-    def stage(self) -> str:
-        return "training"
+    def stage(self) -> Stage:
+        return Stage.TRAINING
 
     @property
     def done(self) -> bool:
@@ -213,26 +136,36 @@ class PlainFedAvg(Aggregation):
             return f"{len(self._updates)} updates, fewer than the minimum {self.min_survivors}"
         return None
 
-    def receive(self, sender: str, body: Any) -> list[Outgoing]:
+    def receive(self, sender: str, body: Message) -> list[Outgoing]:
+        try:
+            self._updates[sender] = self._accept(sender, body)
+        except Refused as refusal:
+            return self.refuse(sender, body, refusal.reason)
+        return []
+
+    def _accept(self, sender: str, body: Message) -> _Plain:
+        """The participant's update, if it can be one of the averaged ones."""
         if not isinstance(body, PlainUpdate):
-            raise AggregationError(f"expected PlainUpdate, got {type(body).__name__}")
+            raise Refused(f"expected PlainUpdate, got {type(body).__name__}")
         if sender not in self.participants:
-            raise AggregationError(f"{sender} is not a participant")
+            raise Refused(f"{sender} is not a participant")
         if sender in self._updates:
-            raise AggregationError(f"second update from {sender}")
+            raise Refused(f"second update from {sender}")
         if self._closed:
-            raise AggregationError("update after the deadline")
+            raise Refused("update after the deadline")
         try:
             delta = state_to_numpy(body.delta)
         except TensorError as exc:
-            raise AggregationError(f"bad tensor: {exc}") from None
-        self.layout.flatten(delta)  # shape/name check
+            raise Refused(f"bad tensor: {exc}") from None
+        try:
+            self.layout.flatten(delta)  # names and shapes
+        except UpdateFormatError as exc:
+            raise Refused(str(exc)) from None
         if not all(np.all(np.isfinite(v)) for v in delta.values()):
-            raise AggregationError("update has non-finite values")
+            raise Refused("update has non-finite values")
         if body.num_samples <= 0:
-            raise AggregationError("update claims no samples")
-        self._updates[sender] = _Plain(delta, body.num_samples, body.train_loss)
-        return []
+            raise Refused("update claims no samples")
+        return _Plain(delta, body.num_samples, body.train_loss)
 
     def close_stage(self) -> list[Outgoing]:
         self._closed = True
@@ -261,8 +194,128 @@ class PlainFedAvg(Aggregation):
         )
 
 
-def qrange_for(params: Any, participants: int) -> Any:
-    """The quantisation range every party of a round derives from its SecAggParams."""
-    from crypto.quantize import QuantizationRange
+def params_for(cfg: SecAggConfig, n: int, *, graph_seed: bytes | None = None) -> SecAggParams:
+    """SecAggParams for `n` participants: the cheapest (k, t) the parameter finder allows.
 
-    return QuantizationRange(clip=float(params.clip), max_summands=max(int(participants), 1))
+    Small rounds cannot always tolerate the configured dropout fraction (malicious mode needs
+    n - dropouts > n / 2): the tolerated fraction is then lowered one envoy at a time, which
+    only means a round with more dropouts aborts (and is retried) instead of completing.
+    """
+    seed = graph_seed if graph_seed is not None else os.urandom(16)
+    fraction = cfg.dropout_fraction
+    while True:
+        try:
+            params = find_parameters(
+                n,
+                dropout_fraction=fraction,
+                corrupt_fraction=cfg.corrupt_fraction,
+                malicious=cfg.malicious,
+                clip=float(cfg.clip),
+                graph_seed=seed,
+            )
+            break
+        except ParameterError:
+            dropouts = math.ceil(fraction * n - 1e-12)
+            if dropouts <= 0:
+                raise
+            fraction = (dropouts - 1) / n
+    if cfg.graph == "complete" and params.graph != "complete":
+        params = msgspec.structs.replace(params, graph="complete", k=n - 1)
+    return params
+
+
+class SecureAggregation(Aggregation):
+    """The SecAgg+ server behind `Aggregation`: the director only ever holds the masked sum."""
+
+    secure = True
+
+    def __init__(
+        self,
+        *,
+        round: int,
+        participants: Sequence[str],
+        layout: Layout,
+        min_survivors: int,
+        params: SecAggParams,
+        client_signing_keys: Mapping[str, bytes] | None = None,
+    ) -> None:
+        super().__init__(participants, layout, min_survivors)
+        self._params = params
+        self.qrange = qrange_for(params, len(participants))
+        self.server = SecAggServer(
+            round,
+            params,
+            list(participants),
+            layout.vector_length,
+            dict(client_signing_keys or {}) if params.malicious else None,
+        )
+
+    @classmethod
+    def for_round(
+        cls,
+        *,
+        round: int,
+        participants: Sequence[str],
+        layout: Layout,
+        min_survivors: int,
+        cfg: SecAggConfig,
+        client_signing_keys: Mapping[str, bytes] | None,
+    ) -> SecureAggregation:
+        return cls(
+            round=round,
+            participants=participants,
+            layout=layout,
+            min_survivors=min_survivors,
+            params=params_for(cfg, len(participants)),
+            client_signing_keys=client_signing_keys,
+        )
+
+    @property
+    def params(self) -> SecAggParams:
+        return self._params
+
+    @property
+    def stage(self) -> State:
+        return self.server.stage
+
+    @property
+    def done(self) -> bool:
+        return self.server.done
+
+    @property
+    def failure(self) -> str | None:
+        if not self.server.done:
+            return None
+        if self.server.aborted:
+            return f"secure aggregation aborted: {self.server.abort_reason}"
+        if len(self.server.survivors) < self.min_survivors:
+            return (
+                f"{len(self.server.survivors)} survivors, fewer than the minimum "
+                f"{self.min_survivors}"
+            )
+        return None
+
+    def receive(self, sender: str, body: Message) -> list[Outgoing]:
+        out = self.server.receive(sender, body)
+        self.refusals.extend(self.server.take_refusals())
+        return out
+
+    def close_stage(self) -> list[Outgoing]:
+        return self.server.close_stage()
+
+    def result(self) -> AggregateResult:
+        if self.failure or self.server.result is None:
+            raise AggregationError(self.failure or "no aggregate")
+        survivors = sorted(self.server.survivors)
+        total = self.server.result
+        try:
+            mean, loss, _samples = decode_update(self.layout, total, self.qrange, len(survivors))
+        except UpdateFormatError as exc:
+            raise AggregationError(f"aggregate does not decode: {exc}") from None
+        return AggregateResult(
+            mean_delta=mean,
+            survivors=survivors,
+            dropouts=sorted(set(self.participants) - set(survivors)),
+            train_loss=loss,
+            unmasked_sum=total.copy(),
+        )

@@ -10,7 +10,6 @@ resumed director can neither apply a round twice nor lose one it reported.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,18 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from broker.files import atomic_write_bytes
+from node.errors import ExitCode, FedbusError
 from protocol.tensors import Tensor, state_from_numpy, state_to_numpy
 
 CHECKPOINT_NAME = "checkpoint.msgpack"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedbusError, RuntimeError):
     """A checkpoint that exists but cannot be read back."""
+
+    exit_code = ExitCode.STATE
 
 
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -71,36 +74,11 @@ def make_checkpoint(
     )
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save_checkpoint(state_dir: str | Path, checkpoint: Checkpoint) -> Path:
-    path = Path(state_dir) / CHECKPOINT_NAME
-    atomic_write_bytes(path, msgspec.msgpack.encode(checkpoint))
-    return path
+def save_checkpoint(state_dir: str | Path, checkpoint: Checkpoint, *, mode: int = 0o600) -> Path:
+    """Replace the checkpoint atomically (broker.files): the old one or the new, never a mix."""
+    return atomic_write_bytes(
+        Path(state_dir) / CHECKPOINT_NAME, msgspec.msgpack.encode(checkpoint), mode=mode
+    )
 
 
 def load_checkpoint(state_dir: str | Path) -> Checkpoint | None:

@@ -1,9 +1,10 @@
-"""The director: runs the rounds of one federation over the bus.
+"""The director: drives the rounds of one federation over the bus.
 
-A round (DESIGN.md "A round"): select participants among online envoys, broadcast RoundStart,
-drive one `Aggregation` with a deadline per stage, apply the weighted FedAvg, ask the online
-envoys to score the new model on their validation splits, turn the summed histograms into
-ROC/AUC/threshold, keep the best model by validation, checkpoint atomically, record the round.
+A round (docs/architecture.md, "One round, file by file"): select participants among online envoys (node.presence),
+broadcast RoundStart, drive one `Aggregation` (node.aggregation) with a deadline per stage,
+apply the weighted FedAvg, ask the online envoys to score the new model on their validation
+splits, turn the summed histograms into ROC/AUC/threshold, keep the best model by validation,
+checkpoint atomically and record the round (node.state).
 
 Everything from the bus is untrusted: `Endpoint` refuses malformed, forged, misaddressed and
 replayed frames, and the round loop drops wrong-round, wrong-type and non-participant
@@ -14,39 +15,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
-from broker.bus import Bus
+from broker.client import Bus
+from broker.keys import read_key_file
 from broker.topics import Topics
 from node.aggregation import (
     AggregateResult,
     Aggregation,
     AggregationError,
-    Layout,
-    Outgoing,
-    PlainFedAvg,
-    secagg_session,
-)
-from node.checkpoint import (
-    Checkpoint,
-    atomic_write_bytes,
-    load_checkpoint,
-    make_checkpoint,
-    save_checkpoint,
+    PlainAggregation,
+    SecureAggregation,
 )
 from node.config import DirectorConfig
+from node.endpoint import Endpoint, subscribe_ready
+from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
-from node.wire import BROADCAST, Endpoint, read_key_file, subscribe_ready
+from node.modelcheck import ModelGate, model_summary
+from node.monitoring import Monitor
+from node.presence import Envoys, select_participants
+from node.state import FederationState, StateStore
+from node.training.histograms import (
+    EvaluationError,
+    check_vector,
+    metrics_from_vector,
+    vector_samples,
+)
 from protocol.codec import Codec
+from protocol.events import BROADCAST, Outgoing
 from protocol.messages import (
+    Body,
+    Envelope,
     EnvoyStatus,
     EvaluateRequest,
     EvaluateResult,
@@ -59,22 +65,16 @@ from protocol.messages import (
     TrainPlan,
 )
 from protocol.secagg.messages import SecAggUnmaskResponse
+from protocol.secagg.transitions import State
+from protocol.secagg.update import Layout, secagg_session
+from protocol.stages import Stage
 from protocol.tensors import state_from_numpy
 
-ROUNDS_LOG = "rounds.jsonl"
-STATUS_FILE = "status.json"
 
+class DirectorError(FedbusError, RuntimeError):
+    """The director cannot run on this state folder (the message says what to do)."""
 
-class DirectorError(RuntimeError):
-    pass
-
-
-@dataclass
-class EnvoySeen:
-    online: bool
-    last_seen: float  # monotonic
-    last_seen_wall: float
-    stage: str = ""
+    exit_code = ExitCode.STATE
 
 
 def lr_for_round(cfg: DirectorConfig, round: int) -> float:
@@ -107,19 +107,17 @@ def train_plan_for_round(cfg: DirectorConfig, round: int) -> TrainPlan:
 
 def initial_weights(cfg: DirectorConfig) -> dict[str, np.ndarray]:
     """Seeded initial global model (imports torch: only called when no weights are given)."""
-    from node.config import model_kwargs
-    from node.training.model import build_model
-    from node.training.weights import get_weights
+    from node.models import initial_model_weights
 
-    model = build_model(**model_kwargs(cfg.model), seed=cfg.model.init_seed)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in get_weights(model).items()}
+    return initial_model_weights(cfg.model)
 
 
-def histogram_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    from node.training.metrics import metrics_from_histograms
-
-    m = metrics_from_histograms(neg, pos)
-    return {k: _jsonable(v) for k, v in dict(m).items()}
+def validation_metrics(cfg: DirectorConfig, histograms: np.ndarray) -> dict[str, Any]:
+    """The metrics of the summed histogram vector (node.training.histograms), JSON-ready."""
+    m = metrics_from_vector(
+        histograms, cfg.model.num_classes, cfg.eval.bins, class_names=cfg.model.classes
+    )
+    return {k: _jsonable(v) for k, v in m.items()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -146,16 +144,16 @@ class Director:
         resume: bool = False,
         weights: Mapping[str, np.ndarray] | None = None,
         aggregation_factory: AggregationFactory | None = None,
-        metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, Any]] = histogram_metrics,
+        metrics_fn: Callable[[np.ndarray], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.bus = bus
         self.resume = resume
         self.topics = Topics(cfg.federation)
-        self.state_dir = Path(cfg.state_dir)
+        self.store = StateStore(cfg.state_dir, federation=cfg.federation)
         self.clock = clock
-        self.metrics_fn = metrics_fn
+        self.metrics_fn = metrics_fn or functools.partial(validation_metrics, cfg)
         self.log = get_logger()
         signing_key = read_key_file(cfg.signing_key) if cfg.signing_key else None
         self.envoy_keys = {k: read_key_file(v) for k, v in cfg.envoy_signing_keys.items()}
@@ -170,116 +168,84 @@ class Director:
         )
         self._given_weights = dict(weights) if weights is not None else None
         self.aggregation_factory = aggregation_factory or self._default_aggregation
-        self.envoys: dict[str, EnvoySeen] = {}
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.envoys = Envoys(
+            heartbeat_timeout_s=cfg.heartbeat_timeout_s, members=self.envoy_keys, clock=clock
+        )
+        self.inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self.round = 0
-        self.stage = "starting"
-        self.weights: dict[str, np.ndarray] = {}
+        self.stage: str = "starting"
+        self.state = FederationState(0, {})
         self.layout: Layout | None = None
-        self.records: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
         self._readers: list[asyncio.Task[None]] = []
         self._first_round = True
+        self.monitor = Monitor(cfg)
+        self.model_gate: ModelGate | None = None  # set once the weights are known
+        self.stage_deadline: float | None = None  # wall clock, for the operator page
 
     # -- state --------------------------------------------------------------------------------
 
     def _restore(self) -> int:
-        ckpt = load_checkpoint(self.state_dir)
+        """Load or create the federation's state; the first round to run."""
+        ckpt = self.store.load()
         if ckpt is not None and not self.resume:
             raise DirectorError(
-                f"{self.state_dir} already holds a checkpoint (round {ckpt.round}); "
+                f"{self.store.state_dir} already holds a checkpoint (round {ckpt.round}); "
                 "pass --resume to continue it, or use an empty state_dir"
             )
         if ckpt is None:
-            self.weights = (
-                dict(self._given_weights)
-                if self._given_weights is not None
-                else initial_weights(self.cfg)
+            weights = self._given_weights
+            self.state = FederationState(
+                0, weights if weights is not None else initial_weights(self.cfg)
             )
-            self.layout = Layout.of(self.weights)
-            self._checkpoint(0)
-            (self.state_dir / ROUNDS_LOG).unlink(missing_ok=True)
+            self.layout = Layout.of(self.state.weights)
+            self.store.save_checkpoint(self.state)
+            self.store.write_rounds_log([])
             return 1
         if ckpt.federation != self.cfg.federation:
             raise DirectorError(
-                f"{self.state_dir}: checkpoint is of federation {ckpt.federation!r}, "
+                f"{self.store.state_dir}: checkpoint is of federation {ckpt.federation!r}, "
                 f"not {self.cfg.federation!r}"
             )
-        self.weights = ckpt.weights_numpy()
-        self.layout = Layout.of(self.weights)
-        self.records = list(ckpt.records)
-        if ckpt.best_round is not None:
-            self.best = {
-                "round": ckpt.best_round,
-                "weights": ckpt.best_weights_numpy(),
-                "threshold": ckpt.best_threshold,
-                "metrics": ckpt.best_metrics,
-            }
-        self._reconcile_rounds_log(ckpt)
+        self.state = FederationState.from_checkpoint(ckpt)
+        self.layout = Layout.of(self.state.weights)
+        # A crash may sit between the checkpoint and the rounds log: the checkpoint wins.
+        self.store.write_rounds_log(self.state.records)
         self.log.info("resumed", last_completed_round=ckpt.round)
         return ckpt.round + 1
 
-    def _reconcile_rounds_log(self, ckpt: Checkpoint) -> None:
-        """rounds.jsonl = the checkpoint's records, exactly (a crash may sit between the two)."""
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ckpt.records)
-        atomic_write_bytes(self.state_dir / ROUNDS_LOG, lines.encode())
-
-    def _checkpoint(self, round: int) -> None:
-        best = self.best or {}
-        save_checkpoint(
-            self.state_dir,
-            make_checkpoint(
-                federation=self.cfg.federation,
-                round=round,
-                weights=self.weights,
-                best_round=best.get("round"),
-                best_weights=best.get("weights"),
-                best_threshold=best.get("threshold"),
-                best_metrics=best.get("metrics"),
-                records=self.records,
-            ),
-        )
-
-    def _set_stage(self, stage: str) -> None:
+    def _set_stage(self, stage: str, seconds: float | None = None) -> None:
+        """Enter `stage`, which closes in `seconds` (None: no deadline)."""
         self.stage = stage
+        self.stage_deadline = time.time() + seconds if seconds is not None else None
         set_stage(stage)
         self._write_status()
 
+    def _write_status(self) -> None:
+        status = self.status()
+        self.store.write_status(status)
+        self.monitor.publish_status(status)
+
     def online_envoys(self) -> list[str]:
-        now = self.clock()
-        return sorted(
-            name
-            for name, seen in self.envoys.items()
-            if seen.online and now - seen.last_seen <= self.cfg.heartbeat_timeout_s
-        )
+        online = self.envoys.online()
+        return self.model_gate.admitted(online) if self.model_gate else online
 
     def status(self) -> dict[str, Any]:
-        now = self.clock()
-        online = set(self.online_envoys())
+        envoys = self.envoys.describe()
+        for name in self.model_gate.refused if self.model_gate else ():
+            if name in envoys:
+                envoys[name].update(online=False, refused="model mismatch")
         return {
             "federation": self.cfg.federation,
             "round": self.round,
             "stage": self.stage,
+            "stage_deadline": self.stage_deadline,
             "rounds_total": self.cfg.rounds,
-            "rounds_completed": len(self.records),
+            "rounds_completed": len(self.state.records),
             "secure": not self.cfg.insecure_plain_aggregation,
             "updated": time.time(),
-            "envoys": {
-                name: {
-                    "online": name in online,
-                    "last_seen_s": round(now - seen.last_seen, 3),
-                    "last_seen": seen.last_seen_wall,
-                    "stage": seen.stage,
-                }
-                for name, seen in sorted(self.envoys.items())
-            },
+            "envoys": envoys,
+            **self.monitor.status_fields(),
         }
-
-    def _write_status(self) -> None:
-        with contextlib.suppress(OSError):
-            atomic_write_bytes(
-                self.state_dir / STATUS_FILE, json.dumps(self.status(), indent=1).encode()
-            )
 
     # -- bus ----------------------------------------------------------------------------------
 
@@ -289,52 +255,44 @@ class Director:
             env = self.endpoint.accept(frame, topic_owner=owner)
             if env is None:
                 continue
-            self._saw(env.sender)
+            self.envoys.saw(env.sender)
             body = env.body
             if isinstance(body, Presence):
-                self._presence(env.sender, body)
+                await self._presence(env.sender, body)
             elif isinstance(body, StatusRequest):
-                await self._answer_status(env.sender, body)
+                await self._answer_status(env.sender)
             else:
                 self.inbox.put_nowait(env)
 
-    def _saw(self, sender: str) -> None:
-        if self.envoy_keys and sender not in self.envoy_keys:
-            return
-        seen = self.envoys.get(sender)
-        if seen is None:
-            self.envoys[sender] = EnvoySeen(True, self.clock(), time.time())
-        else:
-            seen.last_seen = self.clock()
-            seen.last_seen_wall = time.time()
-
-    def _presence(self, sender: str, body: Presence) -> None:
-        if body.role != "envoy":
-            return
-        seen = self.envoys.get(sender)
-        if seen is None:
-            return
-        was = seen.online
-        seen.online = body.online
-        seen.stage = body.stage
-        if was != body.online:
+    async def _presence(self, sender: str, body: Presence) -> None:
+        if self.envoys.update(sender, body):
             self.log.info("presence", envoy=sender, online=body.online)
             self._write_status()
+        if self.model_gate is not None and body.online:
+            mismatch = self.model_gate.check(sender, body.model)
+            if mismatch is not None:
+                self.log.error(
+                    "model_mismatch",
+                    envoy=sender,
+                    envoy_model=body.model,
+                    model=mismatch.fingerprint,
+                )
+                self._write_status()
+                await self._send(sender, mismatch, round=self.round)
 
-    async def _answer_status(self, sender: str, req: StatusRequest) -> None:
-        st = self.status()
+    async def _answer_status(self, sender: str) -> None:
         reply = StatusReply(
             round=self.round,
             stage=self.stage[:64],
             rounds_total=self.cfg.rounds,
             envoys={
                 k: EnvoyStatus(online=v["online"], last_seen_s=v["last_seen_s"], stage=v["stage"])
-                for k, v in st["envoys"].items()
+                for k, v in self.envoys.describe().items()
             },
         )
         await self._send(sender, reply, round=self.round)
 
-    async def _send(self, recipient: str, body: Any, *, round: int) -> None:
+    async def _send(self, recipient: str, body: Body, *, round: int) -> None:
         topic = self.topics.broadcast if recipient == BROADCAST else self.topics.envoy(recipient)
         await self.endpoint.send(topic, round=round, recipient=recipient, body=body)
 
@@ -342,7 +300,7 @@ class Director:
         for out in outs:
             await self._send(out.recipient, out.body, round=round)
 
-    async def _next(self, deadline: float) -> Any | None:
+    async def _next(self, deadline: float) -> Envelope | None:
         timeout = deadline - self.clock()
         if timeout <= 0:
             return None
@@ -354,17 +312,14 @@ class Director:
     # -- rounds -------------------------------------------------------------------------------
 
     def _default_aggregation(self, *, round: int, participants: list[str]) -> Aggregation:
-        min_survivors = self.cfg.min_envoys
         assert self.layout is not None
         if self.cfg.insecure_plain_aggregation:
-            return PlainFedAvg(participants, self.layout, min_survivors)
-        from node.secure import SecureAggregation
-
+            return PlainAggregation(participants, self.layout, self.cfg.min_envoys)
         return SecureAggregation.for_round(
             round=round,
             participants=participants,
             layout=self.layout,
-            min_survivors=min_survivors,
+            min_survivors=self.cfg.min_envoys,
             cfg=self.cfg.secagg,
             client_signing_keys=self.envoy_keys or None,
         )
@@ -390,15 +345,27 @@ class Director:
             await asyncio.sleep(0.2)
 
     def _select(self, online: list[str], round: int, attempt: int) -> list[str]:
-        rng = np.random.default_rng([self.cfg.seed, round, attempt])
-        k = max(self.cfg.min_envoys, math.ceil(self.cfg.participation * len(online)))
-        k = min(k, self.cfg.target_envoys, len(online))
-        chosen = rng.choice(len(online), size=k, replace=False)
-        return sorted(online[i] for i in chosen)
+        return select_participants(
+            online,
+            seed=self.cfg.seed,
+            round=round,
+            attempt=attempt,
+            min_envoys=self.cfg.min_envoys,
+            target_envoys=self.cfg.target_envoys,
+            participation=self.cfg.participation,
+        )
 
     async def run(self) -> int:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store.state_dir.mkdir(parents=True, exist_ok=True)
         first = self._restore()
+        self.model_gate = ModelGate(model_summary(self.cfg.model, self.state.weights))
+        try:
+            await self.monitor.start(self.state.records, first)
+            return await self._run_rounds(first)
+        finally:
+            await self.monitor.close()
+
+    async def _run_rounds(self, first: int) -> int:
         subs: list[tuple[AsyncIterator[bytes], str | None]] = [
             (await subscribe_ready(self.bus, self.topics.director), None)
         ]
@@ -412,23 +379,16 @@ class Director:
         self._readers = [asyncio.create_task(self._read(sub, owner)) for sub, owner in subs]
         try:
             for r in range(first, self.cfg.rounds + 1):
-                completed = False
-                for attempt in range(self.cfg.max_attempts):
-                    online = await self._wait_for_envoys()
-                    self._first_round = False
-                    participants = self._select(online, r, attempt)
-                    completed = await self._round(r, attempt, participants)
-                    if completed:
-                        break
-                if not completed:
+                if not await self._run_attempts(r):
                     self.log.error("round_failed", round=r, attempts=self.cfg.max_attempts)
                     self._set_stage("failed")
-                    return 2
+                    return ExitCode.ROUND_FAILED
             self.round = self.cfg.rounds
             self._set_stage("finished")
             await self._send(BROADCAST, Shutdown(reason="federation finished"), round=self.round)
+            best = self.state.best
             self.log.info(
-                "finished", rounds=self.cfg.rounds, best_round=(self.best or {}).get("round")
+                "finished", rounds=self.cfg.rounds, best_round=best.round if best else None
             )
             return 0
         finally:
@@ -438,58 +398,37 @@ class Director:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    async def _run_attempts(self, r: int) -> bool:
+        """Round `r`, retried with fresh participants until it completes; False if it never did."""
+        for attempt in range(self.cfg.max_attempts):
+            online = await self._wait_for_envoys()
+            self._first_round = False
+            if await self._round(r, attempt, self._select(online, r, attempt)):
+                return True
+        return False
+
     async def _round(self, r: int, attempt: int, participants: list[str]) -> bool:
         self.round = r
         set_round(r, "round_start")
         t0 = self.clock()
         stage_times: dict[str, float] = {}
         agg = self.aggregation_factory(round=secagg_session(r, attempt), participants=participants)
-        plan = train_plan_for_round(self.cfg, r)
         deadlines = _deadlines(self.cfg)
-        start = RoundStart(
-            weights=state_from_numpy(self.weights),
-            selected=participants,
-            plan=plan,
-            deadlines=deadlines,
-            secagg=getattr(agg, "params", None),
-            attempt=attempt,
-        )
-        self.log.info(
-            "round_start", participants=participants, attempt=attempt, secure=agg.secure, lr=plan.lr
-        )
-        self._set_stage(agg.stage)
-        await self._send(BROADCAST, start, round=r)
-        await self._send_all(agg.start(), r)
+        await self._start_round(r, attempt, participants, agg, deadlines)
         result = await self._drive(agg, r, participants, deadlines, stage_times)
         if result is None:
             reason = agg.failure or "aggregation failed"
             self.log.warning("round_aborted", reason=reason, attempt=attempt)
-            await self._send(
-                BROADCAST, RoundEnd(status="aborted", reason=reason[:500], attempt=attempt), round=r
-            )
+            aborted = RoundEnd(status="aborted", reason=reason[:500], attempt=attempt)
+            await self._send(BROADCAST, aborted, round=r)
             return False
-        self.weights = {
-            name: (self.weights[name] + result.mean_delta[name]).astype(np.float32)
-            for name in self.weights
-        }
-        if self.cfg.audit and result.unmasked_sum is not None:
-            self._audit_dump(r, result)
+        self._apply(r, result)
         t_eval = self.clock()
-        self._set_stage("evaluate")
+        self._set_stage(Stage.EVALUATE, self.cfg.deadlines.evaluate)
         metrics = await self._evaluate(r)
-        stage_times["evaluate"] = round(self.clock() - t_eval, 3)
+        stage_times[Stage.EVALUATE] = round(self.clock() - t_eval, 3)
         val = metrics.get("val")
-        if (
-            val
-            and val.get("auc") is not None
-            and (self.best is None or val["auc"] >= (self.best.get("metrics") or {}).get("auc", -1))
-        ):
-            self.best = {
-                "round": r,
-                "weights": {k: v.copy() for k, v in self.weights.items()},
-                "threshold": val.get("threshold"),
-                "metrics": val,
-            }
+        self.state.consider_best(r, val)
         record = {
             "round": r,
             "attempt": attempt,
@@ -499,15 +438,11 @@ class Director:
             "secure": agg.secure,
             "aggregate_verified": None,
             "metrics": {"train_loss": result.train_loss, **metrics},
-            "best_round": (self.best or {}).get("round"),
+            "best_round": self.state.best.round if self.state.best else None,
             "seconds": round(self.clock() - t0, 3),
             "stage_seconds": stage_times,
         }
-        self.records.append(record)
-        # One atomic write holds the new weights AND the record: the round is applied once.
-        self._checkpoint(r)
-        with open(self.state_dir / ROUNDS_LOG, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._commit(r, record)
         await self._send(BROADCAST, RoundEnd(status="completed", attempt=attempt), round=r)
         self.log.info(
             "round_end",
@@ -520,6 +455,47 @@ class Director:
         self._set_stage("round_end")
         return True
 
+    async def _start_round(
+        self,
+        r: int,
+        attempt: int,
+        participants: list[str],
+        agg: Aggregation,
+        deadlines: dict[str, float],
+    ) -> None:
+        plan = train_plan_for_round(self.cfg, r)
+        start = RoundStart(
+            weights=state_from_numpy(self.state.weights),
+            selected=participants,
+            plan=plan,
+            deadlines=deadlines,
+            secagg=agg.params,
+            attempt=attempt,
+        )
+        self.log.info(
+            "round_start", participants=participants, attempt=attempt, secure=agg.secure, lr=plan.lr
+        )
+        self._set_stage(agg.stage, deadlines.get(agg.stage))
+        await self._send(BROADCAST, start, round=r)
+        await self._send_all(agg.start(), r)
+
+    def _apply(self, r: int, result: AggregateResult) -> None:
+        """The round's mean update onto the global model (and, with --audit, its raw sum)."""
+        weights = self.state.weights
+        self.state.weights = {
+            name: (weights[name] + result.mean_delta[name]).astype(np.float32) for name in weights
+        }
+        if self.cfg.audit and result.unmasked_sum is not None:
+            self.store.write_audit(r, result.unmasked_sum, result.survivors)
+
+    def _commit(self, r: int, record: dict[str, Any]) -> None:
+        self.state.round = r
+        self.state.records.append(record)
+        # One atomic write holds the new weights AND the record: the round is applied once.
+        self.store.save_checkpoint(self.state)
+        self.store.write_rounds_log(self.state.records)
+        self.monitor.publish_record(record)
+
     async def _drive(
         self,
         agg: Aggregation,
@@ -528,7 +504,7 @@ class Director:
         deadlines: dict[str, float],
         stage_times: dict[str, float],
     ) -> AggregateResult | None:
-        stage = agg.stage
+        stage: State = agg.stage
         stage_start = self.clock()
         deadline = stage_start + deadlines.get(stage, 60.0)
         members = set(participants)
@@ -536,8 +512,7 @@ class Director:
             env = await self._next(deadline)
             if env is None:
                 self.log.info("stage_deadline", stage=stage)
-                outs = agg.close_stage()
-                await self._send_all(outs, r)
+                await self._send_all(agg.close_stage(), r)
             elif env.round != r:
                 self.log.warning("wrong_round", sender=env.sender, got=env.round, type=env.type)
                 continue
@@ -545,25 +520,13 @@ class Director:
                 self.log.warning("not_a_participant", sender=env.sender, type=env.type)
                 continue
             else:
-                try:
-                    outs = agg.receive(env.sender, env.body)
-                except AggregationError as exc:
-                    self.log.warning(
-                        "message_dropped", sender=env.sender, type=env.type, reason=str(exc)
-                    )
-                    continue
-                except Exception as exc:  # a protocol machine must never take the node down
-                    self.log.warning(
-                        "message_rejected", sender=env.sender, type=env.type, reason=repr(exc)[:300]
-                    )
-                    continue
-                await self._send_all(outs, r)
+                await self._send_all(self._receive(agg, env), r)
             if agg.stage != stage:
                 stage_times[stage] = round(self.clock() - stage_start, 3)
                 stage = agg.stage
                 stage_start = self.clock()
                 deadline = stage_start + deadlines.get(stage, 60.0)
-                self._set_stage(stage)
+                self._set_stage(stage, deadline - self.clock())
         stage_times[stage] = round(self.clock() - stage_start, 3)
         if agg.failure:
             return None
@@ -573,15 +536,28 @@ class Director:
             self.log.warning("aggregate_failed", reason=str(exc))
             return None
 
+    def _receive(self, agg: Aggregation, env: Envelope) -> list[Outgoing]:
+        """One participant's message into the aggregation; refusals are logged, not raised."""
+        try:
+            outs = agg.receive(env.sender, env.body)
+        except Exception as exc:  # a protocol machine must never take the node down
+            self.log.warning(
+                "message_rejected", sender=env.sender, type=env.type, reason=repr(exc)[:300]
+            )
+            return []
+        for refusal in agg.take_refusals():
+            self.log.warning(
+                "message_dropped", sender=refusal.sender, type=refusal.type, reason=refusal.reason
+            )
+        return outs
+
     async def _evaluate(self, r: int) -> dict[str, Any]:
         asked = set(self.online_envoys())
         if not asked:
             return {}
-        req = EvaluateRequest(weights=state_from_numpy(self.weights), bins=self.cfg.eval.bins)
+        req = EvaluateRequest(weights=state_from_numpy(self.state.weights), bins=self.cfg.eval.bins)
         await self._send(BROADCAST, req, round=r)
-        bins = self.cfg.eval.bins
-        neg = np.zeros(bins, dtype=np.int64)
-        pos = np.zeros(bins, dtype=np.int64)
+        total: np.ndarray | None = None
         loss_sum = 0.0
         answered: set[str] = set()
         deadline = self.clock() + self.cfg.deadlines.evaluate
@@ -601,39 +577,33 @@ class Director:
                 continue
             if env.sender in answered:
                 continue
-            if len(body.hist_negative) != bins or len(body.hist_positive) != bins:
-                self.log.warning("bad_histogram", sender=env.sender)
+            if self.model_gate is not None and env.sender in self.model_gate.refused:
+                # Another model's scores would be read as this one's (class order and all).
+                self.log.warning("evaluation_of_refused_envoy", sender=env.sender)
                 continue
-            if sum(body.hist_negative) + sum(body.hist_positive) != body.num_samples:
+            vector = np.asarray(body.histograms, dtype=np.int64)
+            try:
+                counted = check_vector(vector, self.cfg.model.num_classes, self.cfg.eval.bins)
+            except EvaluationError as exc:
+                self.log.warning("bad_histogram", sender=env.sender, reason=str(exc))
+                continue
+            if counted != body.num_samples:
                 self.log.warning("bad_histogram_count", sender=env.sender)
                 continue
             answered.add(env.sender)
             asked.add(env.sender)  # a late joiner's split counts too
-            neg += np.asarray(body.hist_negative, dtype=np.int64)
-            pos += np.asarray(body.hist_positive, dtype=np.int64)
+            total = vector if total is None else total + vector
             loss_sum += body.loss_sum
-        n = int(neg.sum() + pos.sum())
-        if n == 0 or neg.sum() == 0 or pos.sum() == 0:
+        classes, bins = self.cfg.model.num_classes, self.cfg.eval.bins
+        n = vector_samples(total, classes, bins) if total is not None else 0
+        val = self.metrics_fn(total) if total is not None and n else None
+        if val is None or val.get("auc") is None or not np.isfinite(val["auc"]):
             return {"val": None, "evaluated_by": sorted(answered)}
-        val = self.metrics_fn(neg, pos)
         val["loss"] = loss_sum / n
         val["num_samples"] = n
         return {"val": val, "evaluated_by": sorted(answered)}
 
-    def _audit_dump(self, r: int, result: AggregateResult) -> None:
-        folder = self.state_dir / "audit"
-        folder.mkdir(parents=True, exist_ok=True)
-        assert result.unmasked_sum is not None
-        tmp = folder / f".round-{r}-sum.npy.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(result.unmasked_sum, dtype=np.uint32))
-        tmp.replace(folder / f"round-{r}-sum.npy")
-        atomic_write_bytes(
-            folder / f"round-{r}-survivors.json", json.dumps(result.survivors).encode()
-        )
-
 
 def _deadlines(cfg: DirectorConfig) -> dict[str, float]:
-    import msgspec
-
+    """Seconds per stage, keyed by the stage names (RoundStart.deadlines)."""
     return {k: float(v) for k, v in msgspec.structs.asdict(cfg.deadlines).items()}

@@ -1,10 +1,10 @@
 """The envoy: one hospital's node. Trains on local data, sends only masked updates.
 
-On RoundStart (when selected) the envoy starts the SecAgg client at once (AdvertiseKeys), so
-key exchange overlaps local training; training runs in a worker thread so heartbeats and the
-protocol keep flowing. When training ends the quantised, sample-weighted update becomes the
-client's input, and the client's MaskedInput goes out as soon as the director has forwarded
-the shares. Only with the director's `insecure_plain_aggregation` does a PlainUpdate go out.
+On RoundStart (when selected) the envoy builds the round's `Contribution` (node.contribution:
+secure unless the director announced plain rounds) and sends what it starts with at once (the
+SecAgg keys), so key exchange overlaps local training; training runs in a worker thread so
+heartbeats and the protocol keep flowing. The trained update is submitted to the contribution,
+and every director message of the round goes to it; whatever it returns is sent.
 
 Fault hooks: a fault plan's `[[crash]]` makes the process exit at once (os._exit, as under
 kill -9) when it enters a stage, before that stage's message leaves; link faults are applied
@@ -15,170 +15,73 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
+import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from broker.bus import Bus, Will
+from broker.client import Bus, Will
+from broker.files import atomic_path
+from broker.keys import read_key_file
 from broker.topics import Topics
-from node.aggregation import Layout, encode_update, qrange_for, secagg_session
-from node.config import EnvoyConfig, model_kwargs
+from node.config import EnvoyConfig
+from node.contribution import Contribution, LocalUpdate, contribution_for
+from node.endpoint import Endpoint, subscribe_ready
+from node.errors import FedbusError
 from node.logs import get_logger, set_round, set_stage
-from node.wire import Endpoint, read_key_file, subscribe_ready
+from node.modelcheck import fingerprint, mismatch_error
+from node.trainer import Trainer
+from node.training.histograms import EvaluationError, histogram_vector
+from protocol.base import Message
 from protocol.codec import Codec
+from protocol.events import Outgoing
 from protocol.messages import (
+    Envelope,
     EvaluateRequest,
     EvaluateResult,
-    PlainUpdate,
+    ModelMismatch,
+    ModelSummary,
     Presence,
     RoundEnd,
     RoundStart,
     Shutdown,
-    TrainPlan,
 )
-from protocol.tensors import TensorError, state_from_numpy, state_to_numpy
+from protocol.secagg.update import Layout
+from protocol.stages import Stage
+from protocol.tensors import TensorError, state_to_numpy
 
-# The stage an envoy enters when it receives each director message (fault-plan stage names).
-ENTRY_STAGE = {
-    "SecAggKeyRoster": "share_keys",
-    "SecAggForwardedShares": "masked_input",
-    "SecAggConsistencyRequest": "consistency",
-    "SecAggUnmaskRequest": "unmask",
-}
-# The stage each outgoing message belongs to.
-SEND_STAGE = {
-    "SecAggAdvertiseKeys": "advertise_keys",
-    "SecAggShareKeys": "share_keys",
-    "SecAggMaskedInput": "masked_input",
-    "SecAggConsistencySignature": "consistency",
-    "SecAggUnmaskResponse": "unmask",
-    "PlainUpdate": "masked_input",
-}
+# What the envoy reports (Presence.stage) between rounds and after its contribution.
+IDLE = "idle"
+DONE = "done"
 
 
-class Trainer(Protocol):
-    """Local training and validation scoring; the default runs the ml team's torch code."""
+class CrashPlan(Protocol):
+    """Where a fault plan stops this envoy (broker.faults.FaultPlan is one)."""
 
-    def train(
-        self, weights: Mapping[str, np.ndarray], plan: TrainPlan, *, seed: int
-    ) -> tuple[dict[str, np.ndarray], int, float]:
-        """(new weights, number of samples, mean training loss)."""
-
-    def evaluate(
-        self, weights: Mapping[str, np.ndarray], bins: int
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """(negative histogram, positive histogram, summed log loss) on the validation split."""
-
-
-@dataclass(frozen=True)
-class LocalData:
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    val_images: np.ndarray
-    val_labels: np.ndarray
-
-
-def _limit(
-    images: np.ndarray, labels: np.ndarray, limit: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    if not limit or limit >= len(labels):
-        return images, labels
-    idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:limit])
-    return images[idx], labels[idx]
-
-
-def load_local_data(cfg: EnvoyConfig) -> LocalData:
-    """This envoy's share of the data, computed locally from the config (no coordination)."""
-    from node.training import data as d
-    from node.training.partition import select_partition
-
-    src = cfg.data
-    part = src.partition
-    if src.source == "pneumoniamnist":
-        ds = d.load_pneumoniamnist(src.path)
-        splits = {"train": ds.train, "val": ds.val}
-    else:
-        ds = d.load_image_folder_dataset(
-            src.path, src.image_size, val_fraction=src.val_fraction, seed=part.seed
-        )
-        splits = {"train": ds.train, "val": ds.val}
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for offset, (name, split) in enumerate(splits.items()):
-        images, labels = _limit(split.images, split.labels, src.limit, part.seed + 7)
-        if part.scheme != "folder" and part.count > 1:
-            idx = select_partition(
-                labels,
-                scheme=part.scheme,
-                num_envoys=part.count,
-                index=part.index,
-                seed=part.seed + offset,
-                alpha=part.alpha,
-            )
-            images, labels = images[idx], labels[idx]
-        out[name] = (images, labels)
-    return LocalData(*out["train"], *out["val"])
-
-
-class TorchTrainer:
-    """Builds the federation's model and runs node.training's train/predict in this thread."""
-
-    def __init__(self, cfg: EnvoyConfig, data: LocalData) -> None:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-        self.cfg = cfg
-        self.data = data
-
-    def _model(self, weights: Mapping[str, np.ndarray]) -> Any:
-        from node.training.model import build_model
-        from node.training.weights import set_weights
-
-        model = build_model(**model_kwargs(self.cfg.model))
-        set_weights(model, weights)
-        return model
-
-    def train(
-        self, weights: Mapping[str, np.ndarray], plan: TrainPlan, *, seed: int
-    ) -> tuple[dict[str, np.ndarray], int, float]:
-        from node.training.train import train_local
-        from node.training.weights import get_weights
-
-        model = self._model(weights)
-        res = train_local(model, self.data.train_images, self.data.train_labels, plan, seed=seed)
-        return get_weights(model), int(res.num_samples), float(res.loss)
-
-    def evaluate(
-        self, weights: Mapping[str, np.ndarray], bins: int
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        from node.training.train import evaluate
-
-        model = self._model(weights)
-        res = evaluate(model, self.data.val_images, self.data.val_labels, bins)
-        return (
-            np.asarray(res.hist_negative, dtype=np.int64),
-            np.asarray(res.hist_positive, dtype=np.int64),
-            float(res.loss_sum),
-        )
+    def crash_point(self, node_id: str, round: int, stage: str) -> bool: ...
 
 
 class Envoy:
     def __init__(
         self,
         cfg: EnvoyConfig,
-        bus: Bus,
+        bus: Bus | None,
         trainer: Trainer,
         *,
-        fault_plan: Any | None = None,
+        fault_plan: CrashPlan | None = None,
         exit_fn: Callable[[int], Any] = os._exit,
         codec: Codec | None = None,
+        model: ModelSummary | None = None,
     ) -> None:
         self.cfg = cfg
+        # The summary of the model this envoy trains (node.modelcheck); announced at join.
+        self.model = model
+        self.model_fingerprint = fingerprint(model) if model is not None else ""
+        self.failure: FedbusError | None = None
         self.bus = bus
         self.trainer = trainer
         self.fault_plan = fault_plan
@@ -201,12 +104,12 @@ class Envoy:
             peer_keys=director_keys,
             require_signatures=bool(director_keys),
         )
-        self.stage = "idle"
+        self.stage = IDLE
         self.round: int | None = None
         self.attempt = 0
         self._round_task: asyncio.Task[None] | None = None
-        self._client: Any | None = None
-        self._client_round: int | None = None
+        self._contribution: Contribution | None = None
+        self._contribution_round: int | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.rounds_trained = 0
@@ -230,7 +133,11 @@ class Envoy:
 
     async def _presence(self, online: bool) -> None:
         body = Presence(
-            online=online, role="envoy", heartbeat_s=self.cfg.heartbeat_s, stage=self.stage[:64]
+            online=online,
+            role="envoy",
+            heartbeat_s=self.cfg.heartbeat_s,
+            stage=self.stage[:64],
+            model=self.model_fingerprint,
         )
         with contextlib.suppress(Exception):
             await self.endpoint.send(
@@ -247,7 +154,7 @@ class Envoy:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def _crash_point(self, round: int, stage: str) -> None:
+    def _crash_point(self, round: int, stage: Stage) -> None:
         plan = self.fault_plan
         if plan is not None and plan.crash_point(self.cfg.node_id, round, stage):
             self.log.warning("fault_plan_crash", round=round, stage=stage)
@@ -256,6 +163,8 @@ class Envoy:
     # -- main loop ----------------------------------------------------------------------------
 
     async def run(self) -> int:
+        if self.bus is None:
+            raise FedbusError("envoy has no bus: attach() it before run()")
         subs = [
             await subscribe_ready(self.bus, self.topics.broadcast),
             await subscribe_ready(self.bus, self.topics.envoy(self.cfg.node_id)),
@@ -273,6 +182,8 @@ class Envoy:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self._presence(False)
+        if self.failure is not None:
+            raise self.failure
         return 0
 
     def attach(self, bus: Bus) -> None:
@@ -296,7 +207,7 @@ class Envoy:
             except Exception as exc:  # one bad message must not stop the envoy
                 self.log.warning("message_failed", type=env.type, reason=repr(exc)[:300])
 
-    async def _dispatch(self, env: Any) -> None:
+    async def _dispatch(self, env: Envelope) -> None:
         body = env.body
         if isinstance(body, RoundStart):
             self._on_round_start(env.round, body)
@@ -312,22 +223,34 @@ class Envoy:
             ):
                 self.log.info("round_aborted_by_director", reason=body.reason)
                 self._cancel_round()
-            self._set_stage("idle")
+            self._set_stage(IDLE)
         elif isinstance(body, Shutdown):
             self.log.info("shutdown", reason=body.reason)
             self._cancel_round()
             self.stop()
-        elif type(body).__name__.startswith("SecAgg"):
-            await self._on_secagg(env.round, body)
+        elif isinstance(body, ModelMismatch):
+            self._model_refused(body)
         else:
-            self.log.warning("unexpected_message", type=env.type)
+            await self._on_round_message(env.round, body)
+
+    def _model_refused(self, body: ModelMismatch) -> None:
+        """The director builds another model: a config error here, named, and the end."""
+        if self.model is None or body.fingerprint == self.model_fingerprint:
+            self.log.warning("model_mismatch_ignored", announced=self.model_fingerprint)
+            return
+        self.failure = mismatch_error(self.model, body.model)
+        self.log.error("model_mismatch", reason=str(self.failure))
+        self._cancel_round()
+        self.stop()
+
+    # -- rounds -------------------------------------------------------------------------------
 
     def _cancel_round(self) -> None:
         if self._round_task is not None and not self._round_task.done():
             self._round_task.cancel()
         self._round_task = None
-        self._client = None
-        self._client_round = None
+        self._contribution = None
+        self._contribution_round = None
 
     def _on_round_start(self, round: int, body: RoundStart) -> None:
         if self.cfg.node_id not in body.selected:
@@ -337,34 +260,40 @@ class Envoy:
         self._cancel_round()
         self.round = round
         self.attempt = body.attempt
-        set_round(round, "training")
+        set_round(round, Stage.TRAINING)
         self._round_task = asyncio.create_task(self._run_round(round, body))
 
     async def _run_round(self, round: int, rs: RoundStart) -> None:
-        set_round(round, "training")
+        set_round(round, Stage.TRAINING)
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(rs.weights).items()}
         except TensorError as exc:
             self.log.warning("bad_weights", reason=str(exc))
             return
-        self._crash_point(round, "training")
-        client = None
-        if rs.secagg is not None:
-            from protocol.secagg.client import SecAggClient
+        self._crash_point(round, Stage.TRAINING)
+        contribution = contribution_for(
+            rs,
+            round=round,
+            node_id=self.cfg.node_id,
+            director_id=self.cfg.director_id,
+            layout=Layout.of(weights),
+            signing_key=self.signing_key,
+            peer_signing_keys=self.peer_signing_keys,
+            audit=functools.partial(self._audit, round) if self.cfg.audit else None,
+        )
+        self._contribution, self._contribution_round = contribution, round
+        await self._emit(round, contribution, contribution.start())
+        self._set_stage(Stage.TRAINING)
+        update = await self._train(round, weights, rs)
+        if update is None or self._contribution is not contribution:
+            return  # training failed, or the round was superseded meanwhile
+        self._set_stage(Stage.MASKED_INPUT)
+        await self._emit(round, contribution, contribution.submit(update))
+        self._after(contribution)
 
-            client = SecAggClient(
-                self.cfg.node_id,
-                secagg_session(round, rs.attempt),
-                rs.secagg,
-                list(rs.selected),
-                signing_key=self.signing_key if rs.secagg.malicious else None,
-                peer_signing_keys=(self.peer_signing_keys or None) if rs.secagg.malicious else None,
-                server_id=self.cfg.director_id,
-            )
-            self._client, self._client_round = client, round
-            self._crash_point(round, "advertise_keys")
-            await self._emit(round, client.start())
-        self._set_stage("training")
+    async def _train(
+        self, round: int, weights: dict[str, np.ndarray], rs: RoundStart
+    ) -> LocalUpdate | None:
         t0 = time.monotonic()
         seed = (self.cfg.seed * 1_000_003 + round) % 2**31
         try:
@@ -373,69 +302,45 @@ class Envoy:
             )
         except Exception as exc:
             self.log.error("training_failed", reason=repr(exc)[:300])
-            return
+            return None
         self.rounds_trained += 1
         delta = {k: (new[k].astype(np.float64) - weights[k]).astype(np.float32) for k in weights}
         self.log.info(
             "trained", samples=num_samples, loss=loss, seconds=round_(time.monotonic() - t0)
         )
-        if client is None:
-            self._crash_point(round, "masked_input")
-            self._set_stage("sent_update")
-            await self.endpoint.send(
-                self.topics.director,
-                round=round,
-                recipient=self.cfg.director_id,
-                body=PlainUpdate(
-                    delta=state_from_numpy(delta),
-                    num_samples=num_samples,
-                    train_loss=loss if math.isfinite(loss) else 0.0,
-                ),
-            )
-            return
-        if self._client is not client:
-            return  # superseded while training
-        layout = Layout.of(weights)
-        qrange = qrange_for(rs.secagg, len(rs.selected))
-        vector = encode_update(layout, delta, num_samples, loss, qrange, np.random.default_rng())
-        if self.cfg.audit:
-            self._audit(round, vector)
-        self._set_stage("masked_input")
-        outs = client.set_input(vector)
-        if outs:
-            self._crash_point(round, "masked_input")
-        await self._emit(round, outs)
+        return LocalUpdate(delta=delta, num_samples=num_samples, train_loss=loss)
 
     def _audit(self, round: int, vector: np.ndarray) -> None:
-        folder = Path(self.cfg.state_dir) / "audit"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".round-{round}.npy.tmp"
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(vector, dtype=np.uint32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(folder / f"round-{round}.npy")
+        """--audit: keep the quantised update, so the launcher can check the director's sum."""
+        path = Path(self.cfg.state_dir) / "audit" / f"round-{round}.npy"
+        with atomic_path(path, mode=0o600) as tmp:
+            np.save(tmp, np.asarray(vector, dtype=np.uint32))
 
-    async def _on_secagg(self, round: int, body: Any) -> None:
-        client = self._client
-        if client is None or self._client_round != round:
-            self.log.info("secagg_not_in_round", type=type(body).__name__, round=round)
+    async def _on_round_message(self, round: int, body: Message) -> None:
+        contribution = self._contribution
+        if contribution is None or self._contribution_round != round:
+            self.log.info("not_in_round", type=type(body).__name__, round=round)
             return
-        stage = ENTRY_STAGE.get(type(body).__name__)
+        stage = contribution.entered_on(body)
         if stage is not None:
             self._crash_point(round, stage)
             self._set_stage(stage)
-        outs = client.receive(self.cfg.director_id, body)
-        await self._emit(round, outs)
-        if client.aborted:
-            self.log.warning("secagg_aborted")
-            self._set_stage("idle")
-        elif client.done:
-            self._set_stage("done")
+        out = contribution.receive(self.cfg.director_id, body)
+        for refusal in contribution.take_refusals():
+            self.log.debug("message_refused", type=refusal.type, reason=refusal.reason)
+        await self._emit(round, contribution, out)
+        self._after(contribution)
 
-    async def _emit(self, round: int, outs: list[Any]) -> None:
+    def _after(self, contribution: Contribution) -> None:
+        if contribution.aborted:
+            self.log.warning("contribution_aborted")
+            self._set_stage(IDLE)
+        elif contribution.done:
+            self._set_stage(DONE)
+
+    async def _emit(self, round: int, contribution: Contribution, outs: list[Outgoing]) -> None:
         for out in outs:
-            stage = SEND_STAGE.get(type(out.body).__name__)
+            stage = contribution.sent_in(out.body)
             if stage is not None:
                 self._crash_point(round, stage)
             await self.endpoint.send(
@@ -445,19 +350,27 @@ class Envoy:
                 body=out.body,
             )
 
+    # -- evaluation ---------------------------------------------------------------------------
+
     async def _evaluate(self, round: int, req: EvaluateRequest) -> None:
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(req.weights).items()}
-            neg, pos, loss_sum = await asyncio.to_thread(self.trainer.evaluate, weights, req.bins)
+            pred = await asyncio.to_thread(self.trainer.evaluate, weights)
+            classes = self.cfg.model.num_classes
+            if np.ndim(pred.probabilities) != 2 or np.shape(pred.probabilities)[1] != classes:
+                raise EvaluationError(
+                    f"the trainer's probabilities have shape {list(np.shape(pred.probabilities))}"
+                    f", [model] num_classes is {classes}"
+                )
+            histograms = histogram_vector(pred.probabilities, pred.labels, req.bins)
         except Exception as exc:
             self.log.warning("evaluate_failed", reason=repr(exc)[:300])
             return
         self.evaluations += 1
         body = EvaluateResult(
-            num_samples=int(neg.sum() + pos.sum()),
-            loss_sum=float(loss_sum),
-            hist_negative=[int(x) for x in neg],
-            hist_positive=[int(x) for x in pos],
+            num_samples=len(pred.labels),
+            loss_sum=float(pred.loss_sum),
+            histograms=histograms.tolist(),
         )
         await self.endpoint.send(
             self.topics.director, round=round, recipient=self.cfg.director_id, body=body

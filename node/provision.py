@@ -22,208 +22,96 @@ in a node's config (its [data], training recipe, ...) are kept; only the fields 
 manages are rewritten. `--remove` takes envoys out: their client certificates go on the CA's
 revocation list (broker/tls/crl.pem, enforced by Mosquitto), their kits move to removed/, and
 the rewrite drops them from every allow-list, password file, ACL and peer list.
+
+`fedbus demo` builds its federation with `provision(Plan(...))` too, then `update_config` for
+its own settings: there is one way to make keys, configs and broker files.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import ipaddress
 import os
 import sys
-import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+import msgspec
 
-from broker.credentials import generate_curve_keypair, read_key_file, write_secret_key
-from broker.mosquitto import (
+from broker.files import PUBLIC_MODE, SECRET_MODE, atomic_write_bytes, read_toml
+from broker.keys import curve_public_key, generate_curve_keypair, read_key_file, write_key_file
+from broker.server.config import AllowEntry, BrokerFile, Heartbeat
+from broker.server.mosquitto_files import (
     Listener,
     TlsFiles,
     generate_password,
     write_broker_files,
-    write_private,
 )
 from broker.topics import validate_id
 from crypto.signing import generate_signing_keypair, signing_public_key
-from node.config import dump_toml
+from node.config import DirectorConfig, EnvoyConfig, parse_config
+from node.errors import ExitCode, FedbusError
+from node.pki import cert_fingerprint, cert_names_cover, cert_serial, issue_cert, make_ca, make_crl
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.configfile import ConfigError, dump_toml, parse_toml
 
-REPO = Path(__file__).resolve().parents[1]
-DIRECTOR_TEMPLATE = REPO / "configs" / "director.toml"
+# The configs fedbus ships: the repository's configs/ folder, installed as node/configs.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DIRECTOR_TEMPLATE = SHIPPED_CONFIGS / "director.toml"
 DEFAULT_PORTS = {"zmq": 5555, "mqtt": 8883}
-CA_DAYS = 3650
-CERT_DAYS = 825
+# Kit folders hold secrets: only their owner may list or enter them.
+KIT_DIR_MODE = 0o700
+
+NodeKind = Literal["director", "envoy"]
+DataSourceKind = Literal["pneumoniamnist", "image_folder"]
+_SCHEMAS: dict[NodeKind, type[DirectorConfig] | type[EnvoyConfig]] = {
+    "director": DirectorConfig,
+    "envoy": EnvoyConfig,
+}
 
 
-class ProvisionError(ValueError):
+class ProvisionError(FedbusError, ValueError):
     """Bad arguments or an existing kit that cannot be extended; the message says which."""
+
+    exit_code = ExitCode.USAGE
 
 
 # --------------------------------------------------------------------------- files
 
 
-def write_public(path: Path, data: bytes | str) -> None:
+def _write_public(path: Path, data: str | bytes) -> None:
     """A public file (certificate, public key, config): atomic, world-readable."""
-    write_private(path, data, mode=0o644)
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data, mode=PUBLIC_MODE)
 
 
-def _ensure_secret(path: Path, make: Any) -> bytes:
-    """The secret at `path`, created by `make()` (bytes) only if it does not exist yet."""
+def _ensure_secret(path: Path, make: Callable[[], bytes]) -> bytes:
+    """The secret at `path`, created by `make()` only if it does not exist yet."""
     if path.exists():
         return path.read_bytes()
     data = make()
-    write_private(path, data)
+    atomic_write_bytes(path, data, mode=SECRET_MODE)
     return data
 
 
-# --------------------------------------------------------------------------- TLS
+def _kit_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, KIT_DIR_MODE)
+    return path
 
 
-def _new_ec_key() -> ec.EllipticCurvePrivateKey:
-    # ECDSA P-256: what every TLS stack (OpenSSL under Mosquitto, Python's ssl) accepts.
-    return ec.generate_private_key(ec.SECP256R1())
+def _read_toml_if_present(path: Path) -> dict[str, Any] | None:
+    return read_toml(path) if path.exists() else None
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ProvisionError(f"{path}: expected an ECDSA private key")
-    return key
-
-
-def make_ca(federation: str, *, days: int = CA_DAYS) -> tuple[bytes, bytes]:
-    """(key PEM, certificate PEM) of a new federation CA."""
-    key = _new_ec_key()
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"fedbus {federation} CA"),
-        ]
-    )
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
-
-
-def issue_cert(
-    ca_key_pem: bytes,
-    ca_cert_pem: bytes,
-    *,
-    common_name: str,
-    server_names: Sequence[str] = (),
-    client: bool = True,
-    days: int = CERT_DAYS,
-) -> tuple[bytes, bytes]:
-    """(key PEM, certificate PEM) signed by the CA: a server certificate when `server_names`
-    (DNS names or IP addresses) are given, else a client certificate for `common_name`."""
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    key = _new_ec_key()
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
-            critical=False,
-        )
-    )
-    if server_names:
-        sans: list[x509.GeneralName] = []
-        for name in dict.fromkeys(server_names):
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                sans.append(x509.DNSName(name))
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        usages = [ExtendedKeyUsageOID.SERVER_AUTH]
-    else:
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if not client and not server_names:
-        raise ValueError("a certificate is either for a server (server_names) or a client")
-    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
-
-
-def cert_fingerprint(cert_pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.fingerprint(hashes.SHA256()).hex()
-
-
-# --------------------------------------------------------------------------- the kits
+# --------------------------------------------------------------------------- the plan
 
 
 @dataclass
 class NodeKeys:
     node_id: str
-    role: str
+    role: NodeKind
     signing_public: str  # hex
     curve_public: str  # z85
     cert_sha256: str
@@ -245,7 +133,11 @@ class Plan:
     rounds: int
     data_path: str
     max_frame_bytes: int
+    # What the envoys' [data] path holds: "pneumoniamnist" (the .npz) or "image_folder".
+    data_source: DataSourceKind = "pneumoniamnist"
     remove: list[str] = field(default_factory=list)
+    # The ZeroMQ broker's heartbeat (broker.toml [heartbeat]); the daemon's defaults unless set.
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
 
     def kit(self, name: str) -> Path:
         return self.out / name
@@ -265,104 +157,44 @@ class Plan:
         return str(self.state_root / name) if self.state_root else "state"
 
 
-def _load_roster(out: Path) -> dict[str, Any] | None:
-    path = out / "roster.toml"
-    if not path.exists():
-        return None
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProvisionError(f"{path}: not valid TOML: {exc}") from None
-
-
-def _node_secrets(plan: Plan, name: str, role: str, ca: tuple[bytes, bytes]) -> NodeKeys:
-    """Create (once) and return the public side of a node's keys."""
-    kit = plan.kit(name)
-    (kit / "tls").mkdir(parents=True, exist_ok=True)
-    os.chmod(kit, 0o700)
-    # Ed25519 signing key, hex text (node.wire.read_key_file reads it).
-    seed = _ensure_secret(
-        kit / "signing.key", lambda: (generate_signing_keypair().private.hex() + "\n").encode()
-    )
-    signing_public = signing_public_key(bytes.fromhex(seed.decode().strip())).hex()
-    write_public(kit / "signing.pub", signing_public + "\n")
-    # CurveZMQ key pair, Z85 text (broker.credentials format).
-    if not (kit / "curve.key").exists():
-        write_secret_key(kit / "curve.key", generate_curve_keypair().secret)
-    import zmq
-
-    curve_public = zmq.curve_public(
-        read_key_file(kit / "curve.key", field="curve.key").encode("ascii")
-    ).decode("ascii")
-    write_public(kit / "curve.pub", curve_public + "\n")
-    # MQTT password: 256 random bits.
-    _ensure_secret(kit / "mqtt.password", lambda: (generate_password() + "\n").encode())
-    # TLS client certificate from the federation CA.
-    if not (kit / "tls" / "client.key").exists() or not (kit / "tls" / "client.crt").exists():
-        key_pem, cert_pem = issue_cert(*ca, common_name=name)
-        write_private(kit / "tls" / "client.key", key_pem)
-        write_public(kit / "tls" / "client.crt", cert_pem)
-    write_public(kit / "tls" / "ca.crt", ca[1])
-    fingerprint = cert_fingerprint((kit / "tls" / "client.crt").read_bytes())
-    return NodeKeys(name, role, signing_public, curve_public, fingerprint)
-
-
-def _merge_config(path: Path, base: dict[str, Any], managed: dict[str, Any]) -> dict[str, Any]:
-    """The existing config (or `base`) with every `managed` field set."""
-    current = base
-    if path.exists():
-        try:
-            with path.open("rb") as fh:
-                current = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ProvisionError(f"{path}: not valid TOML (fix or delete it): {exc}") from None
-    merged = dict(current)
-    for key, value in managed.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            table = dict(merged[key])
-            table.update(value)
-            merged[key] = table
-        else:
-            merged[key] = value
-    return merged
-
-
-def _credentials_table(plan: Plan, name: str) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "curve_secret_key": "curve.key",
-        "curve_public_key": "curve.pub",
-        "broker_public_key": "broker.pub",
-        "username": name,
-        "password_file": "mqtt.password",
-    }
-    if plan.transport == "mqtt":
-        table.update(tls_ca="tls/ca.crt", tls_cert="tls/client.crt", tls_key="tls/client.key")
-    return table
-
-
-def _director_template() -> dict[str, Any]:
-    if DIRECTOR_TEMPLATE.exists():
-        with DIRECTOR_TEMPLATE.open("rb") as fh:
-            return tomllib.load(fh)
-    return {}
-
-
 def provision(plan: Plan) -> dict[str, NodeKeys]:
     """Write or extend every kit under `plan.out`; returns the public keys per node."""
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
-    roster = _load_roster(out)
+    names = _settle_roster(plan)
+    ca = _ensure_ca(plan)
+    for name in plan.remove:
+        _revoke(plan, name)
+    keys: dict[str, NodeKeys] = {}
+    for name in names:
+        role: NodeKind = "director" if name == plan.director_id else "envoy"
+        keys[name] = _node_secrets(plan, name, role, ca)
+
+    _write_broker_kit(plan, keys, ca)
+    broker_public = (plan.kit("broker") / "broker.pub").read_text()
+    for name in names:
+        _write_public(plan.kit(name) / "broker.pub", broker_public)
+    _write_director_kit(plan, keys)
+    for index, name in enumerate(plan.envoys):
+        _write_envoy_kit(plan, keys, name, index)
+    _write_roster(plan, keys)
+    return keys
+
+
+def _settle_roster(plan: Plan) -> list[str]:
+    """The nodes of the federation after this run (the old roster, plus, minus); checks."""
+    roster_path = plan.out / "roster.toml"
+    roster = _read_toml_if_present(roster_path)
     known: list[str] = []
     if roster is not None:
         if roster.get("federation") != plan.federation:
             raise ProvisionError(
-                f"{out / 'roster.toml'} is federation {roster.get('federation')!r}, not "
+                f"{roster_path} is federation {roster.get('federation')!r}, not "
                 f"{plan.federation!r}: use another --out"
             )
         if roster.get("director") != plan.director_id:
             raise ProvisionError(
-                f"{out / 'roster.toml'}: the director is {roster.get('director')!r}; "
+                f"{roster_path}: the director is {roster.get('director')!r}; "
                 "it cannot change in an existing kit"
             )
         known = [n for n, v in roster.get("nodes", {}).items() if v.get("role") == "envoy"]
@@ -378,33 +210,50 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
         raise ProvisionError("node ids must be unique (the director's id included)")
     if "broker" in names or "ca" in names:
         raise ProvisionError('"broker" and "ca" are kit folder names; pick other node ids')
+    return names
 
-    # The CA, once.
-    ca_dir = out / "ca"
-    ca_dir.mkdir(exist_ok=True)
-    os.chmod(ca_dir, 0o700)
+
+def _ensure_ca(plan: Plan) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of the federation CA, made on the first run."""
+    ca_dir = _kit_dir(plan.out / "ca")
     if not (ca_dir / "ca.key").exists():
         key_pem, cert_pem = make_ca(plan.federation)
-        write_private(ca_dir / "ca.key", key_pem)
-        write_public(ca_dir / "ca.crt", cert_pem)
-    ca = ((ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes())
-    for name in plan.remove:
-        _revoke(plan, name)
+        atomic_write_bytes(ca_dir / "ca.key", key_pem, mode=SECRET_MODE)
+        _write_public(ca_dir / "ca.crt", cert_pem)
+    return (ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes()
 
-    keys: dict[str, NodeKeys] = {}
-    for name in names:
-        role = "director" if name == plan.director_id else "envoy"
-        keys[name] = _node_secrets(plan, name, role, ca)
 
-    _write_broker_kit(plan, keys, ca)
-    broker_public = (plan.kit("broker") / "broker.pub").read_text()
-    for name in names:
-        write_public(plan.kit(name) / "broker.pub", broker_public)
-    _write_director_kit(plan, keys)
-    for index, name in enumerate(plan.envoys):
-        _write_envoy_kit(plan, keys, name, index)
-    _write_roster(plan, keys)
-    return keys
+def _node_secrets(plan: Plan, name: str, role: NodeKind, ca: tuple[bytes, bytes]) -> NodeKeys:
+    """Create (once) and return the public side of a node's keys."""
+    kit = _kit_dir(plan.kit(name))
+    (kit / "tls").mkdir(exist_ok=True)
+    # Ed25519 signing key (hex) and CurveZMQ key pair (Z85): broker.keys formats.
+    if not (kit / "signing.key").exists():
+        seed = generate_signing_keypair().private
+        write_key_file(kit / "signing.key", seed, encoding="hex", secret=True)
+    seed = read_key_file(kit / "signing.key", encoding="hex", field="signing.key")
+    signing_public = signing_public_key(seed)
+    write_key_file(kit / "signing.pub", signing_public, encoding="hex", secret=False)
+    if not (kit / "curve.key").exists():
+        secret = generate_curve_keypair().secret
+        write_key_file(kit / "curve.key", secret, encoding="z85", secret=True)
+    curve_public = curve_public_key(
+        read_key_file(kit / "curve.key", encoding="z85", field="curve.key")
+    )
+    write_key_file(kit / "curve.pub", curve_public, encoding="z85", secret=False)
+    # MQTT password: 256 random bits.
+    _ensure_secret(kit / "mqtt.password", lambda: (generate_password() + "\n").encode())
+    # TLS client certificate from the federation CA.
+    if not (kit / "tls" / "client.key").exists() or not (kit / "tls" / "client.crt").exists():
+        key_pem, cert_pem = issue_cert(*ca, common_name=name)
+        atomic_write_bytes(kit / "tls" / "client.key", key_pem, mode=SECRET_MODE)
+        _write_public(kit / "tls" / "client.crt", cert_pem)
+    _write_public(kit / "tls" / "ca.crt", ca[1])
+    fingerprint = cert_fingerprint((kit / "tls" / "client.crt").read_bytes())
+    return NodeKeys(name, role, signing_public.hex(), curve_public, fingerprint)
+
+
+# --------------------------------------------------------------------------- revocation
 
 
 def _revoke(plan: Plan, name: str) -> None:
@@ -416,22 +265,12 @@ def _revoke(plan: Plan, name: str) -> None:
     entries = _load_revoked(revoked_path)
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     if (kit / "tls" / "client.crt").exists():
-        cert = x509.load_pem_x509_certificate((kit / "tls" / "client.crt").read_bytes())
-        entries.append(
-            {"node_id": name, "serial": format(cert.serial_number, "x"), "date": now.isoformat()}
-        )
-        lines = ["# Revoked client certificates (fedbus provision --remove). Do not edit.", ""]
-        for entry in entries:
-            lines += [
-                "[[revoked]]",
-                f'node_id = "{entry["node_id"]}"',
-                f'serial = "{entry["serial"]}"',
-                f'date = "{entry["date"]}"',
-                "",
-            ]
-        write_public(revoked_path, "\n".join(lines))
+        serial = cert_serial((kit / "tls" / "client.crt").read_bytes())
+        entries.append({"node_id": name, "serial": format(serial, "x"), "date": now.isoformat()})
+        header = "# Revoked client certificates (fedbus provision --remove). Do not edit.\n\n"
+        _write_public(revoked_path, header + dump_toml({"revoked": entries}))
     removed = plan.out / "removed"
-    removed.mkdir(mode=0o700, exist_ok=True)
+    removed.mkdir(mode=KIT_DIR_MODE, exist_ok=True)
     kit.rename(removed / f"{name}-{now.strftime('%Y%m%dT%H%M%SZ')}")
     for stale in [
         plan.kit("broker") / "keys" / f"{name}.pub",
@@ -442,89 +281,77 @@ def _revoke(plan: Plan, name: str) -> None:
 
 
 def _load_revoked(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open("rb") as fh:
-        return list(tomllib.load(fh).get("revoked", []))
+    table = _read_toml_if_present(path)
+    return [] if table is None else list(table.get("revoked", []))
 
 
-def make_crl(
-    ca_key_pem: bytes, ca_cert_pem: bytes, serials: Sequence[tuple[int, dt.datetime]]
-) -> bytes:
-    """A PEM CRL of the CA listing `serials` (serial, revocation date)."""
-    ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        # The broker gets its CRL from the operator with every provision run, not from a
-        # distribution point: an expired CRL would only lock every node out.
-        .next_update(ca_cert.not_valid_after_utc)
-    )
-    for serial, when in serials:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-        )
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+# --------------------------------------------------------------------------- the broker kit
 
 
 def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, bytes]) -> None:
-    kit = plan.kit("broker")
-    (kit / "keys").mkdir(parents=True, exist_ok=True)
+    kit = _kit_dir(plan.kit("broker"))
+    (kit / "keys").mkdir(exist_ok=True)
     (kit / "tls").mkdir(exist_ok=True)
-    os.chmod(kit, 0o700)
     if not (kit / "broker.key").exists():
-        write_secret_key(kit / "broker.key", generate_curve_keypair().secret)
-    import zmq
+        secret = generate_curve_keypair().secret
+        write_key_file(kit / "broker.key", secret, encoding="z85", secret=True)
+    public = curve_public_key(read_key_file(kit / "broker.key", encoding="z85", field="broker.key"))
+    write_key_file(kit / "broker.pub", public, encoding="z85", secret=False)
+    _write_broker_tls(plan, kit, ca)
+    _write_zmq_broker_config(plan, kit, keys)
+    _write_mosquitto_kit(plan, kit, keys)
 
-    public = zmq.curve_public(read_key_file(kit / "broker.key").encode("ascii")).decode("ascii")
-    write_public(kit / "broker.pub", public + "\n")
-    # The TLS server certificate names the host nodes dial, plus loopback for local checks.
+
+def _write_broker_tls(plan: Plan, kit: Path, ca: tuple[bytes, bytes]) -> None:
+    """The TLS server certificate (for the host nodes dial, plus loopback for local checks),
+    the CA certificate and the CRL of removed nodes."""
     server_names = [plan.broker_host, "localhost", "127.0.0.1"]
     cert_path = kit / "tls" / "server.crt"
-    if cert_path.exists() and not _cert_names_cover(cert_path.read_bytes(), server_names):
+    if cert_path.exists() and not cert_names_cover(cert_path.read_bytes(), server_names):
         cert_path.unlink()  # the broker moved: a new server certificate, same CA
     if not (kit / "tls" / "server.key").exists() or not cert_path.exists():
         key_pem, cert_pem = issue_cert(
             *ca, common_name=plan.broker_host, server_names=server_names, client=False
         )
-        write_private(kit / "tls" / "server.key", key_pem)
-        write_public(cert_path, cert_pem)
-    write_public(kit / "tls" / "ca.crt", ca[1])
+        atomic_write_bytes(kit / "tls" / "server.key", key_pem, mode=SECRET_MODE)
+        _write_public(cert_path, cert_pem)
+    _write_public(kit / "tls" / "ca.crt", ca[1])
     revoked = [
         (int(e["serial"], 16), dt.datetime.fromisoformat(e["date"]))
         for e in _load_revoked(plan.out / "ca" / "revoked.toml")
     ]
-    write_public(kit / "tls" / "crl.pem", make_crl(*ca, revoked))
+    _write_public(kit / "tls" / "crl.pem", make_crl(*ca, revoked))
 
-    # ZeroMQ broker daemon config (broker/daemon.py format): the CurveZMQ allow-list.
+
+def _write_zmq_broker_config(plan: Plan, kit: Path, keys: dict[str, NodeKeys]) -> None:
+    """broker.toml of the ZeroMQ daemon: its CurveZMQ allow-list, one public key per node."""
     for name, node in keys.items():
-        write_public(kit / "keys" / f"{name}.pub", node.curve_public + "\n")
+        write_key_file(
+            kit / "keys" / f"{name}.pub", node.curve_public, encoding="z85", secret=False
+        )
     bind_host = plan.bind_address if ":" not in plan.bind_address else f"[{plan.bind_address}]"
     zmq_port = plan.port if plan.transport == "zmq" else DEFAULT_PORTS["zmq"]
-    text = (
+    config = BrokerFile(
+        federation=plan.federation,
+        bind=f"tcp://{bind_host}:{zmq_port}",
+        secret_key_file="broker.key",
+        max_frame_bytes=plan.max_frame_bytes,
+        heartbeat=plan.heartbeat,
+        allow=tuple(
+            AllowEntry(node_id=name, role=node.role, public_key_file=f"keys/{name}.pub")
+            for name, node in keys.items()
+        ),
+    )
+    header = (
         "# fedbus ZeroMQ broker: `fedbus broker --config broker.toml`. Written by `fedbus "
         "provision`;\n# run provision again to add envoys (it rewrites this file).\n"
     )
-    text += dump_toml(
-        {
-            "federation": plan.federation,
-            "bind": f"tcp://{bind_host}:{zmq_port}",
-            "secret_key_file": "broker.key",
-            "max_frame_bytes": plan.max_frame_bytes,
-        }
-    )
-    for name, node in keys.items():
-        text += (
-            f'\n[[allow]]\nnode_id = "{name}"\nrole = "{node.role}"\n'
-            f'public_key_file = "keys/{name}.pub"\n'
-        )
-    write_public(kit / "broker.toml", text)
+    _write_public(kit / "broker.toml", header + dump_toml(msgspec.to_builtins(config)))
 
-    # Mosquitto: a TLS listener for the nodes, passwords + the ACL generated from
-    # broker/topics.py. Paths are where the kit will live on the broker host.
+
+def _write_mosquitto_kit(plan: Plan, kit: Path, keys: dict[str, NodeKeys]) -> None:
+    """Mosquitto: a TLS listener for the nodes, passwords + the ACL generated from
+    broker/topics.py. Paths are where the kit will live on the broker host."""
     mqtt_port = plan.port if plan.transport == "mqtt" else DEFAULT_PORTS["mqtt"]
     home = plan.installed("broker")
     passwords = {name: (plan.kit(name) / "mqtt.password").read_text().strip() for name in keys}
@@ -551,18 +378,41 @@ def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, by
         install_dir=home,
     )
     if plan.state_root is None:
-        (kit / "mosquitto-data").mkdir(mode=0o700, exist_ok=True)
+        (kit / "mosquitto-data").mkdir(mode=KIT_DIR_MODE, exist_ok=True)
 
 
-def _cert_names_cover(cert_pem: bytes, names: Sequence[str]) -> bool:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    present = {str(v) for v in san.get_values_for_type(x509.DNSName)}
-    present |= {str(v) for v in san.get_values_for_type(x509.IPAddress)}
-    return all(n in present for n in names)
+# --------------------------------------------------------------------------- node kits
+
+
+def _director_template() -> dict[str, Any]:
+    """The shipped director.toml: the training recipe, model and SecAgg settings every kit
+    starts from (a missing template is a broken install, never an empty recipe)."""
+    return read_toml(DIRECTOR_TEMPLATE)
+
+
+def _credentials_table(plan: Plan, name: str) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "curve_secret_key": "curve.key",
+        "curve_public_key": "curve.pub",
+        "broker_public_key": "broker.pub",
+        "username": name,
+        "password_file": "mqtt.password",
+    }
+    if plan.transport == "mqtt":
+        table.update(tls_ca="tls/ca.crt", tls_cert="tls/client.crt", tls_key="tls/client.key")
+    return table
+
+
+def _merge_config(path: Path, base: dict[str, Any], managed: dict[str, Any]) -> dict[str, Any]:
+    """The existing config (or `base`) with every `managed` field set."""
+    current = _read_toml_if_present(path)
+    merged = dict(base if current is None else current)
+    for key, value in managed.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _write_director_kit(plan: Plan, keys: dict[str, NodeKeys]) -> None:
@@ -570,7 +420,7 @@ def _write_director_kit(plan: Plan, keys: dict[str, NodeKeys]) -> None:
     kit = plan.kit(name)
     (kit / "envoys").mkdir(exist_ok=True)
     for envoy in plan.envoys:
-        write_public(kit / "envoys" / f"{envoy}.sign.pub", keys[envoy].signing_public + "\n")
+        _write_public(kit / "envoys" / f"{envoy}.sign.pub", keys[envoy].signing_public + "\n")
     n = len(plan.envoys)
     template = _director_template()
     template.pop("envoy_signing_keys", None)
@@ -602,20 +452,15 @@ def _write_director_kit(plan: Plan, keys: dict[str, NodeKeys]) -> None:
 def _write_envoy_kit(plan: Plan, keys: dict[str, NodeKeys], name: str, index: int) -> None:
     kit = plan.kit(name)
     (kit / "peers").mkdir(exist_ok=True)
-    write_public(kit / "director.sign.pub", keys[plan.director_id].signing_public + "\n")
+    _write_public(kit / "director.sign.pub", keys[plan.director_id].signing_public + "\n")
     for peer in plan.envoys:
-        write_public(kit / "peers" / f"{peer}.sign.pub", keys[peer].signing_public + "\n")
-    template = _director_template()
-    model = dict(template.get("model", {}))
+        _write_public(kit / "peers" / f"{peer}.sign.pub", keys[peer].signing_public + "\n")
+    model = dict(_director_template().get("model", {}))
     model.pop("init_seed", None)
     base: dict[str, Any] = {
         "state_dir": plan.state_dir(name),
         # Edit [data] to point at this hospital's images; provision keeps your edits.
-        "data": {
-            "source": "pneumoniamnist",
-            "path": plan.data_path,
-            "partition": {"scheme": "dirichlet", "index": index, "count": len(plan.envoys)},
-        },
+        "data": _data_table(plan, index),
         "model": model,
     }
     managed = {
@@ -636,53 +481,74 @@ def _write_envoy_kit(plan: Plan, keys: dict[str, NodeKeys], name: str, index: in
     _write_config(path, config, "envoy")
 
 
-def _write_config(path: Path, config: dict[str, Any], kind: str) -> None:
-    from node.config import ConfigError, parse_config
+def _data_table(plan: Plan, index: int) -> dict[str, Any]:
+    """An envoy kit's [data]. A hospital's image folder is all its own: no partition, the
+    envoy trains on every image in it. PneumoniaMNIST is one public file that every envoy of
+    a simulated federation holds: each takes its own Dirichlet label-skewed part."""
+    table: dict[str, Any] = {"source": plan.data_source, "path": plan.data_path}
+    if plan.data_source == "pneumoniamnist" and len(plan.envoys) > 1:
+        table["partition"] = {"scheme": "dirichlet", "index": index, "count": len(plan.envoys)}
+    return table
 
+
+def _write_config(path: Path, config: Mapping[str, Any], kind: NodeKind) -> None:
+    """Validate, then write: a kit the node would refuse is never written."""
     header = (
         f"# fedbus {kind} config, written by `fedbus provision`. Relative paths are relative "
         "to this file.\n# Running provision again rewrites the bus, key and peer fields and "
         "keeps the rest.\n"
     )
     text = header + dump_toml(config)
-    # Validate before writing: a kit that the node would refuse must not be written.
     try:
-        data = tomllib.loads(text)
-        if kind == "director":
-            from node.config import DirectorConfig as Kind
-        else:
-            from node.config import EnvoyConfig as Kind  # type: ignore[assignment]
-        parse_config(data, Kind, source=str(path), base=path.resolve().parent)
-    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        table = parse_toml(text, source=str(path))
+        parse_config(table, _SCHEMAS[kind], source=str(path), base=path.resolve().parent)
+    except ConfigError as exc:
         raise ProvisionError(f"generated {kind} config is invalid: {exc}") from None
-    write_public(path, text)
+    _write_public(path, text)
+
+
+def update_config(path: Path, kind: NodeKind, changes: Mapping[str, Any]) -> None:
+    """Merge `changes` (nested tables merge key by key) into the node config at `path`,
+    validate the result and write it back atomically (how `fedbus demo` applies its
+    settings to the kits provision made)."""
+    _write_config(path, _deep_merge(read_toml(path), changes), kind)
+
+
+def _deep_merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _write_roster(plan: Plan, keys: dict[str, NodeKeys]) -> None:
-    lines = [
-        "# The federation's public facts, written by `fedbus provision` (no secrets here).",
-        f'federation = "{plan.federation}"',
-        f'director = "{plan.director_id}"',
-        f'transport = "{plan.transport}"',
-        f'bus_url = "{plan.bus_url}"',
-        f'ca_sha256 = "{cert_fingerprint((plan.out / "ca" / "ca.crt").read_bytes())}"',
-        "",
-        "[broker]",
-        f'host = "{plan.broker_host}"',
-        f'curve_public_key = "{(plan.kit("broker") / "broker.pub").read_text().strip()}"',
-        f'tls_cert_sha256 = "{cert_fingerprint((plan.kit("broker") / "tls" / "server.crt").read_bytes())}"',
-        "",
-    ]
-    for name, node in keys.items():
-        lines += [
-            f'[nodes."{name}"]',
-            f'role = "{node.role}"',
-            f'signing_public_key = "{node.signing_public}"',
-            f'curve_public_key = "{node.curve_public}"',
-            f'tls_cert_sha256 = "{node.cert_sha256}"',
-            "",
-        ]
-    write_public(plan.out / "roster.toml", "\n".join(lines))
+    broker = plan.kit("broker")
+    roster = {
+        "federation": plan.federation,
+        "director": plan.director_id,
+        "transport": plan.transport,
+        "bus_url": plan.bus_url,
+        "ca_sha256": cert_fingerprint((plan.out / "ca" / "ca.crt").read_bytes()),
+        "broker": {
+            "host": plan.broker_host,
+            "curve_public_key": (broker / "broker.pub").read_text().strip(),
+            "tls_cert_sha256": cert_fingerprint((broker / "tls" / "server.crt").read_bytes()),
+        },
+        "nodes": {
+            name: {
+                "role": node.role,
+                "signing_public_key": node.signing_public,
+                "curve_public_key": node.curve_public,
+                "tls_cert_sha256": node.cert_sha256,
+            }
+            for name, node in keys.items()
+        },
+    }
+    header = "# The federation's public facts, written by `fedbus provision` (no secrets here).\n"
+    _write_public(plan.out / "roster.toml", header + dump_toml(roster))
 
 
 # --------------------------------------------------------------------------- CLI
@@ -726,9 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="data/pneumoniamnist.npz",
-        help="the envoys' [data] path (each hospital edits its own)",
+        help="the envoys' [data] path (each hospital edits its own), e.g. /srv/xray/chest_xray",
     )
-    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument(
+        "--data-source",
+        choices=("pneumoniamnist", "image_folder"),
+        help="what --data holds (default: pneumoniamnist for a .npz file, else image_folder). "
+        "An image folder is a hospital's own and trained on whole; PneumoniaMNIST is split "
+        "among the envoys (Dirichlet label skew), as in a simulated federation",
+    )
+    p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     return p
 
 
@@ -737,15 +610,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = _plan(args)
         keys = provision(plan)
+    except ConfigError:
+        raise  # a kit file that cannot be read: exit status 3 (node.cli)
     except (ProvisionError, ValueError) as exc:
         print(f"fedbus provision: error: {exc}", file=sys.stderr)
-        return 2
+        return int(ProvisionError.exit_code)
     envoys = [k for k, v in keys.items() if v.role == "envoy"]
     print(
         f"federation {plan.federation}: kits for broker, {plan.director_id} and "
         f"{len(envoys)} envoys ({', '.join(envoys)}) in {plan.out} (bus {plan.bus_url})"
     )
-    return 0
+    return int(ExitCode.OK)
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -786,9 +661,14 @@ def _plan(args: argparse.Namespace) -> Plan:
         mosquitto_user=args.mosquitto_user,
         rounds=args.rounds,
         data_path=args.data,
+        data_source=args.data_source or _data_source_of(args.data),
         max_frame_bytes=args.max_frame_bytes,
         remove=remove,
     )
+
+
+def _data_source_of(path: str) -> DataSourceKind:
+    return "pneumoniamnist" if path.lower().endswith(".npz") else "image_folder"
 
 
 if __name__ == "__main__":  # pragma: no cover

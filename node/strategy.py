@@ -174,7 +174,8 @@ class FedAdam(_Stateful):
         m *= self.beta1
         m += (1 - self.beta1) * delta
         self._second_moment(v, delta * delta)
-        return self.server_lr * m / (np.sqrt(v) + self.tau)
+        step: np.ndarray = self.server_lr * m / (np.sqrt(v) + self.tau)
+        return step
 
 
 class FedYogi(FedAdam):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
+from protocol.errors import ProtocolError
 from protocol.messages import PROTOCOL_VERSION, Envelope
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
-class CodecError(ValueError):
+class CodecError(ProtocolError):
     """A frame that is not a valid fedbus envelope. The only error decoding ever raises."""
 
 

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 import msgspec
 import numpy as np
 
+from protocol.errors import ProtocolError
+
 # Only plain numeric dtypes travel; anything else (objects, strings, big-endian) is refused.
 ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<f2", "<u4", "<i4", "<i8", "<u8", "|u1", "|i1"})
 MAX_DIMS = 8
 
 
-class TensorError(ValueError):
+class TensorError(ProtocolError):
     """A wire tensor whose dtype, shape and byte length do not agree."""
 
 

@@ -38,8 +38,9 @@ import zmq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from broker import wire  # noqa: E402
-from broker.credentials import generate_curve_keypair  # noqa: E402
+from broker import zmq_commands as commands  # noqa: E402
+from broker.files import PUBLIC_MODE, atomic_write_text  # noqa: E402
+from broker.keys import generate_curve_keypair  # noqa: E402
 from broker.topics import Topics  # noqa: E402
 
 WINDOW = 8
@@ -80,12 +81,28 @@ def run_c_proxy(front: int, back: int, keys: dict[str, Any] | None, ready: Any) 
         zmq.proxy(pull, push)
 
 
-def run_broker(port: int, keys: dict[str, Any] | None, ready: Any) -> None:
+def _zmq_broker_class(root: str | None) -> Any:
+    """ZmqBroker from this tree, or from another checkout at `root` (an A/B against it)."""
+    if root is not None:
+        # This child imported this tree's packages with the script: forget them, then load
+        # the other checkout's under the same names.
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("broker", "protocol", "crypto"):
+                del sys.modules[name]
+        sys.path.insert(0, root)
+    try:
+        from broker.server.zmq_broker import ZmqBroker
+    except ImportError:  # the layout before broker/ was split into client/ and server/
+        from broker.zmq_broker import ZmqBroker  # type: ignore[no-redef]
+    return ZmqBroker
+
+
+def run_broker(port: int, keys: dict[str, Any] | None, ready: Any, root: str | None = None) -> None:
     import logging
 
     import structlog
 
-    from broker.zmq_broker import ZmqBroker
+    ZmqBroker = _zmq_broker_class(root)
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     allow = None
@@ -107,9 +124,9 @@ def run_broker(port: int, keys: dict[str, Any] | None, ready: Any) -> None:
     broker.join()
 
 
-def start(target: Any, *args: Any) -> mp.Process:
+def start(target: Any, *args: Any, **kwargs: Any) -> mp.Process:
     ready = mp.Event()
-    proc = mp.Process(target=target, args=(*args, ready), daemon=True)
+    proc = mp.Process(target=target, args=(*args, ready), kwargs=kwargs, daemon=True)
     proc.start()
     ready.wait()
     return proc
@@ -252,9 +269,14 @@ def bench_c_proxy(payload: bytes, frames: int, keys: dict[str, Any] | None) -> f
         proc.join()
 
 
-def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> float:
+BASELINE_ROOT: list[str] = []  # --baseline: another checkout's ZmqBroker, run side by side
+
+
+def bench_broker(
+    payload: bytes, frames: int, keys: dict[str, Any] | None, root: str | None = None
+) -> float:
     port = free_port()
-    proc = start(run_broker, port, keys)
+    proc = start(run_broker, port, keys, root=root)
     ctx = zmq.Context()
     topic = TOPICS.director.encode()
 
@@ -262,24 +284,24 @@ def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> fl
         s = ctx.socket(zmq.DEALER)
         curve_client(s, keys, "producer")
         s.connect(f"tcp://127.0.0.1:{port}")
-        s.send_multipart([wire.HELLO, b"envoy-1", b"envoy", b"", wire.NO_FLAGS, b""])
+        s.send_multipart([commands.HELLO, b"envoy-1", b"envoy", b"", commands.NO_FLAGS, b""])
         return s
 
     def make_rx() -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)
         curve_client(s, keys, "consumer")
         s.connect(f"tcp://127.0.0.1:{port}")
-        s.send_multipart([wire.HELLO, b"director", b"director", b"", wire.NO_FLAGS, b""])
-        s.send_multipart([wire.SUB, b"1", topic])
+        s.send_multipart([commands.HELLO, b"director", b"director", b"", commands.NO_FLAGS, b""])
+        s.send_multipart([commands.SUB, b"1", topic])
         return s
 
     def send(s: zmq.Socket, f: zmq.Frame) -> None:
-        s.send_multipart([wire.PUB, topic, wire.NO_FLAGS, f], copy=False)
+        s.send_multipart([commands.PUB, topic, commands.NO_FLAGS, f], copy=False)
 
     def recv(s: zmq.Socket) -> None:
         while True:
             parts = s.recv_multipart(copy=False)
-            if parts[0].bytes == wire.MSG:
+            if parts[0].bytes == commands.MSG:
                 return
 
     try:
@@ -292,8 +314,8 @@ def bench_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> fl
 
 def bench_bus_e2e(payload: bytes, frames: int, keys: dict[str, Any] | None) -> float:
     """The same hop through the real asyncio clients, with the same credit window."""
-    from broker.connect import connect
-    from broker.credentials import Credentials
+    from broker.client.connect import connect
+    from broker.client.credentials import Credentials
 
     port = free_port()
     proc = start(run_broker, port, keys)
@@ -354,7 +376,11 @@ def bench_bus_e2e(payload: bytes, frames: int, keys: dict[str, Any] | None) -> f
         proc.join()
 
 
-BENCHES = {
+def bench_baseline_broker(payload: bytes, frames: int, keys: dict[str, Any] | None) -> float:
+    return bench_broker(payload, frames, keys, root=BASELINE_ROOT[0])
+
+
+BENCHES: dict[str, Any] = {
     "direct": bench_direct,
     "c_proxy": bench_c_proxy,
     "zmq_broker": bench_broker,
@@ -374,7 +400,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=ROOT / "benchmarks" / "broker" / "results" / "hop.json"
     )
     parser.add_argument("--modes", default="plain,curve")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. main): its ZmqBroker runs as `zmq_broker_baseline`, "
+        "interleaved with this tree's",
+    )
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        BASELINE_ROOT[:] = [str(args.baseline.resolve())]
+        BENCHES["zmq_broker_baseline"] = bench_baseline_broker
 
     import logging
 
@@ -414,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             "broker_vs_c_proxy": med["zmq_broker"] / med["c_proxy"],
             "bus_e2e_vs_c_proxy": med["bus_e2e"] / med["c_proxy"],
         }
+        if "zmq_broker_baseline" in med:
+            results[mode]["broker_vs_baseline"] = med["zmq_broker"] / med["zmq_broker_baseline"]
     report = {
         "benchmark": "broker hop, one publisher -> one subscriber",
         "frame_bytes": len(payload),
@@ -433,10 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    if BASELINE_ROOT:
+        report["baseline"] = BASELINE_ROOT[0]
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n", mode=PUBLIC_MODE)
     print()
     print(
         "| mode | direct | C proxy hop | ZmqBroker hop | broker / C proxy "
@@ -451,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['broker_vs_c_proxy']:.2f}x | {m['bus_e2e']:.2f} GB/s "
             f"| {c.get('c_proxy', float('nan')):.3f} / {c.get('zmq_broker', float('nan')):.3f} |"
         )
+        if "broker_vs_baseline" in r:
+            print(
+                f"{mode}: ZmqBroker vs baseline {r['broker_vs_baseline']:.2f}x throughput, hop CPU "
+                f"{c.get('zmq_broker', float('nan')):.3f} vs "
+                f"{c.get('zmq_broker_baseline', float('nan')):.3f} s/GB"
+            )
     return 0
 
 

@@ -25,9 +25,9 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from broker.credentials import Credentials
-from broker.mosquitto import start_for_demo
-from broker.mqtt import MqttBus
+from broker.client.credentials import Credentials
+from broker.client.mqtt_bus import MqttBus
+from broker.server.mosquitto_process import start_on_loopback
 from broker.topics import Topics
 
 FED = "bench"
@@ -98,7 +98,7 @@ async def ours(url: str, passwords: dict[str, str], frame: bytes, count: int) ->
 
 async def main_async(out: Path, repeats: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-mqtt-"))
-    proc = start_for_demo(
+    proc = start_on_loopback(
         work, {"director": "director", "e1": "envoy"}, federation=FED, max_frame_bytes=MAX
     )
     results = []

@@ -1,4 +1,4 @@
-"""Secure vs plain round wall time, side by side in one run (DESIGN target: <= 1.2 x).
+"""Secure vs plain round wall time, side by side in one run (target, docs/architecture.md: <= 1.2 x).
 
 Each configuration is a real `fedbus demo` federation (broker, director and envoys as
 separate processes over loopback, CurveZMQ + Ed25519), same data, partition, seeds and
@@ -25,12 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from node.demo import Federation, Options, _parse_value  # noqa: E402
+from node.demo.cli import parse_set_value  # noqa: E402
+from node.demo.launcher import Federation, Options  # noqa: E402
 from node.status import read_records  # noqa: E402
 
 
 def one_run(out: Path, args: argparse.Namespace, plain: bool) -> list[dict]:
-    sets = {k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
+    sets = {k: parse_set_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     opts = Options(
         envoys=args.envoys,
         rounds=args.rounds,

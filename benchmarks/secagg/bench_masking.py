@@ -1,7 +1,7 @@
 """(a) The masking bound: client masking time vs the bare AES-256-CTR keystream, same bytes.
 
 A client with k neighbours expands k + 1 masks (its self mask and one per neighbour) of d
-uint32 each: (k + 1) * 4d keystream bytes. The bound (DESIGN.md): masking <= 1.5 x the time
+uint32 each: (k + 1) * 4d keystream bytes. The bound (docs/architecture.md, "Targets"): masking <= 1.5 x the time
 of producing that keystream bare, i.e. `encryptor.update_into` into one reused ~1 MiB
 buffer, no arithmetic. Measured side by side, interleaved; the ratio is the median over R repetitions of
 (time / bare time of the same repetition):
@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, quiet, write
 
 from crypto.prg import MaskAccumulator
+from protocol.events import BROADCAST
 from protocol.secagg.client import SecAggClient
-from protocol.secagg.common import BROADCAST, MASKED_INPUT
 from protocol.secagg.messages import SecAggParams
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.simulate import SERVER, node_names
+from protocol.stages import Stage
 
 BUF = 1 << 20
 
@@ -71,7 +72,7 @@ def client_at_masked_input(k: int, d: int) -> SecAggClient:
         if "envoy-1" in targets:
             clients["envoy-1"].receive(SERVER, r.body)
     c = clients["envoy-1"]
-    assert c.stage == MASKED_INPUT and len(c._partners) == k
+    assert c.stage == Stage.MASKED_INPUT and len(c._partners) == k
     return c
 
 
@@ -97,10 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             acc = MaskAccumulator(d, initial=x)
             acc.apply(add=seeds[: k // 2 + 1], subtract=seeds[k // 2 + 1 :])
             times["apply"].append(time.perf_counter() - t0)
-            client._input = x
-            client.stage = MASKED_INPUT
             t0 = time.perf_counter()
-            (_out,) = client._masked_input()
+            client._masked_input(x)  # the masking step alone: it leaves the client's state as is
             times["step"].append(time.perf_counter() - t0)
         row = {
             "d": d,

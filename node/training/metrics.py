@@ -25,6 +25,16 @@ from typing import Any
 import numpy as np
 
 DEFAULT_BINS = 100
+# The one-number summaries `metrics_from_histograms` reports (what curves and pages show).
+SUMMARY_METRICS = (
+    "auc",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "balanced_accuracy",
+    "f1",
+    "threshold",
+)
 
 
 LOGIT_RANGE = 10.0

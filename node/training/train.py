@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from node.training.batches import batch_source, images_to_tensor, loader_context
 from node.training.metrics import DEFAULT_BINS, score_histograms
 from protocol.messages import TrainPlan
 
@@ -52,18 +54,6 @@ class EvalResult:
     loss_sum: float
     hist_negative: list[int]
     hist_positive: list[int]
-
-
-def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 N x H x W (or N x C x H x W) -> float32 N x C x H x W in [0, 1]."""
-    t = torch.as_tensor(images)
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    if t.dim() != 4:
-        raise ValueError(f"images must be N x H x W or N x C x H x W, got {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        return t.float().div_(255.0)
-    return t.float()
 
 
 def augment_batch(
@@ -96,13 +86,13 @@ def augment_batch(
             torch.stack([sin / sx, cos / scale, uniform(-max_shift, max_shift) * 2], 1),
         ],
         1,
-    )
+    ).to(x.device)  # drawn on the CPU generator, so a GPU run draws the same augmentation
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if jitter > 0:
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
-        bright = uniform(-jitter, jitter).view(n, 1, 1, 1) * 0.5
+        contrast = uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1).to(x.device)
+        bright = uniform(-jitter, jitter).view(n, 1, 1, 1).to(x.device) * 0.5
         out = ((out - mean) * contrast + mean + bright).clamp_(0.0, 1.0)
     return out
 
@@ -136,8 +126,8 @@ def make_optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
 
 def train_local(
     model: nn.Module,
-    images: np.ndarray | Tensor,
-    labels: np.ndarray,
+    images: np.ndarray | Tensor | Dataset,
+    labels: np.ndarray | None,
     plan: TrainPlan,
     *,
     seed: int,
@@ -148,6 +138,8 @@ def train_local(
     augment_strength: float = 1.0,
     label_smoothing: float = 0.0,
     prox_mu: float = 0.0,
+    device: torch.device | str | None = None,
+    workers: int = 0,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -158,22 +150,28 @@ def train_local(
     the rotation, scale, shift and jitter ranges of `augment_batch` together.
     `label_smoothing` is cross-entropy's. `prox_mu` > 0 adds FedProx's proximal term
     mu/2 ||w - w_global||^2 (Li et al. 2020), which keeps a skewed envoy's local steps near
-    the global model; its gradient mu (w - w_global) is added before clipping.
+    the global model; its gradient mu (w - w_global) is added before clipping. `device`
+    moves the model there first (node.training.device.select_device); the images stay in
+    host memory and travel one batch at a time. `images` may also be a torch Dataset
+    (labels None): it is then read batch by batch, `workers` processes ahead, never held
+    whole (node.training.batches).
     """
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
-    x_all = images_to_tensor(images)
-    y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
-    n = int(y_all.shape[0])
+    if device is not None:
+        model.to(device)
+    dev = model_device(model)
+    source = batch_source(images, labels, workers=workers)
+    n = len(source)
     if n == 0:
         raise ValueError("no training samples")
-    if x_all.shape[0] != n:
-        raise ValueError(f"{x_all.shape[0]} images but {n} labels")
-    size = int(getattr(model, "image_size", x_all.shape[-1]))
+    size = int(getattr(model, "image_size", 0) or source.image_size)
     num_classes = int(getattr(model, "num_classes", 2))
-    weight = class_weights(y_all.numpy(), num_classes, class_weighting)
+    weight = class_weights(source.labels, num_classes, class_weighting)
+    if weight is not None:
+        weight = weight.to(dev)
     kl_fn = getattr(model, "kl_loss", None)
 
     # A batch of one breaks BatchNorm in training mode; fold a lone last sample away.
@@ -188,15 +186,13 @@ def train_local(
     model.train()
     step = 0
     epoch_loss = epoch_kl = 0.0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed + 1)  # dropout and the bottleneck's noise
         for _ in range(plan.local_epochs):
             perm = torch.randperm(n, generator=gen)
             epoch_loss = epoch_kl = 0.0
             seen = 0
-            for b in range(steps_per_epoch):
-                idx = perm[b * batch : (b + 1) * batch if b < steps_per_epoch - 1 else n]
-                x = x_all[idx]
+            for idx, x, y in source.batches(perm, batch, steps_per_epoch, dev):
                 if plan.augment:
                     x = augment_batch(
                         x,
@@ -209,10 +205,8 @@ def train_local(
                         flip=flip,
                     )
                 logits = model(x)
-                loss = F.cross_entropy(
-                    logits, y_all[idx], weight=weight, label_smoothing=label_smoothing
-                )
-                kl = kl_fn() if (kl_fn is not None) else torch.zeros(())
+                loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+                kl = kl_fn() if (kl_fn is not None) else torch.zeros((), device=dev)
                 total = loss + plan.kl_beta * kl if plan.kl_beta > 0 else loss
                 value = float(total.detach())
                 if not math.isfinite(value):
@@ -242,6 +236,12 @@ def train_local(
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def _add_proximal_gradient(model: nn.Module, anchor: list[Tensor], mu: float) -> None:
     for p, p0 in zip(model.parameters(), anchor, strict=True):
@@ -257,20 +257,22 @@ def predict_logits(
     *,
     flip_tta: bool = False,
 ) -> Tensor:
-    """Eval-mode logits. `flip_tta` averages them with those of the mirrored images
-    (training augments with the same horizontal flip, so both views are in distribution).
+    """Eval-mode logits on the CPU, computed batch by batch on the model's device.
+    `flip_tta` averages them with those of the mirrored images (training augments with the
+    same horizontal flip, so both views are in distribution).
     """
     was_training = model.training
     model.eval()
+    dev = model_device(model)
     try:
         x_all = images_to_tensor(images)
         outs = []
         for i in range(0, x_all.shape[0], batch_size):
-            x = x_all[i : i + batch_size]
+            x = x_all[i : i + batch_size].to(dev)
             out = model(x)
             if flip_tta:
                 out = (out + model(x.flip(-1))) / 2
-            outs.append(out)
+            outs.append(out.cpu())
         return torch.cat(outs) if outs else torch.zeros(0, 2)
     finally:
         model.train(was_training)
@@ -282,6 +284,37 @@ def predict_scores(
     """P(pneumonia) per image, float64 in [0, 1], eval mode (bottleneck at its mean)."""
     logits = predict_logits(model, images, batch_size, flip_tta=flip_tta)
     return torch.softmax(logits.double(), dim=1)[:, 1].numpy()
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, *, workers: int = 0
+) -> tuple[Tensor, np.ndarray]:
+    """Eval-mode logits (on the CPU) and labels of every item of `dataset`, in order, read
+    batch by batch like training reads it (node.training.batches)."""
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    logits: list[Tensor] = []
+    labels: list[np.ndarray] = []
+    try:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            multiprocessing_context=loader_context(workers),
+            generator=torch.Generator().manual_seed(0),  # the global RNG is not its to draw
+        )
+        for x, y in loader:
+            logits.append(model(images_to_tensor(x).to(dev)).cpu())
+            labels.append(np.asarray(y, np.int64).reshape(-1))
+    finally:
+        model.train(was_training)
+    num_classes = int(getattr(model, "num_classes", 2))
+    if not logits:
+        return torch.zeros(0, num_classes), np.zeros(0, np.int64)
+    return torch.cat(logits), np.concatenate(labels)
 
 
 def evaluate(

@@ -14,16 +14,18 @@ Rules that keep an input secret even from a malicious director:
   2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t signatures);
 * pairwise masks come from the PRG seeded with the whole 32-byte agreement output.
 
-Messages for another stage or round, from anybody but the server, or repeated, are refused
-without a state change (and recorded in `refusals`). An inconsistency that only a cheating
-server can cause (a bad signature, a ciphertext that fails authentication, too few peers to
-reach the threshold) aborts the client: it then answers nothing more.
+Messages for another stage or round (CLIENT_TRANSITIONS in protocol.secagg.transitions), from
+anybody but the server, or repeated, are refused without a state change and recorded for the
+driver to take (`take_refusals`). An inconsistency that only a cheating server can cause (a
+bad signature, a ciphertext that fails authentication, too few peers to reach the threshold)
+aborts the client: it then answers nothing more.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -32,17 +34,14 @@ import structlog
 from crypto import aead, agreement, shamir, signing
 from crypto.errors import CryptoError
 from crypto.prg import MaskAccumulator
+from protocol.base import Message
+from protocol.errors import ProtocolError
+from protocol.events import Outgoing, RefusalLog, Refused
 from protocol.secagg.common import (
-    ABORTED,
-    ADVERTISE_KEYS,
-    CONSISTENCY,
     DEFAULT_SERVER_ID,
-    DONE,
-    MASKED_INPUT,
-    SHARE_KEYS,
-    UNMASK,
-    Outgoing,
-    Refusal,
+    ENC_INFO,
+    MASK_INFO,
+    SHARE_PURPOSE,
     keys_signing_payload,
     pair_info,
     survivors_signing_payload,
@@ -63,22 +62,27 @@ from protocol.secagg.messages import (
     SecAggUnmaskResponse,
     SharePlaintext,
 )
+from protocol.secagg.transitions import (
+    CLIENT_TRANSITIONS,
+    Aborted,
+    Outcome,
+    State,
+    advance,
+)
+from protocol.stages import Stage
 from protocol.tensors import from_numpy
 
 log = structlog.get_logger("fedbus.secagg.client")
 
-_SHARE_PURPOSE = "secagg/share_keys"
-_ENC_INFO = "secagg/c"
-_MASK_INFO = "secagg/s"
 _plain_encoder = msgspec.msgpack.Encoder()
 _plain_decoder = msgspec.msgpack.Decoder(SharePlaintext)
 
 
-class SecAggClientError(ValueError):
+class SecAggClientError(ProtocolError):
     """Invalid construction arguments or input (a programming error, not a peer's fault)."""
 
 
-class SecAggClient:
+class SecAggClient(RefusalLog):
     def __init__(
         self,
         node_id: str,
@@ -105,6 +109,7 @@ class SecAggClient:
                 raise SecAggClientError(
                     f"peer_signing_keys: missing for {len(missing)} participants, e.g. {missing[0]!r}"
                 )
+        super().__init__("fedbus.secagg.client", "secagg_refused")
         self.node_id = node_id
         self.round = round
         self.params = params
@@ -115,9 +120,8 @@ class SecAggClient:
         self._signing_key = signing_key
         self._peer_signing_keys = dict(peer_signing_keys or {})
         self._randbytes = randbytes
-        self.stage = ADVERTISE_KEYS
+        self.stage: State = Stage.ADVERTISE_KEYS
         self.abort_reason = ""
-        self.refusals: list[Refusal] = []
         self._started = False
         self._input: np.ndarray | None = None
         self._c = agreement.generate_agreement_keypair(randbytes)
@@ -135,15 +139,15 @@ class SecAggClient:
 
     @property
     def aborted(self) -> bool:
-        return self.stage == ABORTED
+        return self.stage is Outcome.ABORTED
 
     @property
     def done(self) -> bool:
-        return self.stage in (DONE, ABORTED)
+        return isinstance(self.stage, Outcome)
 
     def start(self) -> list[Outgoing]:
         """AdvertiseKeys: the two public keys, signed in malicious mode. Idempotent."""
-        if self._started or self.stage != ADVERTISE_KEYS:
+        if self._started or self.stage is not Stage.ADVERTISE_KEYS:
             return []
         self._started = True
         signature = b""
@@ -168,60 +172,49 @@ class SecAggClient:
         if self._input is not None:
             raise SecAggClientError("vector: the input of this round is already set")
         self._input = arr
-        if self.stage == MASKED_INPUT:
-            return self._masked_input()
-        return []
+        return self._masked_input_when_ready()
 
-    def receive(self, sender: str, body: object) -> list[Outgoing]:
+    def receive(self, sender: str, body: Message) -> list[Outgoing]:
+        """The answer to one message from the server; a refused message changes nothing."""
         if self.done:
-            return self._refuse(sender, body, f"client is {self.stage}")
+            return self.refuse(sender, body, f"client is {self.stage}", node=self.node_id)
         if sender != self.server_id:
-            return self._refuse(sender, body, "only the server drives the protocol")
-        if getattr(body, "round", None) != self.round:
-            return self._refuse(
-                sender, body, f"round {getattr(body, 'round', None)} != {self.round}"
+            return self.refuse(
+                sender, body, "only the server drives the protocol", node=self.node_id
             )
+        if getattr(body, "round", None) != self.round:
+            reason = f"round {getattr(body, 'round', None)} != {self.round}"
+            return self.refuse(sender, body, reason, node=self.node_id)
         if isinstance(body, SecAggAbort):
             self._abort(f"server aborted: {body.reason}")
             return []
-        handler = {
-            SecAggKeyRoster: (SHARE_KEYS, self._on_roster),
-            SecAggForwardedShares: (MASKED_INPUT, self._on_shares),
-            SecAggConsistencyRequest: (CONSISTENCY, self._on_consistency),
-            SecAggUnmaskRequest: (UNMASK, self._on_unmask),
-        }.get(type(body))
+        kind = type(body)
+        handler = _HANDLERS.get(kind)
         if handler is None:
-            return self._refuse(sender, body, "not a message for a client")
-        stage, fn = handler
-        if stage != self._expected_stage(type(body)):
-            return self._refuse(sender, body, f"client is at stage {self.stage}")
-        return fn(body)
+            return self.refuse(sender, body, "not a message for a client", node=self.node_id)
+        if (self.stage, kind) not in CLIENT_TRANSITIONS:
+            return self.refuse(sender, body, f"client is at stage {self.stage}", node=self.node_id)
+        try:
+            out = handler(self, body)
+        except Refused as refusal:
+            return self.refuse(sender, body, refusal.reason, node=self.node_id)
+        except Aborted as abort:
+            self._abort(abort.reason)
+            return []
+        self.stage = advance(CLIENT_TRANSITIONS, self.stage, kind, malicious=self.params.malicious)
+        return out + self._masked_input_when_ready()
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _expected_stage(self, kind: type) -> str:
-        # Which stage a message type is valid in; the client's `stage` is the stage whose
-        # message it is waiting for.
-        if kind is SecAggKeyRoster:
-            return SHARE_KEYS if self.stage == ADVERTISE_KEYS and self._started else ""
-        if kind is SecAggForwardedShares:
-            return MASKED_INPUT if self.stage == SHARE_KEYS else ""
-        if kind is SecAggConsistencyRequest:
-            ok = self.params.malicious and self.stage == CONSISTENCY
-            return CONSISTENCY if ok else ""
-        if kind is SecAggUnmaskRequest:
-            return UNMASK if self.stage == UNMASK else ""
-        return ""
-
     def _on_roster(self, body: SecAggKeyRoster) -> list[Outgoing]:
+        if not self._started:
+            raise Refused(f"client is at stage {self.stage}")
         mine = body.keys.get(self.node_id)
         if mine is None:
             # The server excluded this client (e.g. its neighbourhood was too thin).
-            self._abort("not admitted to the round")
-            return []
+            raise Aborted("not admitted to the round")
         if mine.c_public != self._c.public or mine.s_public != self._s.public:
-            self._abort("roster carries other keys under this client's id")
-            return []
+            raise Aborted("roster carries other keys under this client's id")
         peers = sorted(v for v in self.graph.neighbours(self.node_id) if v in body.keys)
         # Every key this client will use must be distinct (Bonawitz et al.): a server that
         # passed our own key off as a neighbour's could otherwise read our shares. Only the
@@ -232,11 +225,9 @@ class SecAggClient:
             for k in (body.keys[v].c_public, body.keys[v].s_public)
         ]
         if len(set(used)) != len(used):
-            self._abort("roster repeats a public key")
-            return []
+            raise Aborted("roster repeats a public key")
         if len(peers) + 1 < self.params.t:
-            self._abort(f"only {len(peers) + 1} of the threshold {self.params.t} share holders")
-            return []
+            raise Aborted(f"only {len(peers) + 1} of the threshold {self.params.t} share holders")
         for v in peers:
             keys = body.keys[v]
             if self.params.malicious:
@@ -247,14 +238,17 @@ class SecAggClient:
                         keys.signature,
                     )
                 except CryptoError:
-                    self._abort(f"keys of {v} carry an invalid signature")
-                    return []
+                    raise Aborted(f"keys of {v} carry an invalid signature") from None
             self._roster[v] = keys
         self._roster[self.node_id] = mine
+        return [self._share_keys(peers)]
+
+    def _share_keys(self, peers: list[str]) -> Outgoing:
+        """ShareKeys: our s-key and self-mask seed, t-of-(k + 1) shared, sealed per neighbour."""
         holders = [self.node_id, *peers]
         xs = [self.graph.x(v) for v in holders]
         s_shares, b_shares = shamir.split_many(
-            [self._s.private, self._b], threshold=self.params.t, xs=xs
+            [self._s.private, self._b], threshold=self.params.t, xs=xs, randbytes=self._randbytes
         )
         ciphertexts: dict[str, bytes] = {}
         try:
@@ -263,7 +257,7 @@ class SecAggClient:
                 v: agreement.agree(
                     self._c.private,
                     self._roster[v].c_public,
-                    info=pair_info(_ENC_INFO, self.round, self.node_id, v),
+                    info=pair_info(ENC_INFO, self.round, self.node_id, v),
                 )
                 for v in peers
             }
@@ -272,45 +266,49 @@ class SecAggClient:
                     self._held[v] = (s_share, b_share)
                     continue
                 plaintext = _plain_encoder.encode(SharePlaintext(s_share=s_share, b_share=b_share))
-                ad = aead.associated_data(self.round, self.node_id, v, _SHARE_PURPOSE)
+                ad = aead.associated_data(self.round, self.node_id, v, SHARE_PURPOSE)
                 ciphertexts[v] = aead.encrypt(
                     self._enc_keys[v], plaintext, ad, randbytes=self._randbytes
                 )
         except CryptoError as exc:
-            self._abort(f"share encryption failed: {exc}")
-            return []
-        self.stage = SHARE_KEYS
-        return [
-            Outgoing(self.server_id, SecAggShareKeys(round=self.round, ciphertexts=ciphertexts))
-        ]
+            raise Aborted(f"share encryption failed: {exc}") from None
+        return Outgoing(self.server_id, SecAggShareKeys(round=self.round, ciphertexts=ciphertexts))
 
     def _on_shares(self, body: SecAggForwardedShares) -> list[Outgoing]:
         if any(u not in self._roster or u == self.node_id for u in body.ciphertexts):
-            self._abort("forwarded shares from a peer outside this client's neighbourhood")
-            return []
+            raise Aborted("forwarded shares from a peer outside this client's neighbourhood")
         if len(body.ciphertexts) + 1 < self.params.t:
-            self._abort(
+            raise Aborted(
                 f"only {len(body.ciphertexts) + 1} share holders left, threshold {self.params.t}"
             )
-            return []
         held: dict[str, tuple[bytes, bytes]] = {}
         for u, ciphertext in body.ciphertexts.items():
             try:
-                ad = aead.associated_data(self.round, u, self.node_id, _SHARE_PURPOSE)
+                ad = aead.associated_data(self.round, u, self.node_id, SHARE_PURPOSE)
                 plain = _plain_decoder.decode(aead.decrypt(self._enc_keys[u], ciphertext, ad))
             except (CryptoError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._abort(f"shares from {u} do not decrypt: {exc}")
-                return []
+                raise Aborted(f"shares from {u} do not decrypt: {exc}") from None
             held[u] = (plain.s_share, plain.b_share)
         self._held.update(held)
         self._partners = sorted(body.ciphertexts)
-        self.stage = MASKED_INPUT
-        if self._input is None:
-            return []  # set_input() will send MaskedInput
-        return self._masked_input()
+        return []  # MaskedInput follows as soon as the input is set
 
-    def _masked_input(self) -> list[Outgoing]:
-        assert self._input is not None
+    def _masked_input_when_ready(self) -> list[Outgoing]:
+        """MaskedInput, once the client is at that stage and holds its input; else nothing."""
+        if self.stage is not Stage.MASKED_INPUT or self._input is None:
+            return []
+        try:
+            out = self._masked_input(self._input)
+        except Aborted as abort:
+            self._abort(abort.reason)
+            return []
+        self._input = None  # the plain update is not needed any more
+        self.stage = advance(
+            CLIENT_TRANSITIONS, self.stage, SecAggMaskedInput, malicious=self.params.malicious
+        )
+        return [out]
+
+    def _masked_input(self, vector: np.ndarray) -> Outgoing:
         plus: list[bytes] = [self._b]
         minus: list[bytes] = []
         partners = self._partners
@@ -320,63 +318,54 @@ class SecAggClient:
                 agreement.agree(
                     self._s.private,
                     self._roster[v].s_public,
-                    info=pair_info(_MASK_INFO, self.round, self.node_id, v),
+                    info=pair_info(MASK_INFO, self.round, self.node_id, v),
                 )
                 for v in partners
             ]
-            for v, seed in zip(partners, seeds, strict=True):
-                (plus if self.graph.sign(self.node_id, v) > 0 else minus).append(seed)
         except CryptoError as exc:
-            self._abort(f"mask key agreement failed: {exc}")
-            return []
-        acc = MaskAccumulator(self._input.size, initial=self._input)
+            raise Aborted(f"mask key agreement failed: {exc}") from None
+        for v, seed in zip(partners, seeds, strict=True):
+            (plus if self.graph.sign(self.node_id, v) > 0 else minus).append(seed)
+        acc = MaskAccumulator(vector.size, initial=vector)
         acc.apply(add=plus, subtract=minus)
-        self._input = None  # the plain update is not needed any more
-        self.stage = CONSISTENCY if self.params.malicious else UNMASK
         masked = from_numpy(acc.value)
-        return [Outgoing(self.server_id, SecAggMaskedInput(round=self.round, masked=masked))]
+        return Outgoing(self.server_id, SecAggMaskedInput(round=self.round, masked=masked))
 
     def _on_consistency(self, body: SecAggConsistencyRequest) -> list[Outgoing]:
         survivors = frozenset(body.survivors)
-        problem = self._check_survivors(survivors, len(body.survivors))
-        if problem:
-            return self._refuse(self.server_id, body, problem)
+        self._check_survivors(survivors, len(body.survivors))
         assert self._signing_key is not None
         signature = signing.sign(
             self._signing_key, survivors_signing_payload(self.round, survivors)
         )
         self._signed_survivors = survivors
-        self.stage = UNMASK
         return [
             Outgoing(
                 self.server_id, SecAggConsistencySignature(round=self.round, signature=signature)
             )
         ]
 
-    def _check_survivors(self, survivors: frozenset[str], listed: int) -> str:
+    def _check_survivors(self, survivors: frozenset[str], listed: int) -> None:
         if len(survivors) != listed:
-            return "survivor list repeats a node"
+            raise Refused("survivor list repeats a node")
         if self.node_id not in survivors:
-            return "this client is not among the survivors"
+            raise Refused("this client is not among the survivors")
         if len(survivors) < self.params.t:
-            return f"{len(survivors)} survivors, below the threshold {self.params.t}"
+            raise Refused(f"{len(survivors)} survivors, below the threshold {self.params.t}")
         if not survivors <= self.graph.index.keys():
-            return "survivor list names a non-participant"
-        return ""
+            raise Refused("survivor list names a non-participant")
 
     def _on_unmask(self, body: SecAggUnmaskRequest) -> list[Outgoing]:
         survivors = frozenset(body.survivors)
         dropouts = frozenset(body.dropouts)
         if survivors & dropouts:
             # The rule the whole construction rests on: never both shares of one peer.
-            return self._refuse(self.server_id, body, "survivors and dropouts overlap")
+            raise Refused("survivors and dropouts overlap")
         if len(dropouts) != len(body.dropouts):
-            return self._refuse(self.server_id, body, "dropout list repeats a node")
-        problem = self._check_survivors(survivors, len(body.survivors))
-        if problem:
-            return self._refuse(self.server_id, body, problem)
+            raise Refused("dropout list repeats a node")
+        self._check_survivors(survivors, len(body.survivors))
         if self.params.malicious and survivors != self._signed_survivors:
-            return self._refuse(self.server_id, body, "survivors differ from the set signed")
+            raise Refused("survivors differ from the set signed")
         reveal_b = [u for u in self._held if u in survivors]
         reveal_s = [u for u in self._held if u in dropouts and u != self.node_id]
         if self.params.malicious:
@@ -385,10 +374,7 @@ class SecAggClient:
             order = sorted((*reveal_b, *reveal_s), key=lambda u: u != self.node_id)
             for u in order:
                 if not self._enough_signatures(u, survivors, body.signatures, payload):
-                    return self._refuse(
-                        self.server_id, body, f"fewer than t valid signatures around {u}"
-                    )
-        self.stage = DONE
+                    raise Refused(f"fewer than t valid signatures around {u}")
         response = SecAggUnmaskResponse(
             round=self.round,
             self_mask_shares={u: self._held[u][1] for u in reveal_b},
@@ -434,14 +420,18 @@ class SecAggClient:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _refuse(self, sender: str, body: object, reason: str) -> list[Outgoing]:
-        self.refusals.append(Refusal(sender, type(body).__name__, reason))
-        log.debug("secagg_refused", node=self.node_id, sender=sender, reason=reason)
-        return []
-
     def _abort(self, reason: str) -> None:
-        self.stage = ABORTED
+        self.stage = Outcome.ABORTED
         self.abort_reason = reason
         self._held.clear()
         self._input = None
         log.warning("secagg_client_abort", node=self.node_id, round=self.round, reason=reason)
+
+
+# What checks each server message's meaning; whether it may come now is CLIENT_TRANSITIONS'.
+_HANDLERS: dict[type[Message], Callable[[SecAggClient, Any], list[Outgoing]]] = {
+    SecAggKeyRoster: SecAggClient._on_roster,
+    SecAggForwardedShares: SecAggClient._on_shares,
+    SecAggConsistencyRequest: SecAggClient._on_consistency,
+    SecAggUnmaskRequest: SecAggClient._on_unmask,
+}

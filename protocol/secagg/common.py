@@ -1,47 +1,24 @@
-"""Pieces both state machines need: Outgoing, stage names, and the byte strings that get
-signed or fed to HKDF (one definition, so client and server can never disagree)."""
+"""The byte strings both state machines derive: what gets signed, and the HKDF info and AEAD
+purpose strings (one definition, so client and server can never disagree)."""
 
 from __future__ import annotations
 
 import hashlib
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
-from protocol.secagg.messages import SECAGG_MESSAGES
+from protocol.stages import Stage
 
-BROADCAST = "*"
 DEFAULT_SERVER_ID = "director"
-
-# Stage names match the fault plans' `stage` values (DESIGN.md).
-ADVERTISE_KEYS = "advertise_keys"
-SHARE_KEYS = "share_keys"
-MASKED_INPUT = "masked_input"
-CONSISTENCY = "consistency"
-UNMASK = "unmask"
-DONE = "done"
-ABORTED = "aborted"
-STAGES = (ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
 
 _DOMAIN = b"fedbus/secagg/v1"
 
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A message a state machine wants sent: to a node id, or to BROADCAST ("*")."""
-
-    recipient: str
-    body: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A message a state machine ignored, and why (kept for logs and tests)."""
-
-    sender: str
-    type: str
-    reason: str
+# HKDF info purposes of the two pairwise keys (see pair_info): the c-key encrypts the shares
+# a client sends its neighbour, the s-key seeds the pairwise mask.
+ENC_INFO = "secagg/c"
+MASK_INFO = "secagg/s"
+# AEAD associated-data purpose of a ShareKeys ciphertext.
+SHARE_PURPOSE = "secagg/share_keys"
 
 
 def _pack(*parts: bytes | str | int) -> bytes:
@@ -58,7 +35,7 @@ def _pack(*parts: bytes | str | int) -> bytes:
 
 def keys_signing_payload(round: int, node: str, c_public: bytes, s_public: bytes) -> bytes:
     """What a client signs in AdvertiseKeys: its two keys, bound to its id and the round."""
-    return _pack("advertise_keys", round, node, c_public, s_public)
+    return _pack(Stage.ADVERTISE_KEYS, round, node, c_public, s_public)
 
 
 def survivors_signing_payload(round: int, survivors: Iterable[str]) -> bytes:
@@ -68,7 +45,7 @@ def survivors_signing_payload(round: int, survivors: Iterable[str]) -> bytes:
     for name in sorted(survivors):
         raw = name.encode("utf-8")
         h.update(b"%d:%b" % (len(raw), raw))
-    return _pack("consistency", round, h.digest())
+    return _pack(Stage.CONSISTENCY, round, h.digest())
 
 
 def pair_info(purpose: str, round: int, u: str, v: str) -> bytes:
@@ -80,6 +57,3 @@ def pair_info(purpose: str, round: int, u: str, v: str) -> bytes:
     a, b = (u, v) if u <= v else (v, u)
     ab, bb, pb = a.encode(), b.encode(), purpose.encode()
     return b"%b|%d:%b|%d|%d:%b|%d:%b" % (_DOMAIN, len(pb), pb, round, len(ab), ab, len(bb), bb)
-
-
-SECAGG_TYPES = frozenset(cls.__name__ for cls in SECAGG_MESSAGES)

@@ -26,11 +26,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from crypto.prg import expand_mask
+from protocol.errors import ProtocolError
 
 GRAPH_DOMAIN = b"fedbus/secagg/graph/v1"
 
 
-class GraphError(ValueError):
+class GraphError(ProtocolError):
     """Participants or graph parameters that do not make a valid graph."""
 
 

@@ -20,7 +20,7 @@ Flow (S = server/director, C = client/envoy; "*" = every participant):
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, get_args
 
 import msgspec
 
@@ -70,46 +70,46 @@ class AdvertisedKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ar
     signature: OptionalSignature = b""
 
 
-class SecAggAdvertiseKeys(Message):
+class SecAggAdvertiseKeys(Message, frozen=True):
     round: Round
     keys: AdvertisedKeys
 
 
-class SecAggKeyRoster(Message):
+class SecAggKeyRoster(Message, frozen=True):
     round: Round
     keys: Annotated[dict[NodeId, AdvertisedKeys], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
-class SecAggShareKeys(Message):
+class SecAggShareKeys(Message, frozen=True):
     """recipient -> ciphertext of its shares of the sender's s-key and self-mask seed."""
 
     round: Round
     ciphertexts: Annotated[dict[NodeId, Ciphertext], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
-class SecAggForwardedShares(Message):
+class SecAggForwardedShares(Message, frozen=True):
     """sender -> ciphertext addressed to the recipient of this message."""
 
     round: Round
     ciphertexts: Annotated[dict[NodeId, Ciphertext], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
-class SecAggMaskedInput(Message):
+class SecAggMaskedInput(Message, frozen=True):
     round: Round
     masked: Tensor  # uint32, shape (vector_length,)
 
 
-class SecAggConsistencyRequest(Message):
+class SecAggConsistencyRequest(Message, frozen=True):
     round: Round
     survivors: NodeList
 
 
-class SecAggConsistencySignature(Message):
+class SecAggConsistencySignature(Message, frozen=True):
     round: Round
     signature: Signature
 
 
-class SecAggUnmaskRequest(Message):
+class SecAggUnmaskRequest(Message, frozen=True):
     round: Round
     survivors: NodeList
     dropouts: NodeList
@@ -118,13 +118,13 @@ class SecAggUnmaskRequest(Message):
     )
 
 
-class SecAggUnmaskResponse(Message):
+class SecAggUnmaskResponse(Message, frozen=True):
     round: Round
     self_mask_shares: Annotated[dict[NodeId, Share], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
     key_shares: Annotated[dict[NodeId, Share], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
-class SecAggAbort(Message):
+class SecAggAbort(Message, frozen=True):
     round: Round
     reason: ShortText = ""
 
@@ -136,18 +136,19 @@ class SharePlaintext(msgspec.Struct, frozen=True, forbid_unknown_fields=True, ar
     b_share: Share
 
 
-SECAGG_MESSAGES: tuple[type, ...] = (
-    SecAggAdvertiseKeys,
-    SecAggKeyRoster,
-    SecAggShareKeys,
-    SecAggForwardedShares,
-    SecAggMaskedInput,
-    SecAggConsistencyRequest,
-    SecAggConsistencySignature,
-    SecAggUnmaskRequest,
-    SecAggUnmaskResponse,
-    SecAggAbort,
+SecAggMessage = (
+    SecAggAdvertiseKeys
+    | SecAggKeyRoster
+    | SecAggShareKeys
+    | SecAggForwardedShares
+    | SecAggMaskedInput
+    | SecAggConsistencyRequest
+    | SecAggConsistencySignature
+    | SecAggUnmaskRequest
+    | SecAggUnmaskResponse
+    | SecAggAbort
 )
+SECAGG_MESSAGES: tuple[type[Message], ...] = get_args(SecAggMessage)
 
 __all__ = [
     "MAX_PARTICIPANTS",
@@ -160,6 +161,7 @@ __all__ = [
     "SecAggForwardedShares",
     "SecAggKeyRoster",
     "SecAggMaskedInput",
+    "SecAggMessage",
     "SecAggParams",
     "SecAggShareKeys",
     "SecAggUnmaskRequest",

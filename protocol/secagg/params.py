@@ -61,13 +61,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from protocol.errors import ProtocolError
 from protocol.secagg.messages import MAX_PARTICIPANTS, SecAggParams
 
 SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
 
 
-class ParameterError(ValueError):
+class ParameterError(ProtocolError):
     """No (k, t) meets the targets for the given n and fractions."""
 
 

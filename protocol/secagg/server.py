@@ -2,7 +2,10 @@
 
 The node layer feeds `receive(sender, body)` and sends what it returns; when a stage deadline
 passes it calls `close_stage()`, and whoever has not answered that stage is a dropout from then
-on. A stage also closes by itself as soon as everybody expected has answered.
+on. A stage also closes by itself as soon as everybody expected has answered. Which message
+each stage collects and which stage follows is SERVER_TRANSITIONS (protocol.secagg.transitions);
+a stage ends with its closer (pruning, threshold checks) and the next one begins with the
+message its opener broadcasts. A refused message is recorded (`take_refusals`), never raised.
 
 Sets, as in Bonawitz et al.: U1 advertised keys, U2 shared keys, U3 sent a masked input
 (`survivors`), U4 signed the survivor set (malicious mode), U5 answered Unmask. Clients whose
@@ -15,7 +18,8 @@ The server keeps only the running sum of masked inputs, never a single client's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import structlog
@@ -23,17 +27,11 @@ import structlog
 from crypto import agreement, shamir, signing
 from crypto.errors import CryptoError
 from crypto.prg import MaskAccumulator
+from protocol.base import Message
+from protocol.errors import ProtocolError
+from protocol.events import BROADCAST, Outgoing, RefusalLog, Refused
 from protocol.secagg.common import (
-    ABORTED,
-    ADVERTISE_KEYS,
-    BROADCAST,
-    CONSISTENCY,
-    DONE,
-    MASKED_INPUT,
-    SHARE_KEYS,
-    UNMASK,
-    Outgoing,
-    Refusal,
+    MASK_INFO,
     keys_signing_payload,
     pair_info,
     survivors_signing_payload,
@@ -53,18 +51,24 @@ from protocol.secagg.messages import (
     SecAggUnmaskRequest,
     SecAggUnmaskResponse,
 )
+from protocol.secagg.transitions import (
+    SERVER_TRANSITIONS,
+    Aborted,
+    Outcome,
+    State,
+    advance,
+)
+from protocol.stages import Stage
 from protocol.tensors import TensorError, to_numpy
 
 log = structlog.get_logger("fedbus.secagg.server")
 
-_MASK_INFO = "secagg/s"  # must match the client
 
-
-class SecAggServerError(ValueError):
+class SecAggServerError(ProtocolError):
     """Invalid construction arguments (a programming error, not a peer's fault)."""
 
 
-class SecAggServer:
+class SecAggServer(RefusalLog):
     def __init__(
         self,
         round: int,
@@ -87,6 +91,7 @@ class SecAggServer:
                 raise SecAggServerError(
                     f"client_signing_keys: missing for {len(missing)} participants, e.g. {missing[0]!r}"
                 )
+        super().__init__("fedbus.secagg.server", "secagg_refused")
         self.round = round
         self.params = params
         self.participants = frozenset(participants)
@@ -95,10 +100,9 @@ class SecAggServer:
             participants, kind=params.graph, k=params.k, round=round, graph_seed=params.graph_seed
         )
         self._signing_keys = dict(client_signing_keys or {})
-        self.stage = ADVERTISE_KEYS
+        self.stage: State = Stage.ADVERTISE_KEYS
         self.abort_reason = ""
         self.result: np.ndarray | None = None
-        self.refusals: list[Refusal] = []
         self._keys: dict[str, AdvertisedKeys] = {}  # U1
         self._ciphertexts: dict[str, Mapping[str, bytes]] = {}  # U2: sender -> {recipient: ct}
         self._u2: frozenset[str] = frozenset()
@@ -115,11 +119,11 @@ class SecAggServer:
 
     @property
     def done(self) -> bool:
-        return self.stage in (DONE, ABORTED)
+        return isinstance(self.stage, Outcome)
 
     @property
     def aborted(self) -> bool:
-        return self.stage == ABORTED
+        return self.stage is Outcome.ABORTED
 
     @property
     def survivors(self) -> frozenset[str]:
@@ -131,53 +135,55 @@ class SecAggServer:
         """Participants whose input is not in the sum (so far: whoever has not answered)."""
         if self._survivors:
             return self.participants - self._survivors
-        if self.stage == MASKED_INPUT:
+        if self.stage is Stage.MASKED_INPUT:
             return self.participants - self._u2
-        if self.stage == SHARE_KEYS:
+        if self.stage is Stage.SHARE_KEYS:
             return self.participants - self._keys.keys()
         return frozenset()
 
-    def receive(self, sender: str, body: object) -> list[Outgoing]:
+    def receive(self, sender: str, body: Message) -> list[Outgoing]:
+        """Collect one client message; when the stage has all it expects, it closes."""
         if self.done:
-            return self._refuse(sender, body, f"server is {self.stage}")
+            return self.refuse(sender, body, f"server is {self.stage}", round=self.round)
         if sender not in self.participants:
-            return self._refuse(sender, body, "sender is not a participant")
+            return self.refuse(sender, body, "sender is not a participant", round=self.round)
         if getattr(body, "round", None) != self.round:
-            return self._refuse(
-                sender, body, f"round {getattr(body, 'round', None)} != {self.round}"
-            )
-        handler = {
-            SecAggAdvertiseKeys: (ADVERTISE_KEYS, self._on_keys),
-            SecAggShareKeys: (SHARE_KEYS, self._on_share_keys),
-            SecAggMaskedInput: (MASKED_INPUT, self._on_masked),
-            SecAggConsistencySignature: (CONSISTENCY, self._on_signature),
-            SecAggUnmaskResponse: (UNMASK, self._on_unmask),
-        }.get(type(body))
+            reason = f"round {getattr(body, 'round', None)} != {self.round}"
+            return self.refuse(sender, body, reason, round=self.round)
+        kind = type(body)
+        handler = _HANDLERS.get(kind)
         if handler is None:
-            return self._refuse(sender, body, "not a message for the server")
-        stage, fn = handler
-        if stage != self.stage:
-            return self._refuse(sender, body, f"server is at stage {self.stage}")
-        return fn(sender, body)
+            return self.refuse(sender, body, "not a message for the server", round=self.round)
+        if (self.stage, kind) not in SERVER_TRANSITIONS:
+            return self.refuse(sender, body, f"server is at stage {self.stage}", round=self.round)
+        try:
+            complete = handler(self, sender, body)
+        except Refused as refusal:
+            return self.refuse(sender, body, refusal.reason, round=self.round)
+        return self.close_stage() if complete else []
 
     def close_stage(self) -> list[Outgoing]:
         """The stage deadline passed: whoever has not answered is a dropout; move on."""
         if self.done:
             return []
-        closer = {
-            ADVERTISE_KEYS: self._close_keys,
-            SHARE_KEYS: self._close_share_keys,
-            MASKED_INPUT: self._close_masked,
-            CONSISTENCY: self._close_consistency,
-            UNMASK: self._close_unmask,
-        }[self.stage]
-        return closer()
+        assert isinstance(self.stage, Stage)
+        try:
+            _CLOSERS[self.stage](self)
+            self.stage = advance(
+                SERVER_TRANSITIONS,
+                self.stage,
+                _COLLECTS[self.stage],
+                malicious=self.params.malicious,
+            )
+            return _OPENERS[self.stage](self)
+        except Aborted as abort:
+            return self._abort(abort.reason)
 
     # -- AdvertiseKeys -----------------------------------------------------------------------
 
-    def _on_keys(self, sender: str, body: SecAggAdvertiseKeys) -> list[Outgoing]:
+    def _on_keys(self, sender: str, body: SecAggAdvertiseKeys) -> bool:
         if sender in self._keys:
-            return self._refuse(sender, body, "duplicate")
+            raise Refused("duplicate")
         keys = body.keys
         if self.params.malicious:
             try:
@@ -187,13 +193,11 @@ class SecAggServer:
                     keys.signature,
                 )
             except CryptoError:
-                return self._refuse(sender, body, "invalid signature on the keys")
+                raise Refused("invalid signature on the keys") from None
         self._keys[sender] = keys
-        if len(self._keys) == len(self.participants):
-            return self._close_keys()
-        return []
+        return len(self._keys) == len(self.participants)
 
-    def _close_keys(self) -> list[Outgoing]:
+    def _close_keys(self) -> None:
         # Equal keys across clients would let one client's shares be read by another: drop
         # every client involved in a collision (honest keys collide with probability 2^-250).
         count: dict[bytes, int] = {}
@@ -209,11 +213,10 @@ class SecAggServer:
         }
         admitted = self._prune(admitted, admitted)
         if len(admitted) < self.params.t:
-            return self._abort(
-                f"{len(admitted)} clients advertised keys, threshold {self.params.t}"
-            )
+            raise Aborted(f"{len(admitted)} clients advertised keys, threshold {self.params.t}")
         self._keys = {u: self._keys[u] for u in admitted}
-        self.stage = SHARE_KEYS
+
+    def _open_share_keys(self) -> list[Outgoing]:
         roster = SecAggKeyRoster(round=self.round, keys=dict(sorted(self._keys.items())))
         return [Outgoing(BROADCAST, roster)]
 
@@ -234,27 +237,26 @@ class SecAggServer:
 
     # -- ShareKeys ---------------------------------------------------------------------------
 
-    def _on_share_keys(self, sender: str, body: SecAggShareKeys) -> list[Outgoing]:
+    def _on_share_keys(self, sender: str, body: SecAggShareKeys) -> bool:
         if sender not in self._keys:
-            return self._refuse(sender, body, "not admitted at AdvertiseKeys")
+            raise Refused("not admitted at AdvertiseKeys")
         if sender in self._ciphertexts:
-            return self._refuse(sender, body, "duplicate")
+            raise Refused("duplicate")
         expected = self.graph.neighbours(sender) & self._keys.keys()
         if body.ciphertexts.keys() != expected:
-            return self._refuse(sender, body, "ciphertexts are not addressed to its neighbours")
+            raise Refused("ciphertexts are not addressed to its neighbours")
         self._ciphertexts[sender] = body.ciphertexts
-        if len(self._ciphertexts) == len(self._keys):
-            return self._close_share_keys()
-        return []
+        return len(self._ciphertexts) == len(self._keys)
 
-    def _close_share_keys(self) -> list[Outgoing]:
+    def _close_share_keys(self) -> None:
         u2 = self._prune(set(self._ciphertexts), set(self._ciphertexts))
         if len(u2) < self.params.t:
-            return self._abort(f"{len(u2)} clients shared keys, threshold {self.params.t}")
+            raise Aborted(f"{len(u2)} clients shared keys, threshold {self.params.t}")
         self._u2 = frozenset(u2)
-        self.stage = MASKED_INPUT
+
+    def _open_masked_input(self) -> list[Outgoing]:
         out = []
-        for v in sorted(u2):
+        for v in sorted(self._u2):
             incoming = {
                 u: self._ciphertexts[u][v] for u in sorted(self.graph.neighbours(v) & self._u2)
             }
@@ -264,45 +266,36 @@ class SecAggServer:
 
     # -- MaskedInput -------------------------------------------------------------------------
 
-    def _on_masked(self, sender: str, body: SecAggMaskedInput) -> list[Outgoing]:
+    def _on_masked(self, sender: str, body: SecAggMaskedInput) -> bool:
         if sender not in self._u2:
-            return self._refuse(sender, body, "did not share keys")
+            raise Refused("did not share keys")
         if sender in self._u3:
-            return self._refuse(sender, body, "duplicate")
+            raise Refused("duplicate")
         try:
             vector = to_numpy(body.masked)
         except TensorError as exc:
-            return self._refuse(sender, body, f"masked input: {exc}")
+            raise Refused(f"masked input: {exc}") from None
         if vector.dtype != np.uint32 or vector.shape != (self.vector_length,):
-            return self._refuse(
-                sender,
-                body,
+            raise Refused(
                 f"masked input is {vector.dtype} {vector.shape}, "
-                f"need uint32 ({self.vector_length},)",
+                f"need uint32 ({self.vector_length},)"
             )
         if self._sum is None:
             self._sum = vector.copy()
         else:
             self._sum += vector  # uint32: wraps, i.e. addition mod 2^32
         self._u3.add(sender)
-        if len(self._u3) == len(self._u2):
-            return self._close_masked()
-        return []
+        return len(self._u3) == len(self._u2)
 
-    def _close_masked(self) -> list[Outgoing]:
+    def _close_masked(self) -> None:
         u3 = frozenset(self._u3)
         if len(u3) < self.params.t:
-            return self._abort(f"{len(u3)} masked inputs, threshold {self.params.t}")
+            raise Aborted(f"{len(u3)} masked inputs, threshold {self.params.t}")
         self._survivors = u3
         self._dropouts = self._u2 - u3
         problem = self._reconstructable(u3)
         if problem:
-            return self._abort(problem)
-        if self.params.malicious:
-            self.stage = CONSISTENCY
-            request = SecAggConsistencyRequest(round=self.round, survivors=sorted(u3))
-            return [Outgoing(BROADCAST, request)]
-        return self._request_unmask()
+            raise Aborted(problem)
 
     def _reconstructable(self, responders: Iterable[str]) -> str:
         """Why some secret could not gather t shares if only `responders` answer, or ''."""
@@ -318,11 +311,15 @@ class SecAggServer:
 
     # -- ConsistencyCheck --------------------------------------------------------------------
 
-    def _on_signature(self, sender: str, body: SecAggConsistencySignature) -> list[Outgoing]:
+    def _open_consistency(self) -> list[Outgoing]:
+        request = SecAggConsistencyRequest(round=self.round, survivors=sorted(self._survivors))
+        return [Outgoing(BROADCAST, request)]
+
+    def _on_signature(self, sender: str, body: SecAggConsistencySignature) -> bool:
         if sender not in self._survivors:
-            return self._refuse(sender, body, "not a survivor")
+            raise Refused("not a survivor")
         if sender in self._signatures:
-            return self._refuse(sender, body, "duplicate")
+            raise Refused("duplicate")
         try:
             signing.verify(
                 self._signing_keys[sender],
@@ -330,31 +327,27 @@ class SecAggServer:
                 body.signature,
             )
         except CryptoError:
-            return self._refuse(sender, body, "invalid signature on the survivor set")
+            raise Refused("invalid signature on the survivor set") from None
         self._signatures[sender] = body.signature
-        if len(self._signatures) == len(self._survivors):
-            return self._close_consistency()
-        return []
+        return len(self._signatures) == len(self._survivors)
 
-    def _close_consistency(self) -> list[Outgoing]:
+    def _close_consistency(self) -> None:
         u4 = frozenset(self._signatures)
         if len(u4) < self.params.t:
-            return self._abort(f"{len(u4)} consistency signatures, threshold {self.params.t}")
+            raise Aborted(f"{len(u4)} consistency signatures, threshold {self.params.t}")
         # Clients demand t signatures within the closed neighbourhood of every peer whose share
         # they reveal; if that cannot hold the round cannot finish, so stop now.
         problem = self._reconstructable(u4)
         if problem:
-            return self._abort(problem)
+            raise Aborted(problem)
         t = self.params.t
         for u in sorted(self._survivors | self._dropouts):
             if len(self.graph.closed(u) & u4) < t:
-                return self._abort(f"fewer than {t} signatures around {u}")
-        return self._request_unmask()
+                raise Aborted(f"fewer than {t} signatures around {u}")
 
     # -- Unmask ------------------------------------------------------------------------------
 
-    def _request_unmask(self) -> list[Outgoing]:
-        self.stage = UNMASK
+    def _open_unmask(self) -> list[Outgoing]:
         request = SecAggUnmaskRequest(
             round=self.round,
             survivors=sorted(self._survivors),
@@ -366,31 +359,28 @@ class SecAggServer:
     def _unmask_responders(self) -> frozenset[str]:
         return frozenset(self._signatures) if self.params.malicious else self._survivors
 
-    def _on_unmask(self, sender: str, body: SecAggUnmaskResponse) -> list[Outgoing]:
+    def _on_unmask(self, sender: str, body: SecAggUnmaskResponse) -> bool:
         if sender not in self._unmask_responders():
-            return self._refuse(sender, body, "not asked to unmask")
+            raise Refused("not asked to unmask")
         if sender in self._responded:
-            return self._refuse(sender, body, "duplicate")
+            raise Refused("duplicate")
         holders_of = self.graph.closed(sender)  # sender holds shares of exactly these peers
         b_ids = set(body.self_mask_shares)
         s_ids = set(body.key_shares)
         if b_ids & s_ids:
-            return self._refuse(sender, body, "both shares of one peer")
+            raise Refused("both shares of one peer")
         if not b_ids <= (self._survivors & holders_of & self._u2):
-            return self._refuse(sender, body, "self-mask shares of non-survivors")
+            raise Refused("self-mask shares of non-survivors")
         if not s_ids <= (self._dropouts & holders_of) or sender in s_ids:
-            return self._refuse(sender, body, "key shares of non-dropouts")
+            raise Refused("key shares of non-dropouts")
         x = self.graph.x(sender)
         for u, share in body.self_mask_shares.items():
             self._b_shares.setdefault(u, {})[x] = share
         for v, share in body.key_shares.items():
             self._s_shares.setdefault(v, {})[x] = share
         self._responded.add(sender)
-        if self._have_all_shares():
-            return self._finish()
-        if self._responded >= self._unmask_responders():
-            return self._close_unmask()
-        return []
+        # Done as soon as every secret has t shares; the late responses are then refused.
+        return self._have_all_shares() or self._responded >= self._unmask_responders()
 
     def _have_all_shares(self) -> bool:
         t = self.params.t
@@ -398,12 +388,12 @@ class SecAggServer:
             len(self._s_shares.get(v, ())) >= t for v in self._dropouts
         )
 
-    def _close_unmask(self) -> list[Outgoing]:
+    def _close_unmask(self) -> None:
         if not self._have_all_shares():
-            return self._abort("too few unmask responses to remove the masks")
-        return self._finish()
+            raise Aborted("too few unmask responses to remove the masks")
 
     def _finish(self) -> list[Outgoing]:
+        """Reconstruct the secrets and remove every mask from the sum: the round's result."""
         t = self.params.t
         survivors = sorted(self._survivors)
         dropouts = sorted(self._dropouts)
@@ -419,7 +409,7 @@ class SecAggServer:
                 [first_t(self._s_shares[v]) for v in dropouts], threshold=t
             )
         except CryptoError as exc:
-            return self._abort(f"share reconstruction failed: {exc}")
+            raise Aborted(f"share reconstruction failed: {exc}") from None
         assert self._sum is not None
         acc = MaskAccumulator(self.vector_length, initial=self._sum)
         minus: list[bytes] = list(b_seeds)
@@ -429,13 +419,13 @@ class SecAggServer:
                 # A wrong reconstruction (a client sent a bad share) shows here, not as a
                 # silently wrong sum.
                 if agreement.agreement_public_key(s_private) != self._keys[v].s_public:
-                    return self._abort(f"reconstructed mask key of {v} does not match its key")
+                    raise Aborted(f"reconstructed mask key of {v} does not match its key")
                 partners = sorted(self.graph.neighbours(v) & self._survivors)
                 seeds = [
                     agreement.agree(
                         s_private,
                         self._keys[u].s_public,
-                        info=pair_info(_MASK_INFO, self.round, u, v),
+                        info=pair_info(MASK_INFO, self.round, u, v),
                     )
                     for u in partners
                 ]
@@ -443,11 +433,10 @@ class SecAggServer:
                     # u added sign(u, v) * PRG(seed): take it out again.
                     (minus if self.graph.sign(u, v) > 0 else plus).append(seed)
         except CryptoError as exc:
-            return self._abort(f"mask reconstruction failed: {exc}")
+            raise Aborted(f"mask reconstruction failed: {exc}") from None
         acc.apply(add=plus, subtract=minus)
         self.result = acc.value
         self._sum = None
-        self.stage = DONE
         self._b_shares.clear()
         self._s_shares.clear()
         log.info(
@@ -460,13 +449,8 @@ class SecAggServer:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _refuse(self, sender: str, body: object, reason: str) -> list[Outgoing]:
-        self.refusals.append(Refusal(sender, type(body).__name__, reason))
-        log.debug("secagg_refused", round=self.round, sender=sender, reason=reason)
-        return []
-
     def _abort(self, reason: str) -> list[Outgoing]:
-        self.stage = ABORTED
+        self.stage = Outcome.ABORTED
         self.abort_reason = reason
         self.result = None
         self._sum = None
@@ -474,3 +458,30 @@ class SecAggServer:
         self._s_shares.clear()
         log.warning("secagg_server_abort", round=self.round, reason=reason)
         return [Outgoing(BROADCAST, SecAggAbort(round=self.round, reason=reason[:512]))]
+
+
+# What checks each client message's meaning; whether it may come now is SERVER_TRANSITIONS'.
+_HANDLERS: dict[type[Message], Callable[[SecAggServer, str, Any], bool]] = {
+    SecAggAdvertiseKeys: SecAggServer._on_keys,
+    SecAggShareKeys: SecAggServer._on_share_keys,
+    SecAggMaskedInput: SecAggServer._on_masked,
+    SecAggConsistencySignature: SecAggServer._on_signature,
+    SecAggUnmaskResponse: SecAggServer._on_unmask,
+}
+# The message type each stage collects (one per stage, from the table).
+_COLLECTS: dict[State, type[Message]] = {stage: kind for stage, kind in SERVER_TRANSITIONS}
+# What ends a stage (pruning, threshold checks), and the message that opens the next one.
+_CLOSERS: dict[Stage, Callable[[SecAggServer], None]] = {
+    Stage.ADVERTISE_KEYS: SecAggServer._close_keys,
+    Stage.SHARE_KEYS: SecAggServer._close_share_keys,
+    Stage.MASKED_INPUT: SecAggServer._close_masked,
+    Stage.CONSISTENCY: SecAggServer._close_consistency,
+    Stage.UNMASK: SecAggServer._close_unmask,
+}
+_OPENERS: dict[State, Callable[[SecAggServer], list[Outgoing]]] = {
+    Stage.SHARE_KEYS: SecAggServer._open_share_keys,
+    Stage.MASKED_INPUT: SecAggServer._open_masked_input,
+    Stage.CONSISTENCY: SecAggServer._open_consistency,
+    Stage.UNMASK: SecAggServer._open_unmask,
+    Outcome.DONE: SecAggServer._finish,
+}

@@ -11,48 +11,27 @@ simulated: when no message is in flight, the server's stage is closed.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Union
 
 import msgspec
 import numpy as np
 
 from crypto.signing import generate_signing_keypair
+from protocol.base import Message
+from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
-from protocol.secagg.common import (
-    ADVERTISE_KEYS,
-    BROADCAST,
-    CONSISTENCY,
-    MASKED_INPUT,
-    SHARE_KEYS,
-    STAGES,
-    UNMASK,
-    Outgoing,
-)
-from protocol.secagg.messages import (
-    SECAGG_MESSAGES,
-    SecAggAdvertiseKeys,
-    SecAggConsistencySignature,
-    SecAggMaskedInput,
-    SecAggParams,
-    SecAggShareKeys,
-    SecAggUnmaskResponse,
-)
+from protocol.secagg.messages import SecAggMessage, SecAggParams
 from protocol.secagg.server import SecAggServer
+from protocol.secagg.transitions import CLIENT_SENDS
+from protocol.stages import SECAGG_STAGES
 
 SERVER = "director"
-_STAGE_OF = {
-    SecAggAdvertiseKeys: ADVERTISE_KEYS,
-    SecAggShareKeys: SHARE_KEYS,
-    SecAggMaskedInput: MASKED_INPUT,
-    SecAggConsistencySignature: CONSISTENCY,
-    SecAggUnmaskResponse: UNMASK,
-}
-_Body = msgspec.msgpack.Decoder(Union[SECAGG_MESSAGES])  # noqa: UP007  (built from a tuple)
+_Body = msgspec.msgpack.Decoder(SecAggMessage)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -64,7 +43,7 @@ class SimulationResult:
     aborted: bool
     abort_reason: str
     inputs: dict[str, np.ndarray]
-    view: list[tuple[str, object]] = field(default_factory=list)  # every message the server got
+    view: list[tuple[str, Message]] = field(default_factory=list)  # every message the server got
     server: SecAggServer | None = None
     clients: dict[str, SecAggClient] = field(default_factory=dict)
     # Filled only when a clock is given: seconds inside each state machine's calls, and in
@@ -76,6 +55,125 @@ class SimulationResult:
 
 def node_names(n: int) -> list[str]:
     return [f"envoy-{i + 1}" for i in range(n)]
+
+
+class _Network:
+    """The in-memory bus between the parties: queues, crashes, duplicates and the time spent."""
+
+    def __init__(
+        self,
+        names: list[str],
+        dropouts: Mapping[str, str],
+        *,
+        duplicate: float,
+        rng: random.Random,
+        wire: bool,
+        record_view: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        self.names = names
+        self.dropouts = dropouts
+        self.duplicate = duplicate
+        self.rng = rng
+        self.wire = wire
+        self.record_view = record_view
+        self.now = clock
+        self.dead: set[str] = set()
+        self.to_server: deque[tuple[str, Message]] = deque()
+        self.to_clients: deque[tuple[str, Message]] = deque()
+        self.view: list[tuple[str, Message]] = []
+        self.client_seconds = dict.fromkeys(names, 0.0)
+        self.server_seconds = 0.0
+        self.wire_seconds = 0.0
+
+    def _transport(self, body: Message) -> Message:
+        if not self.wire:
+            return body
+        t0 = self.now()
+        decoded: Message = _Body.decode(_encoder.encode(body))
+        self.wire_seconds += self.now() - t0
+        return decoded
+
+    def _copies(self) -> int:
+        return 2 if self.duplicate and self.rng.random() < self.duplicate else 1
+
+    def from_client(self, u: str, call: Callable[[], list[Outgoing]]) -> None:
+        """Run a client call and send what it returns, unless the client crashes first."""
+        t0 = self.now()
+        outgoing = call()
+        self.client_seconds[u] += self.now() - t0
+        for out in outgoing:
+            stage = CLIENT_SENDS.get(type(out.body))
+            if stage is not None and self.dropouts.get(u) == stage:
+                self.dead.add(u)
+                return
+            if u in self.dead:
+                return
+            body = self._transport(out.body)
+            for _ in range(self._copies()):
+                self.to_server.append((u, body))
+
+    def from_server(self, call: Callable[[], list[Outgoing]]) -> None:
+        t0 = self.now()
+        outgoing = call()
+        self.server_seconds += self.now() - t0
+        for out in outgoing:
+            targets = self.names if out.recipient == BROADCAST else [out.recipient]
+            body = self._transport(out.body)
+            for v in targets:
+                for _ in range(self._copies()):
+                    self.to_clients.append((v, body))
+
+    def run(self, server: SecAggServer, clients: Mapping[str, SecAggClient]) -> None:
+        """Until the server is done and every message in flight (e.g. the abort) is delivered."""
+        while not server.done or self.to_server or self.to_clients:
+            if not self.to_server and not self.to_clients:
+                self.from_server(server.close_stage)  # the deadline of the current stage passes
+                continue
+            while self.to_server:
+                u, body = self.to_server.popleft()
+                if self.record_view:
+                    self.view.append((u, body))
+                self.from_server(functools.partial(server.receive, u, body))
+            while self.to_clients:
+                v, body = self.to_clients.popleft()
+                if v in self.dead:
+                    continue
+                self.from_client(v, functools.partial(clients[v].receive, SERVER, body))
+
+
+def _check_dropouts(dropouts: Mapping[str, str]) -> None:
+    for node, stage in dropouts.items():
+        if stage not in SECAGG_STAGES:
+            raise ValueError(
+                f"dropouts[{node!r}]: unknown stage {stage!r}; one of {list(SECAGG_STAGES)}"
+            )
+
+
+def _parties(
+    names: list[str],
+    params: SecAggParams,
+    *,
+    round: int,
+    vector_length: int,
+    randbytes: Callable[[int], bytes],
+) -> tuple[SecAggServer, dict[str, SecAggClient]]:
+    """The server and the clients of one round, with fresh signing keys in malicious mode."""
+    private: dict[str, bytes] = {}
+    public: dict[str, bytes] = {}
+    if params.malicious:
+        for u in names:
+            pair = generate_signing_keypair(randbytes)
+            private[u], public[u] = pair.private, pair.public
+    peer_keys = public if params.malicious else None
+    server = SecAggServer(round, params, names, vector_length, peer_keys)
+    clients = {
+        u: SecAggClient(
+            u, round, params, names, private.get(u), peer_keys, randbytes, server_id=SERVER
+        )
+        for u in names
+    }
+    return server, clients
 
 
 def simulate_round(
@@ -91,117 +189,43 @@ def simulate_round(
     wire: bool = True,
     record_view: bool = True,
     randbytes: Callable[[int], bytes] | None = None,
-    signing_keys: Mapping[str, tuple[bytes, bytes]] | None = None,
-    client_factory: Callable[..., SecAggClient] = SecAggClient,
     clock: Callable[[], float] | None = None,
 ) -> SimulationResult:
     """One whole round; returns the server's result and everything it received.
 
-    dropouts: node -> stage at which it crashes (one of protocol.secagg.common.STAGES).
+    dropouts: node -> stage at which it crashes (one of protocol.stages.SECAGG_STAGES).
     duplicate: probability that any message (either direction) is delivered twice.
     randbytes: the randomness of every party; default os.urandom (tests pass a seeded one).
     clock: e.g. time.perf_counter, to account the time of every call per party (benchmarks);
         injected because protocol code reads no clock of its own.
     """
-    rng = random.Random(seed)
     names = node_names(n)
     dropouts = dict(dropouts or {})
-    for node, stage in dropouts.items():
-        if stage not in STAGES:
-            raise ValueError(f"dropouts[{node!r}]: unknown stage {stage!r}; one of {STAGES}")
-    if randbytes is None:
-        randbytes = os.urandom
+    _check_dropouts(dropouts)
     if inputs is None:
         gen = np.random.default_rng(seed)
         inputs = {u: gen.integers(0, 2**32, vector_length, dtype=np.uint32) for u in names}
     inputs = {u: np.asarray(v, dtype=np.uint32) for u, v in inputs.items()}
-    pub: dict[str, bytes] = {}
-    priv: dict[str, bytes] = {}
-    if params.malicious:
-        if signing_keys is None:
-            pairs = {u: generate_signing_keypair(randbytes) for u in names}
-            signing_keys = {u: (p.private, p.public) for u, p in pairs.items()}
-        priv = {u: signing_keys[u][0] for u in names}
-        pub = {u: signing_keys[u][1] for u in names}
-
-    server = SecAggServer(round, params, names, vector_length, pub if params.malicious else None)
-    clients = {
-        u: client_factory(
-            u,
-            round,
-            params,
-            names,
-            priv.get(u),
-            pub if params.malicious else None,
-            randbytes,
-            server_id=SERVER,
-        )
-        for u in names
-    }
-    view: list[tuple[str, object]] = []
-    dead: set[str] = set()
-    to_server: deque[tuple[str, object]] = deque()
-    to_clients: deque[tuple[str, object]] = deque()
-    client_seconds = dict.fromkeys(names, 0.0)
-    totals = {"server": 0.0, "wire": 0.0}
-    now = clock or (lambda: 0.0)
-
-    def transport(body: object) -> object:
-        if not wire:
-            return body
-        t0 = now()
-        decoded = _Body.decode(_encoder.encode(body))
-        totals["wire"] += now() - t0
-        return decoded
-
-    def times() -> int:
-        return 2 if duplicate and rng.random() < duplicate else 1
-
-    def on_client(u: str, call: Callable[[], list[Outgoing]]) -> None:
-        t0 = now()
-        outgoing = call()
-        client_seconds[u] += now() - t0
-        for out in outgoing:
-            stage = _STAGE_OF.get(type(out.body))
-            if dropouts.get(u) == stage:
-                dead.add(u)
-                return
-            if u in dead:
-                return
-            body = transport(out.body)
-            for _ in range(times()):
-                to_server.append((u, body))
-
-    def on_server(call: Callable[[], list[Outgoing]]) -> None:
-        t0 = now()
-        outgoing = call()
-        totals["server"] += now() - t0
-        for out in outgoing:
-            targets = names if out.recipient == BROADCAST else [out.recipient]
-            body = transport(out.body)
-            for v in targets:
-                for _ in range(times()):
-                    to_clients.append((v, body))
-
+    server, clients = _parties(
+        names,
+        params,
+        round=round,
+        vector_length=vector_length,
+        randbytes=randbytes or os.urandom,
+    )
+    net = _Network(
+        names,
+        dropouts,
+        duplicate=duplicate,
+        rng=random.Random(seed),
+        wire=wire,
+        record_view=record_view,
+        clock=clock or (lambda: 0.0),
+    )
     for u in names:
-        on_client(u, lambda u=u: clients[u].set_input(inputs[u]))
-        on_client(u, clients[u].start)
-
-    # Until the server is done and every message in flight (e.g. the abort) is delivered.
-    while not server.done or to_server or to_clients:
-        if not to_server and not to_clients:
-            on_server(server.close_stage)  # the deadline of the current stage passes
-            continue
-        while to_server:
-            u, body = to_server.popleft()
-            if record_view:
-                view.append((u, body))
-            on_server(lambda u=u, body=body: server.receive(u, body))
-        while to_clients:
-            v, body = to_clients.popleft()
-            if v in dead:
-                continue
-            on_client(v, lambda v=v, body=body: clients[v].receive(SERVER, body))
+        net.from_client(u, functools.partial(clients[u].set_input, inputs[u]))
+        net.from_client(u, clients[u].start)
+    net.run(server, clients)
 
     expected = None
     if server.result is not None:
@@ -215,12 +239,12 @@ def simulate_round(
         aborted=server.aborted,
         abort_reason=server.abort_reason,
         inputs=dict(inputs),
-        view=view,
+        view=net.view,
         server=server,
         clients=clients,
-        client_seconds=client_seconds if clock else {},
-        server_seconds=totals["server"],
-        wire_seconds=totals["wire"],
+        client_seconds=net.client_seconds if clock else {},
+        server_seconds=net.server_seconds,
+        wire_seconds=net.wire_seconds,
     )
 
 

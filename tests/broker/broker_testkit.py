@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from broker import wire
-from broker.credentials import Credentials, CurveKeyPair
+from broker import zmq_commands as commands
+from broker.client.credentials import Credentials
+from broker.keys import CurveKeyPair
 
 FEDERATION = "fedtest"
 ENVOYS = ("envoy-a", "envoy-b", "envoy-c")
@@ -35,8 +36,20 @@ class Keys:
         )
 
 
+def hello_parts(node_id: str, role: str, will: tuple[str, bytes] | None = None) -> list[bytes]:
+    """A HELLO command (with a retained last will when `will` is given)."""
+    return [
+        commands.HELLO,
+        node_id.encode(),
+        role.encode(),
+        will[0].encode() if will else b"",
+        commands.RETAIN_FLAGS if will else commands.NO_FLAGS,
+        will[1] if will else b"",
+    ]
+
+
 class RawClient:
-    """A bare DEALER speaking broker.wire directly, to test what the broker itself enforces
+    """A bare DEALER speaking broker.zmq_commands directly, to test what the broker itself enforces
     (the ZmqBus client refuses many of these operations before they leave the process)."""
 
     def __init__(
@@ -64,17 +77,10 @@ class RawClient:
                 return msg
 
     def hello(self, node_id: str, role: str, will: tuple[str, bytes] | None = None) -> list[bytes]:
-        self.send(
-            wire.HELLO,
-            node_id.encode(),
-            role.encode(),
-            will[0].encode() if will else b"",
-            wire.RETAIN_FLAGS if will else wire.NO_FLAGS,
-            will[1] if will else b"",
-        )
+        self.send(*hello_parts(node_id, role, will))
         while True:
             msg = self.recv()
-            if msg[0] in (wire.WELCOME, wire.ERR):
+            if msg[0] in (commands.WELCOME, commands.ERR):
                 return msg
 
     def close(self) -> None:

@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from broker.bus import Will
-from broker.connect import connect
-from broker.credentials import CurveKeyPair, generate_curve_keypair
+from broker.client.bus import Will
+from broker.client.connect import connect
+from broker.client.zmq_bus import ZmqBus
+from broker.keys import CurveKeyPair, generate_curve_keypair
+from broker.server.zmq_broker import ZmqBroker
 from broker.topics import Topics
-from broker.zmq_broker import ZmqBroker
-from broker.zmq_bus import ZmqBus
 from tests.broker.broker_testkit import ENVOYS, FEDERATION, Keys, RawClient
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from broker.bus import Will
-from broker.connect import connect
-from broker.credentials import write_secret_key
-from broker.daemon import BrokerConfig, ConfigError, main
+from broker.client.bus import Will
+from broker.client.connect import connect
+from broker.client.zmq_bus import ZmqBus
+from broker.keys import write_key_file
+from broker.server.config import BrokerConfig
 from broker.topics import Topics
-from broker.zmq_bus import ZmqBus
+from node.cli import main as fedbus
+from node.errors import ExitCode
+from protocol.configfile import ConfigError
 from tests.broker.broker_testkit import FEDERATION, Keys, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_config(tmp: Path, keys: Keys, port: int, **extra: str) -> Path:
     keydir = tmp / "keys"
     keydir.mkdir(exist_ok=True)
-    write_secret_key(keydir / "broker.key", keys.broker.secret)
+    write_key_file(keydir / "broker.key", keys.broker.secret, encoding="z85", secret=True)
     allow = []
     for node_id, kp in keys.nodes.items():
         (keydir / f"{node_id}.pub").write_text(kp.public + "\n")
@@ -58,7 +62,8 @@ def start_daemon(config: Path, ready: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "broker.daemon",
+            "node.cli",
+            "broker",
             "--config",
             str(config),
             "--ready-file",
@@ -202,8 +207,8 @@ def test_config_errors_name_file_and_field(tmp_path: Path, keys: Keys, edit, fie
         BrokerConfig.load(path)
     assert str(path) in str(info.value)
     assert field in str(info.value)
-    # main() turns the same error into exit status 2 and a message, not a traceback.
-    assert main(["--config", str(path)]) == 2
+    # `fedbus broker` turns the same error into exit status 3 (CONFIG) and a message.
+    assert fedbus(["broker", "--config", str(path)]) == ExitCode.CONFIG == 3
 
 
 def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> None:
@@ -212,7 +217,8 @@ def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "broker.daemon",
+            "node.cli",
+            "broker",
             "--insecure-no-auth",
             "--bind",
             "tcp://127.0.0.1:0",
@@ -230,14 +236,21 @@ def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> Non
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate()
-    assert "WARNING: --insecure-no-auth" in err.decode()
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "insecure_no_auth")
+    assert warning["level"] == "warning" and warning["node"] == "broker"
+    assert "--insecure-no-auth" in warning["warning"]
+    # Every line the broker logs is a JSON event with its node bound.
+    assert all(e["node"] == "broker" for e in events) and len(events) >= 2
 
 
 def test_broker_and_daemon_help_load_no_torch() -> None:
     code = (
         "import sys\n"
         "import broker, protocol, crypto\n"
-        "from broker import daemon, zmq_broker, zmq_bus, faults, connect\n"
+        "from broker import faults, keys\n"
+        "from broker.client import bus, connect, zmq_bus\n"
+        "from broker.server import config, core, daemon, zmq_broker\n"
         "try:\n"
         "    daemon.main(['--help'])\n"
         "except SystemExit as e:\n"
@@ -250,7 +263,7 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
     assert "--insecure-no-auth" in result.stdout
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "broker.daemon", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "node.cli", "broker", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -263,11 +276,16 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
 def test_example_config_loads_once_keys_exist(tmp_path: Path) -> None:
     import shutil
 
-    from broker.credentials import generate_curve_keypair
+    from broker.keys import generate_curve_keypair
 
     shutil.copy(ROOT / "configs" / "broker.toml", tmp_path / "broker.toml")
     (tmp_path / "keys").mkdir()
-    write_secret_key(tmp_path / "keys" / "broker.key", generate_curve_keypair().secret)
+    write_key_file(
+        tmp_path / "keys" / "broker.key",
+        generate_curve_keypair().secret,
+        encoding="z85",
+        secret=True,
+    )
     for node in ("director", "envoy-1", "envoy-2", "envoy-3"):
         (tmp_path / "keys" / f"{node}.pub").write_text(generate_curve_keypair().public + "\n")
     cfg = BrokerConfig.load(tmp_path / "broker.toml")

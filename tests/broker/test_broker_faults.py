@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.bus import Bus, Will
+from broker.client.bus import Bus, Will
 from broker.faults import (
-    STAGES,
     FaultPlan,
     FaultPlanError,
     FaultyBus,
@@ -20,6 +19,7 @@ from broker.faults import (
     crash_if_planned,
 )
 from broker.topics import Topics, topic_matches
+from protocol.stages import CRASH_STAGES
 from tests.broker.broker_testkit import FEDERATION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,8 +84,15 @@ BAD = [
     ('seed = "x"', "seed"),
     ("colour = 1", "colour"),
     ('[[crash]]\nenvoy = "e"\nround = 1\nstage = "lunch"', "crash[0].stage"),
-    ('[[crash]]\nenvoy = "e"\nstage = "unmask"', "crash[0].round"),
-    ('[[crash]]\nenvoi = "e"\nround = 1\nstage = "unmask"', "crash[0].envoi"),
+    ('[[crash]]\nenvoy = "e"\nround = 1\nstage = "evaluate"', "crash[0].stage"),
+    (
+        '[[crash]]\nenvoy = "e"\nstage = "unmask"',
+        "missing required field `round` - at `$.crash[0]`",
+    ),
+    (
+        '[[crash]]\nenvoi = "e"\nround = 1\nstage = "unmask"',
+        "unknown field `envoi` - at `$.crash[0]`",
+    ),
     ('[[crash]]\nenvoy = "a/b"\nround = 1\nstage = "unmask"', "crash[0].envoy"),
     ('[[link]]\nnode = "*"\ndrop = 1.5', "link[0].drop"),
     ('[[link]]\nnode = "*"\nreorder = "often"', "link[0].reorder"),
@@ -94,9 +101,9 @@ BAD = [
     ('[[link]]\nnode = "*"\n[[link]]\nnode = "*"', "link[1].node"),
     ("[[partition]]\nnodes = []\nfrom_s = 1\nto_s = 2", "partition[0].nodes"),
     ('[[partition]]\nnodes = ["e"]\nfrom_s = 5\nto_s = 2', "partition[0].to_s"),
-    ("[[broker_restart]]\ndown_s = 1", "broker_restart[0].at_s"),
+    ("[[broker_restart]]\ndown_s = 1", "missing required field `at_s` - at `$.broker_restart[0]`"),
     ("link = 3", "link"),
-    ("seed = ", "invalid TOML"),
+    ("seed = ", "not valid TOML"),
 ]
 
 
@@ -112,7 +119,7 @@ def test_bad_plans_name_the_file_and_the_field(tmp_path: Path, text: str, field:
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FaultPlanError, match="cannot read"):
+    with pytest.raises(FaultPlanError, match="not found"):
         FaultPlan.load(tmp_path / "absent.toml")
 
 
@@ -141,7 +148,7 @@ def test_crash_points() -> None:
     crash_if_planned(plan, "envoy-2", 1, "training", exit=exits.append)
     crash_if_planned(None, "envoy-2", 1, "share_keys", exit=exits.append)
     assert exits == [137]
-    assert set(STAGES) >= {"training", "unmask"}
+    assert set(CRASH_STAGES) >= {"training", "unmask"}
 
 
 def test_specific_link_replaces_the_wildcard() -> None:

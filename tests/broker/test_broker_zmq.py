@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from broker import wire
-from broker.bus import BusError, Will
-from broker.connect import connect, zmq_endpoint
-from broker.credentials import generate_curve_keypair
+from broker import zmq_commands as commands
+from broker.client.bus import BusError, Will
+from broker.client.connect import connect, zmq_endpoint
+from broker.keys import generate_curve_keypair
+from broker.server.zmq_broker import ZmqBroker
 from broker.topics import Topics
-from broker.zmq_broker import ZmqBroker
 from tests.broker.broker_testkit import FEDERATION, Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,11 +105,11 @@ async def test_broker_enforces_publish_acl_on_raw_clients(client, raw, topics: T
     bcast = b.subscribe(topics.broadcast)
     await bcast.ready()
     evil = raw("envoy-a")
-    assert evil.hello("envoy-a", "envoy")[0] == wire.WELCOME
+    assert evil.hello("envoy-a", "envoy")[0] == commands.WELCOME
     for topic in (topics.broadcast, topics.envoy("envoy-b"), topics.presence("envoy-b")):
-        evil.send(wire.PUB, topic.encode(), wire.NO_FLAGS, b"forged")
-        err = evil.recv_until(wire.ERR)
-        assert err[1] == wire.PUB and err[2] == topic.encode()
+        evil.send(commands.PUB, topic.encode(), commands.NO_FLAGS, b"forged")
+        err = evil.recv_until(commands.ERR)
+        assert err[1] == commands.PUB and err[2] == topic.encode()
     # The broker processed and refused all three; the next broadcast b sees is the real one.
     await director.publish(topics.broadcast, b"genuine")
     assert await anext(bcast) == b"genuine"
@@ -118,19 +118,19 @@ async def test_broker_enforces_publish_acl_on_raw_clients(client, raw, topics: T
 async def test_identity_comes_from_the_key_not_the_claim(raw, zbroker: ZmqBroker) -> None:
     evil = raw("envoy-a")
     reply = evil.hello("director", "director")
-    assert reply[0] == wire.ERR and b"registered as envoy envoy-a" in reply[3]
+    assert reply[0] == commands.ERR and b"registered as envoy envoy-a" in reply[3]
     # A will on someone else's presence topic is refused too.
     reply = evil.hello("envoy-a", "envoy", will=("fedbus/fedtest/presence/envoy-b", b"x"))
-    assert reply[0] == wire.ERR and b"will" in reply[3]
+    assert reply[0] == commands.ERR and b"will" in reply[3]
     # Subscribing without any HELLO still runs as the authenticated envoy-a.
-    evil.send(wire.SUB, b"r1", b"fedbus/fedtest/director")
-    ack = evil.recv_until(wire.SUBACK)
-    assert ack[2] == wire.REFUSED
+    evil.send(commands.SUB, b"r1", b"fedbus/fedtest/director")
+    ack = evil.recv_until(commands.SUBACK)
+    assert ack[2] == commands.REFUSED
 
 
 async def test_unknown_curve_key_cannot_connect(zbroker: ZmqBroker, keys: Keys) -> None:
     stranger = generate_curve_keypair()
-    from broker.credentials import Credentials
+    from broker.client.credentials import Credentials
 
     creds = Credentials.for_curve(secret_key=stranger.secret, broker_public_key=keys.broker.public)
     with pytest.raises(BusError, match="refused our CurveZMQ key"):
@@ -183,9 +183,9 @@ async def test_will_fires_when_a_process_is_killed(
     script = textwrap.dedent(
         f"""
         import asyncio, os, sys
-        from broker.bus import Will
-        from broker.connect import connect
-        from broker.credentials import Credentials
+        from broker.client.bus import Will
+        from broker.client.connect import connect
+        from broker.client.credentials import Credentials
         async def main():
             creds = Credentials.for_curve(secret_key={keys.nodes["envoy-c"].secret!r},
                                           broker_public_key={keys.broker.public!r})
@@ -212,7 +212,7 @@ async def test_silent_session_expires_and_fires_its_will(client, raw, topics: To
     hung = raw("envoy-b")
     assert (
         hung.hello("envoy-b", "envoy", will=(topics.presence("envoy-b"), b"b-hung"))[0]
-        == wire.WELCOME
+        == commands.WELCOME
     )
     assert await anext(presence) == b"b-hung"
 
@@ -303,8 +303,8 @@ async def test_a_stuck_subscriber_does_not_stall_the_others(
     stuck = raw("envoy-b", broker=small)
     stuck.sock.rcvhwm = 1
     stuck.hello("envoy-b", "envoy")
-    stuck.send(wire.SUB, b"s", topics.broadcast.encode())
-    stuck.recv_until(wire.SUBACK)  # ...and never reads again
+    stuck.send(commands.SUB, b"s", topics.broadcast.encode())
+    stuck.recv_until(commands.SUBACK)  # ...and never reads again
     frame = os.urandom(256 << 10)
     for i in range(300):  # 75 MiB: far more than loopback buffers hold for envoy-b
         await director.publish(topics.broadcast, frame + i.to_bytes(4, "big"))

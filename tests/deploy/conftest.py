@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from broker.bus import Will
-from broker.credentials import Credentials
-from broker.mosquitto import (
+from broker.client.bus import Will
+from broker.client.credentials import Credentials
+from broker.client.mqtt_bus import MqttBus
+from broker.server.mosquitto_files import (
     Listener,
-    MosquittoProcess,
     TlsFiles,
-    free_port,
     generate_password,
     write_broker_files,
 )
-from broker.mqtt import MqttBus
+from broker.server.mosquitto_process import MosquittoProcess
+from broker.server.ports import free_port
 from broker.topics import Topics
-from node.provision import issue_cert, make_ca
+from node.pki import issue_cert, make_ca
 
 FEDERATION = "fl"
 NODES = {"director": "director", "e1": "envoy", "e2": "envoy", "e3": "envoy"}

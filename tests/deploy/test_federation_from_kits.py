@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import MosquittoProcess, free_port
-from node.config import dump_toml
+from broker.server.mosquitto_process import MosquittoProcess
+from broker.server.ports import free_port
 from node.provision import main as provision
+from protocol.configfile import dump_toml
 from tests.datafiles import PNEUMONIAMNIST
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.mosquitto import (
+from broker.server.mosquitto_files import (
     AclFile,
     Listener,
     MosquittoConfig,

@@ -18,9 +18,9 @@ import pytest
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker.bus import BusError
-from broker.credentials import Credentials
-from broker.mqtt import MqttBus
+from broker.client.bus import BusError
+from broker.client.credentials import Credentials
+from broker.client.mqtt_bus import MqttBus
 from tests.deploy.conftest import Broker, BusFactory
 
 

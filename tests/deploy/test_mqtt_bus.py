@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.bus import BusError, Will
-from broker.connect import connect
-from broker.mqtt import MqttBus, _Deduplicator, parse_url
+from broker.client.bus import BusError, Will
+from broker.client.connect import connect
+from broker.client.mqtt_bus import MqttBus, _Deduplicator, parse_url
 from tests.deploy.conftest import Broker, BusFactory
 
 
@@ -246,7 +246,7 @@ def test_url_parsing() -> None:
 
 
 def test_username_must_be_the_node_id() -> None:
-    from broker.credentials import Credentials
+    from broker.client.credentials import Credentials
 
     with pytest.raises(ValueError, match="must equal the node id"):
         MqttBus(

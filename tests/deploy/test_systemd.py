@@ -157,9 +157,10 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
     """`fedbus broker` from a provisioned kit, under MDWE as its unit runs it, serves a node."""
     import asyncio
 
-    from broker.connect import connect
-    from broker.credentials import Credentials, read_key_file
-    from broker.mosquitto import free_port
+    from broker.client.connect import connect
+    from broker.client.credentials import Credentials
+    from broker.keys import read_key_file
+    from broker.server.ports import free_port
     from broker.topics import Topics
 
     assert _has_mdwe(), "this kernel cannot emulate MemoryDenyWriteExecute (needs Linux >= 6.3)"
@@ -196,8 +197,8 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
             node_id="a",
             role="envoy",
             credentials=Credentials.for_curve(
-                secret_key=read_key_file(kit / "curve.key"),
-                broker_public_key=read_key_file(kit / "broker.pub"),
+                secret_key=read_key_file(kit / "curve.key", encoding="z85"),
+                broker_public_key=read_key_file(kit / "broker.pub", encoding="z85"),
             ),
         )
         mine = bus.subscribe(Topics("fed").envoy("a"))
@@ -210,10 +211,9 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
 
 async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Path) -> None:
     """Mosquitto from a provisioned kit, under MDWE as its unit runs it, serves a TLS client."""
-    import asyncio
-
-    from broker.connect import connect
-    from broker.mosquitto import _accepts, free_port, mosquitto_binary
+    from broker.client.connect import connect
+    from broker.server.mosquitto_process import MosquittoProcess
+    from broker.server.ports import free_port
     from broker.topics import Topics
     from node.cli import _credentials
     from node.config import load_envoy_config
@@ -227,23 +227,13 @@ async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Pat
         argv += ["--mosquitto-user", "root"]
     assert provision(argv) == 0
     conf = out / "broker" / "mosquitto.conf"
-    daemon = subprocess.Popen(
-        [sys.executable, "-c", MDWE_EXEC, mosquitto_binary(), "-c", str(conf)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        while not _accepts("127.0.0.1", port):
-            assert daemon.poll() is None, daemon.stdout.read().decode()  # type: ignore[union-attr]
-            await asyncio.sleep(0.05)
+    # The one Mosquitto starter, run through the MDWE wrapper as the unit runs it.
+    with MosquittoProcess(conf, (port,), prefix=[sys.executable, "-c", MDWE_EXEC]):
         cfg = load_envoy_config(out / "a" / "envoy.toml")
         bus = await connect(cfg.bus_url, node_id="a", role="envoy", credentials=_credentials(cfg))
         mine = bus.subscribe(Topics("fed").envoy("a"))
         await mine.ready()  # TLS handshake, password check and SUBACK, all under MDWE
         await bus.close()
-    finally:
-        daemon.terminate()
-        daemon.wait()
 
 
 @pytest.mark.slow

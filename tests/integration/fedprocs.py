@@ -46,14 +46,14 @@ SMALL = [
 
 def small_set() -> dict[str, Any]:
     """The same recipe as `Options.director_set` (for tests that drive `Federation`)."""
-    from node.demo import _parse_value
+    from node.demo.cli import parse_set_value
 
     out = {}
     it = iter(SMALL[2:])
     for flag, kv in zip(it, it, strict=True):
         assert flag == "--set"
         k, v = kv.split("=", 1)
-        out[k] = _parse_value(v)
+        out[k] = parse_set_value(v)
     return out
 
 

@@ -101,7 +101,7 @@ def test_demo_over_mosquitto_is_secure_and_audited(tmp_path):
     )
     log = proc.communicate()[0].decode(errors="replace")
     assert proc.returncode == 0, log
-    assert "bus mqtt://127.0.0.1:" in log
+    assert "bus mqtts://127.0.0.1:" in log  # provisioned kits: TLS + password
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert all(r["secure"] and r["aggregate_verified"] is True for r in report["rounds"])

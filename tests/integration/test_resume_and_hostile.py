@@ -10,13 +10,14 @@ import time
 import msgpack
 import pytest
 
-from broker.connect import connect
-from broker.credentials import Credentials, read_key_file
+from broker.client.connect import connect
+from broker.client.credentials import Credentials
+from broker.keys import read_key_file
 from broker.topics import Topics
 from node.checkpoint import load_checkpoint
-from node.demo import Federation, Options
-from node.wire import Endpoint
-from node.wire import read_key_file as read_hex_key
+from node.demo.launcher import Federation, Options
+from node.demo.report import audit_rounds
+from node.endpoint import Endpoint
 from protocol.codec import Codec
 from protocol.messages import EvaluateResult, PlainUpdate, RoundStart, TrainPlan
 from protocol.secagg.messages import AdvertisedKeys, SecAggAdvertiseKeys
@@ -71,7 +72,7 @@ def test_kill9_director_then_resume_applies_no_round_twice(tmp_path):
     assert load_checkpoint(fed.director_state).round == 4
     assert [r["round"] for r in load_checkpoint(fed.director_state).records] == [1, 2, 3, 4]
     # Every aggregate that was applied is still verifiable bit for bit after the restart.
-    audited = fed.audit(recs)
+    audited = audit_rounds(fed, recs)
     assert all(r["aggregate_verified"] for r in audited)
     log = fed.procs["director"].log.read_text()
     assert '"resumed"' in log and f'"last_completed_round": {done[-1]}' in log
@@ -90,7 +91,7 @@ def hostile(
     good = endpoint.seal(
         round=round,
         recipient=recipient,
-        body=EvaluateResult(num_samples=1, loss_sum=0.0, hist_negative=[1], hist_positive=[0]),
+        body=EvaluateResult(num_samples=1, loss_sum=0.0, histograms=[1, 0]),
     )
     return [
         os.urandom(rng.randrange(1, 400)),  # random bytes
@@ -130,8 +131,8 @@ async def _flood(
 ):
     recipient = "*" if role == "director" else "director"
     creds = Credentials.for_curve(
-        secret_key=read_key_file(fed.keys / f"{who}.key"),
-        broker_public_key=read_key_file(fed.keys / "broker.pub"),
+        secret_key=read_key_file(fed.kit(who) / "curve.key", encoding="z85"),
+        broker_public_key=read_key_file(fed.kit(who) / "broker.pub", encoding="z85"),
     )
     bus = await connect(fed.broker_url, node_id=who, role=role, credentials=creds)
     codec = Codec(max_frame)
@@ -140,7 +141,7 @@ async def _flood(
         node_id=who,
         federation="demo",
         codec=codec,
-        signing_key=read_hex_key(fed.keys / f"{signer or who}.sign.key"),
+        signing_key=read_key_file(fed.kit(signer or who) / "signing.key"),
     )
     rng = random.Random(5)
     sent = 0
@@ -221,7 +222,7 @@ def test_hostile_frames_to_director_and_envoys_are_refused(tmp_path):
     recs = records(fed.director_state)
     assert [r["round"] for r in recs] == [1, 2]
     assert all(r["survivors"] == ["envoy-1", "envoy-2"] for r in recs)
-    assert all(r["aggregate_verified"] for r in fed.audit(recs))
+    assert all(r["aggregate_verified"] for r in audit_rounds(fed, recs))
     dlog = fed.procs["director"].log.read_text()
     for why in ("invalid frame", "over the limit", "duplicate message id"):
         assert why in dlog, why

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker import files
 from node import checkpoint as ck
 from node.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
-from node.director import Director, DirectorError
+from node.director import DirectorError
+from node.state import StateStore
 from tests.node.nodeharness import make_fed
 
 
@@ -80,12 +82,13 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path_factory, f
             raise OSError("killed")
         return real_replace(a, b)
 
-    ck.os.write, ck.os.fsync, ck.os.replace = write, fsync, replace  # type: ignore[assignment]
+    # The checkpoint is written by broker.files: make its write, fsync or rename die.
+    files.os.write, files.os.fsync, files.os.replace = write, fsync, replace  # type: ignore[assignment]
     try:
         with pytest.raises(OSError, match="killed"):
             save_checkpoint(d, new)
     finally:
-        ck.os.write, ck.os.fsync, ck.os.replace = real_write, real_fsync, real_replace
+        files.os.write, files.os.fsync, files.os.replace = real_write, real_fsync, real_replace
     back = load_checkpoint(d)
     assert back is not None and back.round == 1
     np.testing.assert_array_equal(back.weights_numpy()["a"], weights(1.0)["a"])
@@ -144,17 +147,17 @@ async def test_kill_between_checkpoint_and_log_does_not_repeat_the_round(tmp_pat
     class Killed(BaseException):
         pass
 
-    real = Director._checkpoint
+    real = StateStore.save_checkpoint
 
-    def checkpoint_then_die(self, round):
-        real(self, round)
-        if round == 2:
+    def checkpoint_then_die(self, state):
+        real(self, state)
+        if state.round == 2:
             raise Killed  # the process dies after the checkpoint, before rounds.jsonl
 
-    monkeypatch.setattr(Director, "_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(StateStore, "save_checkpoint", checkpoint_then_die)
     with pytest.raises(Killed):
         await _run(fed)
-    monkeypatch.setattr(Director, "_checkpoint", real)
+    monkeypatch.setattr(StateStore, "save_checkpoint", real)
     assert [r["round"] for r in fed.records()] == [1]
     assert await _run(fed, resume=True) == 0
     await fed.stop()

@@ -13,10 +13,11 @@ import random
 import msgpack
 import numpy as np
 
+from broker.keys import read_key_file
 from broker.topics import Topics
 from crypto.signing import generate_signing_keypair
 from node.checkpoint import load_checkpoint
-from node.wire import Endpoint, read_key_file
+from node.endpoint import Endpoint
 from protocol.codec import Codec
 from protocol.messages import EvaluateResult, PlainUpdate, Presence, RoundStart, TrainPlan
 from protocol.secagg.messages import AdvertisedKeys, SecAggAdvertiseKeys
@@ -32,22 +33,22 @@ def hostile_frames(fed, round_hint: int) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     key1 = read_key_file(fed.envoy_cfgs["envoy-1"].signing_key)
     dkey = read_key_file(fed.director_cfg.signing_key)
-    as_envoy = Endpoint(None, node_id="envoy-1", federation=FED, codec=codec, signing_key=key1)  # type: ignore[arg-type]
-    forger = Endpoint(  # type: ignore[arg-type]
+    as_envoy = Endpoint(None, node_id="envoy-1", federation=FED, codec=codec, signing_key=key1)
+    forger = Endpoint(
         None,
         node_id="envoy-2",
         federation=FED,
         codec=codec,
         signing_key=generate_signing_keypair().private,
     )
-    as_director_forged = Endpoint(  # type: ignore[arg-type]
+    as_director_forged = Endpoint(
         None,
         node_id="director",
         federation=FED,
         codec=codec,
         signing_key=generate_signing_keypair().private,
     )
-    as_director = Endpoint(None, node_id="director", federation=FED, codec=codec, signing_key=dkey)  # type: ignore[arg-type]
+    as_director = Endpoint(None, node_id="director", federation=FED, codec=codec, signing_key=dkey)
     w = {"conv.weight": from_numpy(np.ones((2, 3), np.float32))}
     for topic in (
         topics.director,
@@ -115,9 +116,7 @@ def hostile_frames(fed, round_hint: int) -> list[tuple[str, bytes]]:
             as_envoy.seal(
                 round=round_hint,
                 recipient="director",
-                body=EvaluateResult(
-                    num_samples=5, loss_sum=0.0, hist_negative=[5], hist_positive=[0]
-                ),
+                body=EvaluateResult(num_samples=5, loss_sum=0.0, histograms=[5, 0]),
             ),
         )
     )
@@ -149,7 +148,7 @@ def hostile_frames(fed, round_hint: int) -> list[tuple[str, bytes]]:
     )
     # Genuinely signed by envoy-2, but on envoy-3's presence topic (bus identity mismatch).
     key2 = read_key_file(fed.envoy_cfgs["envoy-2"].signing_key)
-    as_envoy2 = Endpoint(None, node_id="envoy-2", federation=FED, codec=codec, signing_key=key2)  # type: ignore[arg-type]
+    as_envoy2 = Endpoint(None, node_id="envoy-2", federation=FED, codec=codec, signing_key=key2)
     out.append(
         (
             topics.presence("envoy-3"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from node.checkpoint import load_checkpoint
+from node.errors import ExitCode
 from tests.node.nodeharness import expected_after_one_round, make_fed
 
 
@@ -97,10 +98,32 @@ async def test_secure_round_survives_a_crash_at_any_stage(tmp_path, stage):
             np.testing.assert_allclose(v, want[k], atol=1e-5)
 
 
+class CrashAll:
+    """Every envoy but `spared` exits entering training in round 1."""
+
+    def __init__(self, spared: str) -> None:
+        self.spared = spared
+
+    def crash_point(self, node: str, round: int, stage: str) -> bool:
+        return node != self.spared and (round, stage) == (1, "training")
+
+
+async def test_a_round_that_fails_every_attempt_exits_round_failed(tmp_path):
+    fed = make_fed(tmp_path, 3, secure=True, rounds=2, max_attempts=1, deadlines={"training": 1.0})
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name, CrashAll("envoy-1"))
+    rc = await run_director(fed)
+    await fed.stop()
+    assert rc == ExitCode.ROUND_FAILED == 5
+    assert fed.records() == []  # nothing was aggregated from the lone survivor
+    assert json.loads((tmp_path / "director" / "status.json").read_text())["stage"] == "failed"
+
+
 async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_path):
     """Reordered frames: RoundEnd(aborted, attempt 0) arrives after RoundStart(attempt 1)."""
+    from broker.keys import read_key_file
     from broker.topics import Topics
-    from node.wire import Endpoint, read_key_file
+    from node.endpoint import Endpoint
     from protocol.codec import Codec
     from protocol.messages import PlainUpdate, RoundEnd, RoundStart, TrainPlan
     from protocol.tensors import state_from_numpy

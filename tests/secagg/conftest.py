@@ -14,8 +14,8 @@ import pytest
 import structlog
 
 from crypto.signing import generate_signing_keypair
+from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
-from protocol.secagg.common import BROADCAST, Outgoing
 from protocol.secagg.messages import SecAggParams
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.simulate import SERVER, node_names, seeded_randbytes

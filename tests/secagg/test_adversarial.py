@@ -8,15 +8,7 @@ import pytest
 
 from crypto.signing import generate_signing_keypair, sign
 from protocol.secagg.client import SecAggClient, SecAggClientError
-from protocol.secagg.common import (
-    ABORTED,
-    CONSISTENCY,
-    DONE,
-    MASKED_INPUT,
-    UNMASK,
-    keys_signing_payload,
-    survivors_signing_payload,
-)
+from protocol.secagg.common import keys_signing_payload, survivors_signing_payload
 from protocol.secagg.graph import build_graph
 from protocol.secagg.messages import (
     AdvertisedKeys,
@@ -32,6 +24,8 @@ from protocol.secagg.messages import (
 )
 from protocol.secagg.server import SecAggServer, SecAggServerError
 from protocol.secagg.simulate import SERVER, node_names, simulate_round
+from protocol.secagg.transitions import Outcome
+from protocol.stages import Stage
 
 from .conftest import Driver, body_of
 
@@ -63,18 +57,18 @@ def test_overlapping_unmask_request_is_refused(params: SecAggParams) -> None:
     request = body_of(replies, SecAggUnmaskRequest)
     assert "envoy-6" in request.dropouts
     victim = drv.clients["envoy-1"]
-    assert victim.stage == UNMASK
+    assert victim.stage == Stage.UNMASK
     # The cheating server also lists a survivor as a dropout, to get its key share as well.
     cheat = msgspec.structs.replace(request, dropouts=[*request.dropouts, "envoy-2"])
     assert victim.receive(SERVER, cheat) == []
     assert victim.refusals[-1].reason == "survivors and dropouts overlap"
-    assert victim.stage == UNMASK  # refused without a state change
+    assert victim.stage == Stage.UNMASK  # refused without a state change
     # The honest request still works afterwards, and reveals one kind of share per peer.
     (out,) = victim.receive(SERVER, request)
     assert isinstance(out.body, SecAggUnmaskResponse)
     assert set(out.body.self_mask_shares) == set(request.survivors)
     assert set(out.body.key_shares) == {"envoy-6"}
-    assert victim.stage == DONE
+    assert victim.stage == Outcome.DONE
 
 
 def test_unmask_request_without_the_client_or_below_threshold_is_refused() -> None:
@@ -88,7 +82,7 @@ def test_unmask_request_without_the_client_or_below_threshold_is_refused() -> No
     assert c.receive(SERVER, not_me) == []
     few = msgspec.structs.replace(request, survivors=["envoy-3", "envoy-4"], dropouts=[])
     assert c.receive(SERVER, few) == []
-    assert c.stage == UNMASK and len(c.refusals) == 2
+    assert c.stage == Stage.UNMASK and len(c.refusals) == 2
 
 
 def test_server_result_after_dropout_at_masked_input() -> None:
@@ -96,7 +90,7 @@ def test_server_result_after_dropout_at_masked_input() -> None:
     replies = _run_to_unmask(drv, drop_at_masked={"envoy-2"})
     outs = drv.to_clients(replies)
     drv.to_server(outs)
-    assert drv.server.stage == DONE
+    assert drv.server.stage == Outcome.DONE
     assert drv.server.survivors == frozenset(drv.names) - {"envoy-2"}
     np.testing.assert_array_equal(drv.server.result, drv.expected(drv.server.survivors))
 
@@ -114,7 +108,7 @@ def test_below_threshold_aborts_cleanly(stage: str) -> None:
     # Every client that was still there heard the abort and revealed nothing afterwards.
     for u, c in sim.clients.items():
         if u not in ("envoy-1", "envoy-2"):
-            assert c.stage in (ABORTED, DONE)
+            assert c.stage in (Outcome.ABORTED, Outcome.DONE)
     if stage != "unmask":
         assert not any(isinstance(b, SecAggUnmaskResponse) for _, b in sim.view)
 
@@ -205,7 +199,7 @@ def test_replay_from_an_earlier_round_is_refused() -> None:
     _run_to_unmask(new)
     c = new.clients["envoy-1"]
     assert c.receive(SERVER, old_request) == []
-    assert "round" in c.refusals[-1].reason and c.stage == UNMASK
+    assert "round" in c.refusals[-1].reason and c.stage == Stage.UNMASK
 
 
 def test_set_input_after_shares_sends_masked_input() -> None:
@@ -219,7 +213,7 @@ def test_set_input_after_shares_sends_masked_input() -> None:
     replies = drv.to_server(outs)
     outs = drv.to_clients(replies)
     assert "envoy-1" not in outs or outs["envoy-1"] == []
-    assert late.stage == MASKED_INPUT
+    assert late.stage == Stage.MASKED_INPUT
     (out,) = late.set_input(drv.inputs["envoy-1"])
     outs["envoy-1"] = [out]
     replies = drv.to_server(outs)
@@ -304,7 +298,7 @@ def test_forged_consistency_signature_is_refused() -> None:
     replies = drv.to_server(drv.to_clients(replies))
     replies = drv.to_server(drv.to_clients(replies))
     request = body_of(replies, SecAggConsistencyRequest)
-    assert drv.server.stage == CONSISTENCY
+    assert drv.server.stage == Stage.CONSISTENCY
     mallory = generate_signing_keypair()
     forged = SecAggConsistencySignature(
         round=drv.round,
@@ -324,7 +318,7 @@ def test_unmask_request_with_forged_signatures_is_refused_by_client() -> None:
     c = drv.clients["envoy-1"]
     bad = msgspec.structs.replace(request, signatures=forged)
     assert c.receive(SERVER, bad) == []
-    assert "signatures" in c.refusals[-1].reason and c.stage == UNMASK
+    assert "signatures" in c.refusals[-1].reason and c.stage == Stage.UNMASK
     (out,) = c.receive(SERVER, request)  # the genuine request still goes through
     assert isinstance(out.body, SecAggUnmaskResponse)
 

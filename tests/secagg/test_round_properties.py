@@ -10,7 +10,6 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.secagg.common import STAGES
 from protocol.secagg.graph import build_graph
 from protocol.secagg.messages import (
     SecAggMaskedInput,
@@ -18,6 +17,7 @@ from protocol.secagg.messages import (
     SecAggUnmaskResponse,
 )
 from protocol.secagg.simulate import node_names, seeded_randbytes, simulate_round
+from protocol.stages import SECAGG_STAGES
 from protocol.tensors import to_numpy
 
 D = 48  # vector length: enough coordinates for the privacy checks, small enough to be quick
@@ -40,7 +40,7 @@ def rounds(draw: st.DrawFn) -> dict:
     dropouts = {}
     for u in names:
         if draw(st.floats(0, 1)) < drop_p:
-            dropouts[u] = draw(st.sampled_from(STAGES))
+            dropouts[u] = draw(st.sampled_from(SECAGG_STAGES))
     return {
         "n": n,
         "params": params,
@@ -84,7 +84,11 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
     assert server is not None and server.done
 
     # Whoever crashed before sending its masked input cannot be in the sum.
-    early = {u for u, s in dropouts.items() if STAGES.index(s) <= STAGES.index("masked_input")}
+    early = {
+        u
+        for u, s in dropouts.items()
+        if SECAGG_STAGES.index(s) <= SECAGG_STAGES.index("masked_input")
+    }
     if sim.aborted:
         assert sim.result is None and server.abort_reason
     else:
