@@ -98,7 +98,8 @@ def roc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, n
     return fpr, tpr
 
 
-def _confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, Any]:
+def confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, Any]:
+    """Accuracy, sensitivity, specificity, precision, F1 and the 2x2 confusion of counts."""
     total = tn + fp + fn + tp
     sens = tp / (tp + fn) if tp + fn else float("nan")
     spec = tn / (tn + fp) if tn + fp else float("nan")
@@ -152,7 +153,7 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
     k = int(order[0])
     tp = float(tpr[k] * n_pos)
     fp = float(fpr[k] * n_neg)
-    out.update(_confusion_metrics(n_neg - round(fp), round(fp), n_pos - round(tp), round(tp)))
+    out.update(confusion_metrics(n_neg - round(fp), round(fp), n_pos - round(tp), round(tp)))
     thresholds = bin_thresholds(bins)
     out.update(
         auc=auc,
@@ -189,6 +190,6 @@ def binary_metrics(
     fp = float(np.sum(pred & (labels == 0)))
     fn = float(np.sum(~pred & (labels == 1)))
     tn = float(np.sum(~pred & (labels == 0)))
-    out = _confusion_metrics(tn, fp, fn, tp)
+    out = confusion_metrics(tn, fp, fn, tp)
     out.update(auc=roc_auc(scores, labels), threshold=float(threshold))
     return out

@@ -49,6 +49,7 @@ from node.training.metrics import (
     bin_thresholds,
     binary_metrics,
     check_histograms,
+    confusion_metrics,
     metrics_from_histograms,
     roc_from_histograms,
 )
@@ -258,6 +259,34 @@ def _point(
         num_negative=tn + fp,
         params=dict(params),
     )
+
+
+def validation_metrics_at(
+    neg: np.ndarray,
+    pos: np.ndarray,
+    method: str = DEFAULT_METHOD,
+    *,
+    confidence: float = CONFIDENCE,
+    **params: float,
+) -> dict[str, Any]:
+    """`metrics_from_histograms` with the threshold and its confusion metrics taken from
+    the operating point `method` picks, plus the method, its parameters and Wilson
+    intervals: what the director records for a round's summed validation histograms.
+    Without both classes there is no point to choose and Youden's fallback stands."""
+    out = metrics_from_histograms(neg, pos)
+    if not out["num_negative"] or not out["num_positive"]:
+        out["operating_point"] = method
+        return out
+    point = choose_operating_point(neg, pos, method, confidence=confidence, **params)
+    out.update(confusion_metrics(*confusion_at(neg, pos, point.bin)))
+    out.update(
+        threshold=point.threshold,
+        operating_point=method,
+        operating_point_params=dict(point.params),
+        sensitivity_ci=list(point.sensitivity_ci),
+        specificity_ci=list(point.specificity_ci),
+    )
+    return out
 
 
 def metrics_at(

@@ -16,6 +16,7 @@ from node.config import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     EnvoyConfig,
+    EvalConfig,
     load_director_config,
     load_envoy_config,
     model_kwargs,
@@ -68,6 +69,10 @@ def test_templates_in_configs_load():
     assert d.insecure_plain_aggregation is False
     assert d.model.defense == "cvb"
     assert d.secagg.malicious is True
+    # The shipped recipe picks its threshold by the binormal ROC (benchmarks/accuracy);
+    # a config without [eval] keeps Youden's rule.
+    assert d.eval.operating_point == "binormal"
+    assert EvalConfig().operating_point == "youden"
     assert model_kwargs(e.model)["arch"] == d.model.arch
     # Paths are resolved against the config file's folder.
     assert Path(d.state_dir).is_absolute()
@@ -94,6 +99,8 @@ def test_valid_configs_roundtrip(tmp_path):
         (lambda d: d["deadlines"].update(share_keys=-1.0), "deadlines.share_keys"),
         (lambda d: d["train"].update(lr="fast"), "train.lr"),
         (lambda d: d["model"].update(defense="vae"), "model.defense"),
+        (lambda d: d.update(eval={"operating_point": "argmax"}), "eval.operating_point"),
+        (lambda d: d.update(eval={"target_sensitivity": 1.5}), "eval.target_sensitivity"),
         (lambda d: d["secagg"].update(clipp=1.0), "clipp"),
         (lambda d: d.update(participation=1.5), "participation"),
         (lambda d: d.update(federation="bad/fed"), "federation"),

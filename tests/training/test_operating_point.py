@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.config import OperatingPointMethod
+from node.training.histograms import histogram_vector, metrics_from_vector
 from node.training.metrics import (
     bin_thresholds,
     binary_metrics,
@@ -23,6 +26,7 @@ from node.training.operating_point import (
     held_out_confusion,
     leave_one_out,
     metrics_at,
+    validation_metrics_at,
     wilson_interval,
 )
 
@@ -211,3 +215,48 @@ def test_leave_one_out_skips_an_envoy_whose_absence_leaves_one_class() -> None:
     assert ks[1] is None and ks[0] is not None
     with pytest.raises(ValueError, match="two envoys"):
         leave_one_out([mixed])
+
+
+@settings(max_examples=40, deadline=None)
+@given(two_class_scores(), st.sampled_from(METHODS), st.floats(0.6, 0.99))
+def test_director_vector_metrics_are_those_at_the_configured_point(
+    data, method: str, target: float
+) -> None:
+    """The two-class metrics the director records sit at the method's threshold: the same
+    confusion, accuracy and intervals as the raw scores give there; AUC and ROC unchanged."""
+    scores, labels = data
+    neg, pos = score_histograms(scores, labels, BINS)
+    vector = histogram_vector(np.stack([1 - scores, scores], axis=1), labels, BINS)
+    m = metrics_from_vector(vector, 2, BINS, operating_point=method, target_sensitivity=target)
+    params = {"target": target} if method == "sensitivity" else {}
+    op = choose_operating_point(neg, pos, method, **params)
+    raw = binary_metrics(scores, labels, op.threshold)
+    youden = metrics_from_histograms(neg, pos)
+    assert m["operating_point"] == method and m["operating_point_params"] == params
+    assert m["threshold"] == op.threshold
+    assert m["confusion"] == raw["confusion"]
+    assert m["accuracy"] == pytest.approx(raw["accuracy"], abs=1e-12)
+    assert m["sensitivity_ci"] == list(op.sensitivity_ci)
+    assert m["specificity_ci"] == list(op.specificity_ci)
+    assert m["auc"] == youden["auc"] and m["roc_tpr"] == youden["roc_tpr"]
+    if method == "youden":
+        assert m["threshold"] == youden["threshold"] and m["confusion"] == youden["confusion"]
+
+
+def test_one_class_validation_keeps_the_fallback_and_names_the_method() -> None:
+    neg = np.zeros(BINS, np.int64)
+    pos = np.zeros(BINS, np.int64)
+    pos[70] = 12
+    m = validation_metrics_at(neg, pos, "binormal")
+    assert m["operating_point"] == "binormal"
+    assert m["threshold"] == 0.5 and math.isnan(m["auc"])
+
+
+def test_unknown_method_is_refused_by_the_director_metrics() -> None:
+    vector = histogram_vector(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]), BINS)
+    with pytest.raises(ValueError, match="operating-point method"):
+        metrics_from_vector(vector, 2, BINS, operating_point="argmax")
+
+
+def test_config_methods_are_the_modules_methods() -> None:
+    assert set(typing.get_args(OperatingPointMethod)) == set(METHODS)
