@@ -76,7 +76,7 @@ def rules_for(post: dict[str, Any], criterion: str) -> dict[str, str]:
     return out
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def seed_stats(values: list[float]) -> dict[str, float]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
     if arr.size == 0:
         return {"mean": math.nan, "sd": math.nan, "n": 0}
@@ -97,24 +97,24 @@ def summarize(posts: list[dict[str, Any]], criterion: str) -> dict[str, Any]:
     for rule in chosen[0]:
         row: dict[str, Any] = {"picked": [c[rule] for c in chosen]}
         cands = [p["candidates"][c[rule]] for p, c in zip(posts, chosen, strict=True)]
-        row["test_auc"] = _stats([c["test_auc"] for c in cands])
-        row["val_auc"] = _stats([c["val_auc_hist"] for c in cands])
-        row["val_loss"] = _stats([c["val_loss"] for c in cands])
+        row["test_auc"] = seed_stats([c["test_auc"] for c in cands])
+        row["val_auc"] = seed_stats([c["val_auc_hist"] for c in cands])
+        row["val_loss"] = seed_stats([c["val_loss"] for c in cands])
         row["methods"] = {}
         for m in methods:
             ms = [c["methods"][m] for c in cands]
             row["methods"][m] = {
                 "threshold": [x["threshold"] for x in ms],
                 **{
-                    f"test_{k}": _stats([x["test"][k] for x in ms])
+                    f"test_{k}": seed_stats([x["test"][k] for x in ms])
                     for k in ("accuracy", "sensitivity", "specificity", "balanced_accuracy")
                 },
                 **{
-                    f"val_{k}": _stats([x["val"][k] for x in ms])
+                    f"val_{k}": seed_stats([x["val"][k] for x in ms])
                     for k in ("sensitivity", "specificity")
                 },
                 **{
-                    f"loeo_{k}": _stats([x["loeo"][k] for x in ms])
+                    f"loeo_{k}": seed_stats([x["loeo"][k] for x in ms])
                     for k in (
                         "balanced_accuracy",
                         "sensitivity",

@@ -1,0 +1,116 @@
+"""Test metrics of real `fedbus demo` runs over seeds: mean, SD, per seed, and a plot.
+
+Each argument is a demo output folder (its report.json): 5 envoys as separate processes
+over the bus, secure aggregation, the model chosen by federated validation AUC and the
+threshold by the configured operating-point method on the summed validation histograms;
+the test split is only scored. The wall time of each run comes from the demo's report.
+
+    .venv/bin/python benchmarks/accuracy/demo_seeds.py runs/acc_r20_s0 runs/acc_r20_s1 \\
+        runs/acc_r20_s2 --out benchmarks/accuracy/results/demo_seeds.json \\
+        --plot benchmarks/accuracy/results/demo_seeds.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from plot_seeds import TARGETS
+from summarize import seed_stats
+
+from broker.files import atomic_write_text
+
+METRICS = ("auc", "accuracy", "sensitivity", "specificity")
+
+
+def run_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one demo run that the seed table needs."""
+    final = report["final"]
+    test, val = final["test"], final["val"]
+    return {
+        "seed": report["seed"],
+        "rounds": report["rounds_requested"],
+        "seconds": report["seconds"],
+        "best_round": final["best_round"],
+        "operating_point": final["operating_point"],
+        "threshold": final["threshold"],
+        "test": {
+            **{k: test[k] for k in METRICS},
+            "sensitivity_ci": test.get("sensitivity_ci"),
+            "specificity_ci": test.get("specificity_ci"),
+            "confusion": test["confusion"],
+        },
+        "val": {k: val[k] for k in METRICS},
+    }
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "operating_point": sorted({r["operating_point"] for r in runs}),
+        "test": {k: seed_stats([r["test"][k] for r in runs]) for k in METRICS},
+        "val": {k: seed_stats([r["val"][k] for r in runs]) for k in METRICS},
+        "seconds": seed_stats([r["seconds"] for r in runs]),
+        "targets": {k: {"target": t, "floor": f} for k, (t, f) in TARGETS.items()},
+        "runs": runs,
+    }
+
+
+def plot(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.8))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        values = np.asarray(summary["test"][metric]["values"], float)
+        sd = values.std(ddof=1) if values.size > 1 else 0.0
+        ax.bar(0, values.mean(), yerr=sd, width=0.6, alpha=0.4, capsize=6)
+        ax.scatter(np.zeros(values.size), values, color="k", s=14, zorder=3)
+        for seed, v in zip(summary["seeds"], values, strict=True):
+            ax.annotate(f"s{seed}", (0.05, v), fontsize=7)
+        target, floor = TARGETS[metric]
+        ax.axhline(target, color="g", ls="--", lw=1, label=f"target {target}")
+        if floor:
+            ax.axhline(floor, color="r", ls=":", lw=1, label=f"floor {floor}")
+        ax.set_title(f"test {metric}: {values.mean():.3f} ± {sd:.3f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_xlim(-0.8, 0.8)
+        ax.set_ylim(max(0.0, min(values.min(), target) - 0.05), 1.0)
+        ax.legend(fontsize=7, loc="lower right")
+    rounds = sorted({r["rounds"] for r in summary["runs"]})
+    fig.suptitle(
+        f"fedbus demo, 5 envoys, SecAgg + CVB, {rounds} rounds, seeds {summary['seeds']}, "
+        f"threshold: {', '.join(summary['operating_point'])} on validation",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", help="demo output folders")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    runs = [run_summary(json.loads((d / "report.json").read_text())) for d in args.runs]
+    summary = summarize_runs(runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(summary, indent=1))
+    for k in METRICS:
+        s = summary["test"][k]
+        print(f"test {k}: {s['mean']:.4f} ± {s['sd']:.4f}  {s['values']}")
+    if args.plot:
+        plot(summary, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
