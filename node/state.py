@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.files import atomic_path, atomic_write_text
+from broker.files import atomic_path, atomic_write_text, private_dir
 from node.checkpoint import Checkpoint, load_checkpoint, make_checkpoint, save_checkpoint
 from node.status import ROUNDS_LOG, STATUS_FILE
 
@@ -119,7 +119,7 @@ class StateStore:
 
     def write_audit(self, round: int, unmasked_sum: np.ndarray, survivors: list[str]) -> None:
         """--audit: the unmasked sum of `round`, bit for bit, and whose inputs it holds."""
-        folder = self.state_dir / AUDIT_DIR
+        folder = private_dir(self.state_dir / AUDIT_DIR)
         with atomic_path(folder / f"round-{round}-sum.npy", mode=PRIVATE) as tmp:
             np.save(tmp, np.asarray(unmasked_sum, dtype=np.uint32))
         atomic_write_text(
