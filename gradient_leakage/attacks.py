@@ -62,9 +62,13 @@ __all__ = [
     "IDLG",
     "AdaptiveAttack",
     "AttackProgress",
+    "EOTAttack",
     "GradientAttack",
     "InvertingGradients",
+    "JointNoiseAttack",
+    "NoiseOracle",
     "Reconstruction",
+    "TwoStageAttack",
     "build_attack",
     "gradient_distance",
     "infer_labels",
@@ -75,6 +79,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 BottleneckMode = Literal["mean", "sample"]
+LabelMode = Literal["auto", "infer", "joint"]
 
 
 @dataclass(frozen=True)
@@ -194,14 +199,16 @@ def infer_labels(model: nn.Module, obs: Observation, image_shape: Sequence[int])
     so its sign is flipped first.
     """
     weight, bias = _output_layer(model)
-    if bias is not None and bias in obs.target:
-        g = obs.target[bias].detach().to(torch.float64).clone()
-    elif weight in obs.target:
-        g = obs.target[weight].detach().to(torch.float64).sum(dim=1)
-    else:
+    name = bias if bias is not None and bias in obs.target else weight
+    if name not in obs.target:
         raise ValueError(f"observation lacks the output layer ({weight}) needed to infer labels")
-    if obs.is_update:
+    g = obs.target[name].detach().to(torch.float64).clone()
+    if obs.program is not None:
+        g = obs.program.output_gradient(model, name, g)
+    elif obs.is_update:
         g = -g / (obs.lr * obs.local_steps)
+    if name == weight:
+        g = g.sum(dim=1)
     g = g / obs.envoys
     n = obs.num_images
     if n == 1:
@@ -277,7 +284,7 @@ class GradientAttack(ABC):
         if progress_every < 1:
             raise ValueError(f"progress_every={progress_every} must be >= 1")
         shape = (observation.num_images, *image_shape)
-        names = self.matched_parameters(model, image_shape)
+        names = matched_buffers(model, self.matched_parameters(model, image_shape), observation)
         missing = [n for n in names if n not in observation.target]
         if missing:
             raise ValueError(f"observation lacks parameters the attack matches: {missing[:3]}")
@@ -390,6 +397,25 @@ class GradientAttack(ABC):
             raise ValueError(f"init={kind!r}: expected randn, rand or zeros")
         self._clamp(x)
         return x.requires_grad_(True)
+
+
+def matched_buffers(model: nn.Module, names: Sequence[str], obs: Observation) -> list[str]:
+    """``names`` plus the observed running statistics of every normalisation layer whose
+    own parameters are among them (an update with batch-norm statistics in it: they are
+    matched alongside the layer's weights, never without them)."""
+    modules = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    buffers = [
+        n
+        for n, b in model.named_buffers()
+        if n in obs.target and b.is_floating_point() and n.rsplit(".", 1)[0] in modules
+    ]
+    return [*names, *buffers]
+
+
+def split_names(model: nn.Module, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(parameter names, buffer names) among ``names``."""
+    params = {n for n, _ in model.named_parameters()}
+    return [n for n in names if n in params], [n for n in names if n not in params]
 
 
 def _better(a: float, b: float) -> bool:
@@ -543,6 +569,9 @@ class InvertingGradients(GradientAttack):
         contrast: tuple[float, float] | None = None,
         parameters: Sequence[str] | None = None,
         smooth_relu: float | None = None,
+        label_mode: LabelMode = "auto",
+        buffer_weight: float = 1.0,
+        label_lr: float = 0.1,
     ) -> None:
         super().__init__(
             iterations=iterations,
@@ -564,6 +593,13 @@ class InvertingGradients(GradientAttack):
         self.init_kind = init
         self.parameters = list(parameters) if parameters is not None else None
         self.smooth_relu = smooth_relu
+        if label_mode not in ("auto", "infer", "joint"):
+            raise ValueError(f"label_mode={label_mode!r}: expected auto, infer or joint")
+        if buffer_weight < 0 or label_lr <= 0:
+            raise ValueError(f"buffer_weight={buffer_weight} must be >= 0, label_lr={label_lr} > 0")
+        self.label_mode: LabelMode = label_mode
+        self.buffer_weight = buffer_weight
+        self.label_lr = label_lr
 
     def _smoothed(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """The model as the optimisation differentiates through it."""
@@ -580,23 +616,29 @@ class InvertingGradients(GradientAttack):
         progress: ProgressFn | None,
         progress_every: int,
         victims: tuple[int, ...] | None = None,
+        extra: Sequence[tuple[torch.Tensor, float]] = (),
     ) -> None:
         """Signed Adam on ``x`` in place, stepped learning rate, through the smoothed model.
 
         ``objective`` gives one loss, or one per victim when ``victims`` says ``x`` holds
-        several (victim first); they never interact, so their sum is descended.
+        several (victim first); they never interact, so their sum is descended. ``extra``
+        are further unknowns (soft labels, noise), each with its own plain-Adam step size.
         """
-        optimizer = torch.optim.Adam([x], lr=self.lr)
+        groups = [{"params": [x], "lr": self.lr}] + [{"params": [v], "lr": lr} for v, lr in extra]
+        optimizer = torch.optim.Adam(groups)
         milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
         )
+        variables = [x, *(v for v, _ in extra)]
         with self._smoothed(model):
             for it in range(1, self.iterations + 1):
                 optimizer.zero_grad()
                 losses = objective(x)
-                (grad,) = torch.autograd.grad(losses.sum(), [x])
-                x.grad = grad.sign() if self.signed else grad
+                grads = torch.autograd.grad(losses.sum(), variables)
+                x.grad = grads[0].sign() if self.signed else grads[0]
+                for v, g in zip(variables[1:], grads[1:], strict=True):
+                    v.grad = g
                 optimizer.step()
                 scheduler.step()
                 self._clamp(x)
@@ -624,26 +666,72 @@ class InvertingGradients(GradientAttack):
             return list(self.parameters)
         return super().matched_parameters(model, image_shape)
 
+    def _distance(self, model: nn.Module, obs: Observation, sim: dict, names: Sequence[str]):
+        """Cosine distance of the parameters' updates, plus ``buffer_weight`` times that of
+        the running statistics (on their own scale) when they are matched."""
+        params, buffers = split_names(model, names)
+        loss = gradient_distance(sim, obs.target, params, "cosine")
+        if buffers and self.buffer_weight:
+            loss = loss + self.buffer_weight * gradient_distance(sim, obs.target, buffers, "cosine")
+        return loss
+
+    def _simulated_distance(self, model, obs, x, y, names) -> torch.Tensor:
+        """The match of the update ``x`` and ``y`` simulate to the observed one (subclasses
+        change how the bottleneck's noise enters)."""
+        return self._distance(model, obs, simulate(model, x, y, obs, names=names), names)
+
     def _objective(self, model, obs, x, y, names) -> torch.Tensor:
-        sim = simulate(model, x, y, obs, names=names)
-        loss = gradient_distance(sim, obs.target, names, "cosine")
+        loss = self._simulated_distance(model, obs, x, y, names)
         if self.tv_weight:
             loss = loss + self.tv_weight * total_variation(x)
         return loss
 
+    def _joint_labels(self, obs: Observation, labels: torch.Tensor | None) -> bool:
+        """Whether the labels are unknowns: asked for, or (``auto``) an envoy's recipe
+        update of several images, whose output layer does not give the label counts away
+        (class-balanced weights make the output bias's gradient the same for every split of
+        a batch with both classes)."""
+        if labels is not None:
+            return False
+        if self.label_mode == "auto":
+            return obs.program is not None and obs.images_per_envoy > 1
+        return self.label_mode == "joint"
+
+    def _extra_variables(
+        self, model: nn.Module, obs: Observation, x: torch.Tensor, y: torch.Tensor | None,
+        names: Sequence[str], generator: torch.Generator,
+    ) -> list[tuple[torch.Tensor, float]]:  # fmt: skip
+        """Unknowns besides the images (none here; the joint noise attack adds its noise)."""
+        del model, obs, x, y, names, generator
+        return []
+
     def _trial(self, model, obs, shape, names, labels, generator, trial, progress, progress_every):  # type: ignore[override]
-        y = labels if labels is not None else infer_labels(model, obs, shape[1:])
+        label_logits = None
+        if self._joint_labels(obs, labels):
+            label_logits = torch.zeros(shape[0], _num_classes(model), requires_grad=True)
+            y_fixed = None
+        else:
+            y_fixed = labels if labels is not None else infer_labels(model, obs, shape[1:])
         x = self._init(shape, self.init_kind, generator)
+
+        def current_labels() -> torch.Tensor:
+            return y_fixed if label_logits is None else F.softmax(label_logits, dim=-1)
+
+        extra = self._extra_variables(model, obs, x, y_fixed, names, generator)
+        if label_logits is not None:
+            extra = [*extra, (label_logits, self.label_lr)]
         self._descend(
             model,
             x,
-            lambda z: self._objective(model, obs, z, y, names),
+            lambda z: self._objective(model, obs, z, current_labels(), names),
             trial,
             progress,
             progress_every,
+            extra=extra,
         )
-        final = float(self._objective(model, obs, x, y, names).detach())
-        return Reconstruction(images=x.detach().clone(), labels=y.detach().clone(), loss=final)
+        final = float(self._objective(model, obs, x, current_labels(), names).detach())
+        used = current_labels() if label_logits is None else label_logits.detach().argmax(dim=-1)
+        return Reconstruction(images=x.detach().clone(), labels=used.detach().clone(), loss=final)
 
     def reconstruct_many(  # type: ignore[override]
         self,
@@ -770,7 +858,11 @@ class InvertingGradients(GradientAttack):
 
 
 def _same_protocol(observations: Sequence[Observation]) -> bool:
+    """Whether the victims' updates come from one simple protocol that ``vmap`` can batch
+    (a replayed program, e.g. the envoy's recipe, runs victim by victim)."""
     first = observations[0]
+    if any(o.program is not None for o in observations):
+        return False
     return all(
         (o.images_per_envoy, o.envoys, o.local_steps, o.lr, o.batch_size, o.kl_weight)
         == (
@@ -814,11 +906,306 @@ class AdaptiveAttack(InvertingGradients):
         return names
 
 
+class EOTAttack(InvertingGradients):
+    """Expectation over transformation (Athalye et al. 2018) over the bottleneck's noise:
+    every iteration matches the mean distance of ``samples`` updates simulated with fresh
+    noise draws, so the reconstruction fits what the noise does on average rather than one
+    draw (the mean path, IG's default, is one particular and untypical draw: eps = 0)."""
+
+    name = "eot"
+
+    def __init__(self, *, samples: int = 4, **config: object) -> None:
+        config.setdefault("bottleneck", "sample")
+        super().__init__(**config)  # type: ignore[arg-type]
+        if samples < 1:
+            raise ValueError(f"samples={samples} must be >= 1")
+        self.samples = samples
+
+    def _simulated_distance(self, model, obs, x, y, names) -> torch.Tensor:
+        draws = [
+            self._distance(model, obs, simulate(model, x, y, obs, names=names), names)
+            for _ in range(self.samples)
+        ]
+        return torch.stack(draws).mean()
+
+
+class NoiseOracle(InvertingGradients):
+    """Inverting Gradients handed the victims' own noise draws (``Observation.noise_seeds``).
+
+    Not an attack anyone can run while the noise comes from a CSPRNG the director cannot
+    predict: an upper bound that measures what the noise's secrecy is worth.
+    """
+
+    name = "oracle"
+
+    def __init__(self, **config: object) -> None:
+        config.setdefault("bottleneck", "sample")
+        super().__init__(**config)  # type: ignore[arg-type]
+
+    def _simulated_distance(self, model, obs, x, y, names) -> torch.Tensor:
+        sim = simulate(model, x, y, obs, names=names, oracle=True)
+        return self._distance(model, obs, sim, names)
+
+
+class _NoiseVariables:
+    """One free tensor per bottleneck draw of a simulation, handed out in draw order: the
+    attacker's guess of the victim's noise (``JointNoiseAttack``) or, via eps = (z - mu) /
+    sigma, of the latent itself (``TwoStageAttack``)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self._next = 0
+
+    def record(
+        self, make: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A noise source that creates a tensor per draw (from ``make(sigma)``)."""
+
+        def source(sigma: torch.Tensor) -> torch.Tensor:
+            t = make(sigma).detach().requires_grad_(True)
+            self.tensors.append(t)
+            return t
+
+        return source
+
+    def replay(self, transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        """A noise source handing out the tensors in order (``transform(tensor, sigma)``
+        turns each into eps)."""
+        self._next = 0
+
+        def source(sigma: torch.Tensor) -> torch.Tensor:
+            if self._next >= len(self.tensors):
+                raise RuntimeError("the simulation drew more noise than was recorded")
+            t = self.tensors[self._next]
+            self._next += 1
+            if t.shape != sigma.shape:
+                raise RuntimeError(
+                    f"noise of shape {tuple(t.shape)} for sigma {tuple(sigma.shape)}"
+                )
+            return t if transform is None else transform(t, sigma)
+
+        return source
+
+
+def _first_bottleneck(model: nn.Module) -> nn.Module:
+    found = bottleneck_modules(model)
+    if not found:
+        raise ValueError("the model has no variational bottleneck")
+    return found[0]
+
+
+class JointNoiseAttack(InvertingGradients):
+    """Inverting Gradients that also optimises the victim's noise: every bottleneck draw of
+    the simulated update is an unknown, started from N(0, 1) and held near it by a
+    Gaussian prior (``noise_weight`` times half the mean squared draw)."""
+
+    name = "joint"
+
+    def __init__(
+        self, *, noise_weight: float = 0.1, noise_lr: float = 0.01, **config: object
+    ) -> None:
+        config.setdefault("bottleneck", "sample")
+        super().__init__(**config)  # type: ignore[arg-type]
+        if noise_weight < 0 or noise_lr <= 0:
+            raise ValueError(f"noise_weight={noise_weight} must be >= 0, noise_lr={noise_lr} > 0")
+        self.noise_weight = noise_weight
+        self.noise_lr = noise_lr
+        self._noise: _NoiseVariables | None = None
+
+    def _extra_variables(self, model, obs, x, y, names, generator):  # type: ignore[override]
+        from gradient_leakage.bottleneck import noise_from
+
+        _first_bottleneck(model)
+        noise = _NoiseVariables()
+        labels = y if y is not None else torch.full((x.shape[0], _num_classes(model)), 0.5)
+        with noise_from(model, noise.record(lambda s: torch.randn(s.shape, generator=generator))):
+            simulate(model, x.detach(), labels, obs, names=names)
+        self._noise = noise
+        return [(t, self.noise_lr) for t in noise.tensors]
+
+    def _simulated_distance(self, model, obs, x, y, names) -> torch.Tensor:
+        from gradient_leakage.bottleneck import noise_from
+
+        assert self._noise is not None
+        with noise_from(model, self._noise.replay()):
+            sim = simulate(model, x, y, obs, names=names)
+        prior = torch.stack([t.pow(2).mean() for t in self._noise.tensors]).mean() / 2
+        return self._distance(model, obs, sim, names) + self.noise_weight * prior
+
+
+class TwoStageAttack(InvertingGradients):
+    """Latent first, then the image by a linear solve.
+
+    Stage 1 treats the bottleneck's sampled latent z (what every later layer sees) as the
+    unknown, with the noise folded in, and matches the updates of the bottleneck's decoder
+    and every later layer (which depend on the image only through z); signed Adam as in
+    Inverting Gradients. Stage 2 inverts the image from z: the latent's mean
+    mu = encoder(conv1(x)) is affine in x, so x is the boxed, total-variation-regularised
+    least-squares solution of mu(x) = z, which averages the noise over the latent channels.
+    """
+
+    name = "two-stage"
+
+    def __init__(
+        self, *, decode_iterations: int = 300, decode_lr: float = 0.05, decode_tv: float = 0.01,
+        **config: object,
+    ) -> None:  # fmt: skip
+        config.setdefault("bottleneck", "sample")
+        super().__init__(**config)  # type: ignore[arg-type]
+        if decode_iterations < 1 or decode_lr <= 0 or decode_tv < 0:
+            raise ValueError("decode_iterations >= 1, decode_lr > 0 and decode_tv >= 0 needed")
+        self.decode_iterations = decode_iterations
+        self.decode_lr = decode_lr
+        self.decode_tv = decode_tv
+
+    def matched_parameters(self, model: nn.Module, image_shape: Sequence[int]) -> list[str]:
+        if self.parameters is not None:
+            return super().matched_parameters(model, image_shape)
+        bottleneck = _first_bottleneck(model)
+        prefix = next(n for n, m in model.named_modules() if m is bottleneck)
+        before = set(parameters_before_bottleneck(model, torch.zeros(1, *image_shape)))
+        decoder = {
+            f"{prefix}.{n}" for n, _ in bottleneck.named_parameters() if n.startswith("decoder")
+        }
+        return [
+            n
+            for n, _ in model.named_parameters()
+            if n not in before and (not n.startswith(prefix + ".") or n in decoder)
+        ]
+
+    def _trial(self, model, obs, shape, names, labels, generator, trial, progress, progress_every):  # type: ignore[override]
+        from gradient_leakage.bottleneck import noise_from
+
+        bottleneck = _first_bottleneck(model)
+        x0 = self._init(shape, self.init_kind, generator).detach()
+        joint = self._joint_labels(obs, labels)
+        label_logits = (
+            torch.zeros(shape[0], _num_classes(model), requires_grad=True) if joint else None
+        )
+        y_fixed = (
+            None
+            if joint
+            else (labels if labels is not None else infer_labels(model, obs, shape[1:]))
+        )
+
+        def current_labels() -> torch.Tensor:
+            return y_fixed if label_logits is None else F.softmax(label_logits, dim=-1)
+
+        # Stage 1: one latent per bottleneck draw, started at a draw around the random
+        # image's mean path; eps = (z - mu) / sigma makes the draw exactly z.
+        latents = _NoiseVariables()
+
+        def start(sigma: torch.Tensor) -> torch.Tensor:
+            mu = bottleneck.last_mu.detach()
+            return mu + sigma.detach() * torch.randn(sigma.shape, generator=generator)
+
+        with noise_from(model, latents.record(start)):
+            simulate(model, x0, current_labels().detach(), obs, names=names)
+
+        def as_eps(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return (z - bottleneck.last_mu) / sigma
+
+        def objective() -> torch.Tensor:
+            with noise_from(model, latents.replay(as_eps)):
+                sim = simulate(model, x0, current_labels(), obs, names=names)
+            return self._distance(model, obs, sim, names)
+
+        variables = list(latents.tensors) + ([label_logits] if label_logits is not None else [])
+        groups = [{"params": list(latents.tensors), "lr": self.lr}]
+        if label_logits is not None:
+            groups.append({"params": [label_logits], "lr": self.label_lr})
+        optimizer = torch.optim.Adam(groups)
+        milestones = [int(self.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=milestones if self.lr_decay else [], gamma=0.1
+        )
+        loss = torch.zeros(())
+        with self._smoothed(model):
+            for it in range(1, self.iterations + 1):
+                optimizer.zero_grad()
+                loss = objective()
+                grads = torch.autograd.grad(loss, variables)
+                for v, g in zip(variables, grads, strict=True):
+                    v.grad = g.sign() if (self.signed and v is not label_logits) else g
+                optimizer.step()
+                scheduler.step()
+                if progress is not None and (it % progress_every == 0 or it == self.iterations):
+                    images = self._decode(model, latents.tensors, shape, x0, iterations=50)
+                    progress(
+                        AttackProgress(
+                            self.name, trial, self.restarts, it, self.iterations,
+                            float(loss.detach()), images,
+                        )
+                    )  # fmt: skip
+        images = self._decode(model, latents.tensors, shape, x0, iterations=self.decode_iterations)
+        used = current_labels() if label_logits is None else label_logits.detach().argmax(dim=-1)
+        return Reconstruction(
+            images=images, labels=used.detach().clone(), loss=float(objective().detach())
+        )
+
+    def _decode(
+        self, model: nn.Module, latents: Sequence[torch.Tensor], shape: tuple[int, ...],
+        x0: torch.Tensor, *, iterations: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """Stage 2: the boxed, TV-regularised least-squares image of each recovered latent
+        under the (affine) mean path of everything up to the bottleneck."""
+        z = torch.cat([t.detach() for t in latents])
+        if z.shape[0] != shape[0]:
+            raise ValueError(f"{z.shape[0]} latents for {shape[0]} images")
+        mean_path = _mean_path(model)
+        x = x0.clone().requires_grad_(True)
+        scale = z.pow(2).mean().clamp(min=1e-12)
+        optimizer = torch.optim.Adam([x], lr=self.decode_lr)
+        for _ in range(iterations):
+            optimizer.zero_grad()
+            loss = (mean_path(x) - z).pow(2).mean() / scale
+            if self.decode_tv:
+                loss = loss + self.decode_tv * total_variation(x)
+            loss.backward()
+            optimizer.step()
+            self._clamp(x)
+        return x.detach()
+
+
+def _mean_path(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the first bottleneck's mean mu(x), by running the model up to it."""
+    bottleneck = _first_bottleneck(model)
+
+    class _Stop(Exception):
+        pass
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            raise _Stop(
+                bottleneck.mu_encoder(args[0]) if hasattr(bottleneck, "mu_encoder") else None
+            )
+
+        handle = bottleneck.register_forward_pre_hook(hook)
+        try:
+            model(x)
+        except _Stop as stop:
+            (mu,) = stop.args
+            if mu is None:
+                raise ValueError(
+                    "two-stage decoding needs a convolutional bottleneck (CVB)"
+                ) from None
+            return mu
+        finally:
+            handle.remove()
+        raise RuntimeError("the forward pass never reached the bottleneck")
+
+    return run
+
+
 ATTACKS: dict[str, type[GradientAttack]] = {
     "dlg": DLG,
     "idlg": IDLG,
     "ig": InvertingGradients,
     "adaptive": AdaptiveAttack,
+    "eot": EOTAttack,
+    "joint": JointNoiseAttack,
+    "two-stage": TwoStageAttack,
+    "oracle": NoiseOracle,
 }
 
 

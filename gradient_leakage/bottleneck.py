@@ -30,6 +30,8 @@ deterministic. `sample_in_eval=True` restores the papers' always-sample behaviou
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,9 @@ _LN2 = math.log(2.0)
 # sigma is softplus(raw) with raw clipped to [-5, 5] (as the CVB reference does): keeps
 # sigma in [0.0067, 5.0067], so log(sigma) in the KL never sees 0 and sigma never explodes.
 _RAW_CLIP = 5.0
+
+# Draws the standard normal noise eps for a given sigma (same shape as sigma).
+NoiseSource = Callable[[Tensor], Tensor]
 
 
 def gaussian_kl_bits(mu: Tensor, sigma: Tensor) -> Tensor:
@@ -64,12 +69,27 @@ class Bottleneck(nn.Module):
         self.sample_in_eval = sample_in_eval
         self.last_mu: Tensor | None = None
         self.last_sigma: Tensor | None = None
+        # Where eps comes from: torch's global RNG unless an attack or a test replays a
+        # particular draw (see `noise_from`).
+        self.noise_source: NoiseSource | None = None
 
     def _sample(self, mu: Tensor, sigma: Tensor) -> Tensor:
         self.last_mu, self.last_sigma = mu, sigma
         if self.training or self.sample_in_eval:
-            return mu + sigma * torch.randn_like(sigma)
+            eps = torch.randn_like(sigma) if self.noise_source is None else self.noise_source(sigma)
+            return mu + sigma * eps
         return mu
+
+    def snr_db(self) -> float:
+        """Signal-to-noise ratio of the last forward in dB: the power of the mean path,
+        mean(mu^2), over the power of the noise it adds, mean(sigma^2). NaN before any
+        forward. How much of the latent the noise drowns: what an attacker who cannot know
+        eps faces, and what training may erode (a growing mu outruns a fixed sigma)."""
+        if self.last_mu is None or self.last_sigma is None:
+            return math.nan
+        signal = float(self.last_mu.detach().double().pow(2).mean())
+        noise = float(self.last_sigma.detach().double().pow(2).mean())
+        return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
     @staticmethod
     def _sigma(raw: Tensor) -> Tensor:
@@ -144,3 +164,24 @@ class ConvVariationalBottleneck(Bottleneck):
             raise ValueError(f"CVB expects (N, {self.channels}, H, W), got {tuple(x.shape)}")
         z = self._sample(self.mu_encoder(x), self._sigma(self.sigma_encoder(x)))
         return self.decoder(z)
+
+
+@contextmanager
+def noise_from(model: nn.Module, source: NoiseSource | None) -> Iterator[None]:
+    """Within the block every bottleneck of ``model`` draws eps from ``source`` (None: the
+    global RNG); each bottleneck's previous source is back on exit."""
+    modules = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    saved = [m.noise_source for m in modules]
+    try:
+        for m in modules:
+            m.noise_source = source
+        yield
+    finally:
+        for m, old in zip(modules, saved, strict=True):
+            m.noise_source = old
+
+
+def bottleneck_snr_db(model: nn.Module) -> float:
+    """The first bottleneck's SNR of its last forward (NaN without a bottleneck)."""
+    first = next((m for m in model.modules() if isinstance(m, Bottleneck)), None)
+    return math.nan if first is None else first.snr_db()

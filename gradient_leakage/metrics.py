@@ -17,15 +17,21 @@ import torch.nn.functional as F
 
 __all__ = [
     "baseline_psnr",
+    "binomial_tail",
     "chance_p_value",
+    "chance_rank_probability",
+    "distance_matrix",
     "identified",
     "identify",
     "label_accuracy",
     "match_reconstructions",
     "mse",
     "psnr",
+    "rank_of_truth",
     "ssim",
 ]
+
+METRICS = ("mse", "ncc")
 
 
 def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -214,10 +220,92 @@ def chance_p_value(identified: int, trials: int, candidates: int) -> float:
         raise ValueError(
             f"bad counts: identified={identified} trials={trials} candidates={candidates}"
         )
-    p = 1.0 / candidates
-    return float(
-        sum(
-            math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
-            for k in range(identified, trials + 1)
+    return binomial_tail(identified, trials, 1.0 / candidates)
+
+
+def _flat(x: torch.Tensor, name: str) -> torch.Tensor:
+    return _as_batch(x, name).flatten(1)
+
+
+def _pairwise(a: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N, M) distances between flattened rows: MSE, or 1 - normalised cross-correlation
+    (Pearson correlation of the pixels: blind to brightness and contrast)."""
+    if metric == "mse":
+        return (a.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1)[None] - 2 * a @ c.T).clamp_(
+            min=0
+        ) / a.shape[1]
+    if metric == "ncc":
+        a0 = a - a.mean(1, keepdim=True)
+        c0 = c - c.mean(1, keepdim=True)
+        a0 = a0 / a0.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        c0 = c0 / c0.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return 1.0 - a0 @ c0.T
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def distance_matrix(
+    reconstructions: torch.Tensor,
+    candidates: torch.Tensor,
+    metric: str = "mse",
+    *,
+    transforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, M) distance of each reconstruction to each candidate image, lower is nearer.
+
+    ``transforms`` (G, 2, 3) are affine sampling grids (``F.affine_grid``'s convention):
+    each candidate is then compared in every transformed pose and its nearest pose counts,
+    which registers a reconstruction of an augmented image (rotated, scaled, shifted,
+    flipped, as the envoy fed it) against the original candidates.
+    """
+    a = _flat(reconstructions, "reconstructions")
+    cands = _as_batch(candidates, "candidates")
+    if a.shape[1] != cands[0].numel():
+        raise ValueError(f"image size mismatch: {a.shape[1]} vs candidates {cands[0].numel()}")
+    if transforms is None:
+        return _pairwise(a, cands.flatten(1), metric)
+    best = torch.full((a.shape[0], cands.shape[0]), math.inf, dtype=a.dtype)
+    for theta in transforms.to(cands.dtype):
+        grid = F.affine_grid(
+            theta.expand(cands.shape[0], 2, 3), list(cands.shape), align_corners=False
         )
-    )
+        moved = F.grid_sample(
+            cands, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        best = torch.minimum(best, _pairwise(a, moved.flatten(1), metric))
+    return best
+
+
+def rank_of_truth(distances: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's true candidate: 1 + the candidates strictly nearer, so
+    pixel-identical duplicates of the truth tie with it (as :func:`identified` counts)."""
+    truth = torch.as_tensor(truth).long().flatten()
+    if truth.numel() != distances.shape[0]:
+        raise ValueError(f"truth: {truth.numel()} indices for {distances.shape[0]} rows")
+    own = distances[torch.arange(distances.shape[0]), truth]
+    return 1 + (distances < own[:, None]).sum(dim=1)
+
+
+def chance_rank_probability(k: int, candidates: int, tries: int = 1) -> float:
+    """P(rank <= k) for a victim by chance: the best of ``tries`` independent uniform ranks
+    among ``candidates`` (a victim scored by the best of its envoy's ``tries``
+    reconstructions gets that many chances)."""
+    if not 1 <= k <= candidates or tries < 1:
+        raise ValueError(f"bad k={k}, candidates={candidates}, tries={tries}")
+    return 1.0 - (1.0 - k / candidates) ** tries
+
+
+def binomial_tail(successes: int, trials: int, p: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p): the one-sided p-value of doing at least
+    this well by chance."""
+    if not 0 <= successes <= trials or not 0 <= p <= 1:
+        raise ValueError(f"bad counts: successes={successes} trials={trials} p={p}")
+    if successes == 0:
+        return 1.0
+
+    def pmf(k: int) -> float:
+        return math.comb(trials, k) * p**k * (1 - p) ** (trials - k)
+
+    # Sum the shorter side: the tail itself, or one minus the head.
+    if successes > trials / 2:
+        return float(sum(pmf(k) for k in range(successes, trials + 1)))
+    return float(max(0.0, 1.0 - sum(pmf(k) for k in range(successes))))

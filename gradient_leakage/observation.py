@@ -1,6 +1,8 @@
 """What a gradient-inversion attacker observes, and the simulation it matches against.
 
-Three threat settings, one code path:
+An :class:`Observation` either carries an :class:`UpdateProgram` (the caller's exact replay
+of how a victim made its update: ``node.attack.replay.EnvoyProgram`` replays the envoy's own
+local training) or describes one of three simple protocols this module simulates itself:
 
 * a single gradient (FedSGD, ``local_steps == 0``) of the mean cross-entropy over a batch;
 * a FedAvg update: the weight delta after ``local_steps`` SGD steps over the envoy's data
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from torch.func import functional_call, grad
 
 __all__ = [
     "Observation",
+    "UpdateProgram",
     "bottleneck_modules",
     "bottleneck_sampling",
     "observe",
@@ -36,6 +40,38 @@ __all__ = [
 ]
 
 Params = dict[str, torch.Tensor]
+
+
+class UpdateProgram(Protocol):
+    """A victim's way of turning its images into the update the attacker observes, replayable
+    on dummy images: ``envoys`` envoys, ``slots`` images fed by each (an image fed in several
+    epochs fills several slots)."""
+
+    @property
+    def envoys(self) -> int: ...
+
+    @property
+    def slots(self) -> int: ...
+
+    def __call__(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        names: Sequence[str],
+        create_graph: bool = True,
+        noise_seeds: Sequence[int] | None = None,
+    ) -> Params:
+        """The observed tensors ``names`` (parameters, and any buffers the observation
+        carries), differentiable in ``images``; ``noise_seeds`` replays the victims' exact
+        bottleneck noise (only the noise oracle has them)."""
+        ...
+
+    def output_gradient(self, model: nn.Module, name: str, observed: torch.Tensor) -> torch.Tensor:
+        """The loss gradient of output-layer parameter ``name``, summed over envoys, up to a
+        positive factor, from its observed change (label recovery)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -57,8 +93,18 @@ class Observation:
     batch_size: int | None = None
     kl_weight: float = 0.0
     meta: Mapping[str, object] = field(default_factory=dict)
+    program: UpdateProgram | None = None
+    # The victims' secret noise seeds (one per envoy): only the noise oracle reads them.
+    noise_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.program is not None and (
+            self.images_per_envoy != self.program.slots or self.envoys != self.program.envoys
+        ):
+            raise ValueError(
+                f"images_per_envoy={self.images_per_envoy}, envoys={self.envoys} do not fit "
+                f"the program ({self.program.slots} slots x {self.program.envoys} envoys)"
+            )
         if self.images_per_envoy < 1 or self.envoys < 1:
             raise ValueError(
                 f"images_per_envoy={self.images_per_envoy} and envoys={self.envoys} must be >= 1"
@@ -79,7 +125,25 @@ class Observation:
     @property
     def is_update(self) -> bool:
         """True for weight deltas, whose sign is opposite to the gradient's."""
-        return self.local_steps > 0
+        return self.local_steps > 0 or self.program is not None
+
+    @classmethod
+    def of_program(
+        cls,
+        program: UpdateProgram,
+        target: Mapping[str, torch.Tensor],
+        *,
+        noise_seeds: Sequence[int] | None = None,
+        meta: Mapping[str, object] | None = None,
+    ) -> Observation:
+        return cls(
+            target=target,
+            images_per_envoy=program.slots,
+            envoys=program.envoys,
+            program=program,
+            noise_seeds=tuple(noise_seeds) if noise_seeds is not None else None,
+            meta=dict(meta or {}),
+        )
 
 
 def bottleneck_modules(model: nn.Module) -> list[nn.Module]:
@@ -198,18 +262,43 @@ def simulate(
     *,
     names: Sequence[str] | None = None,
     create_graph: bool = True,
+    oracle: bool = False,
 ) -> Params:
     """The update ``images``/``labels`` would produce under ``obs``'s protocol.
 
     Differentiable in ``images`` (and in soft ``labels``) when ``create_graph`` is set, which is
     what the attacks optimise. Returns tensors only for ``names`` (default: every parameter),
     though the local steps always update every parameter. Buffers (batch-norm statistics) are
-    copied so the model is never modified.
+    copied so the model is never modified. ``oracle`` replays the victims' own noise draws
+    (``obs.noise_seeds``), which no realistic attacker has.
     """
     if images.shape[0] != obs.num_images:
         raise ValueError(f"images: {images.shape[0]} given, observation has {obs.num_images}")
+    if oracle and obs.noise_seeds is None:
+        raise ValueError("oracle: the observation does not carry the victims' noise seeds")
     all_names = [n for n, _ in model.named_parameters()]
     wanted = list(all_names if names is None else names)
+    if obs.program is not None:
+        return obs.program(
+            model,
+            images,
+            labels,
+            names=wanted,
+            create_graph=create_graph,
+            noise_seeds=obs.noise_seeds if oracle else None,
+        )
+    with _seeded(obs.noise_seeds[0] if oracle and obs.noise_seeds else None):
+        return _simulate_simple(model, images, labels, obs, wanted, create_graph)
+
+
+def _simulate_simple(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    obs: Observation,
+    wanted: Sequence[str],
+    create_graph: bool,
+) -> Params:
     params0: Params = {n: p.detach() for n, p in model.named_parameters()}
     buffers: Params = {n: b.detach().clone() for n, b in model.named_buffers()}
     total: Params = {}
@@ -348,6 +437,7 @@ def observe(
         lr=lr,
         batch_size=batch_size,
         kl_weight=kl_weight,
+        noise_seeds=None if generator_seed is None else (generator_seed,),
     )
 
 

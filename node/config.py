@@ -284,6 +284,48 @@ ReservedFree = Annotated[
 ]
 
 
+class PrivacySettings(_Section, frozen=True, kw_only=True):
+    """Record-level differential privacy of this envoy's training (DP-SGD with a privacy
+    accountant, node.training.privacy): each round's update is (epsilon, delta)-DP with
+    respect to any one of this envoy's training records, epsilon composed over the rounds.
+
+    `noise_multiplier` is sigma (noise std over the clip norm `max_grad_norm`);
+    `sample_rate` the Poisson sampling rate (unset: batch_size over the record count);
+    `class_weights` public per-class loss weights (unset: all 1: the usual balanced weights
+    come from the envoy's own label counts, a statistic of the records). `max_epsilon`:
+    the envoy refuses to train a round that would spend beyond it. `sample_weight` is the
+    FedAvg weight the envoy reports instead of its record count (a statistic of the
+    records, which the add/remove-one guarantee does not cover): a public number, such as
+    a size the hospital agrees to publish; unset, every DP envoy weighs 1.
+
+    `mode = "distributed"` weakens what protects one envoy's update on its own: each envoy
+    adds only a 1/honest_envoys share of the noise variance, so the guarantee holds for the
+    secure aggregate of at least `honest_envoys` honest envoys (SecAgg), not for an update
+    seen in the clear (node.training.privacy states the trust assumption); it is therefore
+    only accepted with `honest_envoys` given explicitly.
+    """
+
+    noise_multiplier: PosFloat
+    max_grad_norm: PosFloat = 1.0
+    sample_rate: Fraction | None = None
+    delta: Annotated[float, msgspec.Meta(gt=0, le=1e-3)] = 1e-5
+    accountant: Literal["rdp", "prv"] = "rdp"
+    mode: Literal["local", "distributed"] = "local"
+    honest_envoys: PosInt | None = None
+    class_weights: list[PosFloat] | None = None
+    max_epsilon: PosFloat | None = None
+    sample_weight: PosInt = 1
+
+    def __post_init__(self) -> None:
+        if self.mode == "distributed" and self.honest_envoys is None:
+            raise ValueError(
+                "mode 'distributed' needs honest_envoys: the number of honest envoys whose "
+                "secure aggregate carries the full noise"
+            )
+        if self.mode == "local" and self.honest_envoys not in (None, 1):
+            raise ValueError("honest_envoys only applies to mode 'distributed'")
+
+
 class EnvoyTraining(_Section, frozen=True, kw_only=True):
     """How this envoy trains and evaluates (the director's [train] says what, per round)."""
 
@@ -296,6 +338,15 @@ class EnvoyTraining(_Section, frozen=True, kw_only=True):
     options: Options = {}
     # Worker processes that read a streamed data set (a [data] loader's) ahead of training.
     workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    # Record-level differential privacy (DP-SGD); unset: ordinary training.
+    privacy: PrivacySettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.privacy is not None and self.trainer is not None:
+            raise ValueError(
+                "privacy is implemented by the bundled trainer; a custom train.trainer "
+                "must make its own training private (drop [train.privacy])"
+            )
 
 
 class EnvoyConfig(_Section, frozen=True, kw_only=True):
@@ -332,6 +383,13 @@ class EnvoyConfig(_Section, frozen=True, kw_only=True):
                 "policy.insecure_reproducible_seeds: refused with the bus at "
                 f"{self.bus_url} (fixed seeds let the director regenerate the bottleneck's "
                 "noise); only a bus on a loopback address (tests, demos) may use them"
+            )
+        bundled = self.model.factory is None
+        if self.train.privacy is not None and bundled and self.model.norm in (None, "batch"):
+            raise ValueError(
+                "train.privacy needs model.norm 'group' or 'none' (here and in the "
+                "director's [model]): batch norm mixes the records of a batch and its "
+                "running statistics leave the envoy without noise"
             )
 
 

@@ -422,6 +422,16 @@ class Envoy:
     async def _train(
         self, round: int, weights: dict[str, np.ndarray], rs: RoundStart
     ) -> LocalUpdate | None:
+        privacy = self.cfg.train.privacy
+        if privacy is not None and privacy.mode == "distributed" and rs.secagg is None:
+            # Its share of the noise only protects an envoy inside a secure aggregate of
+            # enough honest envoys; sent in the clear, the update would be far from private.
+            self.log.error(
+                "training_refused",
+                reason="train.privacy mode 'distributed' needs secure aggregation, and this "
+                "round is plain (insecure_plain_aggregation)",
+            )
+            return None
         t0 = time.monotonic()
         try:
             new, num_samples, loss = await asyncio.to_thread(

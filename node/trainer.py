@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from node.config import EnvoyConfig, ModelConfig
+from node.config import EnvoyConfig, ModelConfig, PrivacySettings
 from node.entrypoints import EntryPointError, load_entry_point
 from node.localdata import LocalData, check_local_data, load_local_data
 from protocol.messages import ModelSummary, TrainPlan
@@ -81,6 +82,10 @@ class TrainerContext:
     options: Mapping[str, Any] = field(default_factory=dict)  # [train.options]
     workers: int = 0  # [train] workers: processes reading a streamed dataset ahead
     node_id: str = ""
+    # [train.privacy]: the bundled trainer trains with DP-SGD and keeps its privacy ledger
+    # in state_dir (node.training.privacy).
+    privacy: PrivacySettings | None = None
+    state_dir: Path | None = None
 
     def build_model(self) -> torch.nn.Module:
         """A new instance of the federation's model (the configured factory), on `device`."""
@@ -114,6 +119,9 @@ class TorchTrainer:
     def __init__(self, context: TrainerContext) -> None:
         self.context = context
         self.model = context.build_model()
+        self.privacy: PrivateTraining | None = None
+        if context.privacy is not None:
+            self.privacy = PrivateTraining(context, self.model)
 
     def train(
         self, weights: Mapping[str, np.ndarray], plan: TrainPlan, *, seed: int
@@ -122,8 +130,15 @@ class TorchTrainer:
 
         ctx = self.context
         ctx.set_weights(self.model, weights)
-        res = train_local(self.model, ctx.train_data, None, plan, seed=seed, workers=ctx.workers)
-        return ctx.get_weights(self.model), int(res.num_samples), float(res.loss)
+        if self.privacy is not None:
+            result = self.privacy.train(plan, seed=seed)
+        else:
+            res = train_local(
+                self.model, ctx.train_data, None, plan, seed=seed, workers=ctx.workers
+            )
+            result = (ctx.get_weights(self.model), int(res.num_samples), float(res.loss))
+        log_bottleneck_snr(self.model)
+        return result
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> Predictions:
         import torch
@@ -145,6 +160,98 @@ class TorchTrainer:
         return Predictions(probabilities, np.asarray(labels, np.int64), loss_sum)
 
 
+def log_bottleneck_snr(model: torch.nn.Module) -> float:
+    """Log (and return) the bottleneck's signal-to-noise ratio in dB over the round's last
+    training batch: how much of the latent its noise still drowns. Training can erode it
+    (a growing mean outruns a fixed noise), so it is watched every round; NaN (not logged)
+    for a model without a bottleneck."""
+    import math
+
+    import structlog
+
+    from gradient_leakage.bottleneck import bottleneck_snr_db
+
+    snr = bottleneck_snr_db(model)
+    if not math.isnan(snr):
+        structlog.get_logger().info("bottleneck_snr", snr_db=round(snr, 3))
+    return snr
+
+
+class PrivateTraining:
+    """The bundled recipe under record-level DP ([train.privacy]): DP-SGD through
+    ``train_local(privacy=...)``, every round's spend composed in the envoy's privacy
+    ledger (state_dir/privacy.json) and logged with its epsilon.
+
+    The DP noise is drawn from a generator seeded from the OS CSPRNG each round
+    (node.training.seeds.secret_seed): the guarantee needs it unpredictable to the director
+    and to every other party, so it never derives from the envoy's configured seed, not
+    even under `[policy] insecure_reproducible_seeds`. What leaves the envoy besides the
+    noised weights is kept free of the records too: the sample count sent is the configured
+    public `sample_weight`, not the record count, and the training loss sent is NaN (a loss
+    over the private records is not covered by the noise).
+    """
+
+    def __init__(self, context: TrainerContext, model: torch.nn.Module) -> None:
+        from node.training.batches import ArrayDataset
+        from node.training.privacy import LEDGER_NAME, DPConfig, PrivacyLedger, check_model
+
+        settings = context.privacy
+        assert settings is not None
+        if not isinstance(context.train_data, ArrayDataset):
+            raise EntryPointError(
+                "train.privacy needs the training records in memory (a bundled [data] "
+                "source), not a streamed data set"
+            )
+        check_model(model)
+        self.context, self.model, self.records = context, model, context.train_data
+        weights = settings.class_weights
+        self.dp = DPConfig(
+            noise_multiplier=settings.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            sample_rate=settings.sample_rate,
+            delta=settings.delta,
+            accountant=settings.accountant,
+            mode=settings.mode,
+            honest_envoys=settings.honest_envoys or 1,
+            class_weights=tuple(weights) if weights is not None else None,
+        )
+        self.sample_weight = settings.sample_weight
+        path = context.state_dir / LEDGER_NAME if context.state_dir is not None else None
+        self.ledger = PrivacyLedger(self.dp, path, max_epsilon=settings.max_epsilon)
+
+    def train(self, plan: TrainPlan, *, seed: int) -> tuple[dict[str, np.ndarray], int, float]:
+        import structlog
+        import torch
+
+        from node.training.seeds import secret_seed
+        from node.training.train import model_device, train_local
+
+        self.ledger.check(len(self.records), plan)
+        device = model_device(self.model)
+        noise = torch.Generator(device).manual_seed(secret_seed())
+        res = train_local(
+            self.model, self.records.images, self.records.labels, plan, seed=seed,
+            privacy=self.dp, noise=noise,
+        )  # fmt: skip
+        spend = getattr(res, "spend", None)
+        assert spend is not None
+        # The envoy binds the round it trains for (node.logs.set_round); the worker thread
+        # it trains in runs in a copy of its context.
+        round_ = structlog.contextvars.get_contextvars().get("round")
+        entry = self.ledger.record(spend, round=round_)
+        structlog.get_logger().info(
+            "privacy_spent",
+            epsilon=round(entry["epsilon"], 4),
+            own_epsilon=round(entry["own_epsilon"], 4),
+            delta=entry["delta"],
+            accountant=entry["accountant"],
+            mode=entry["mode"],
+            steps=entry["steps"],
+            clipped_fraction=round(getattr(res, "clipped_fraction", 0.0), 3),
+        )
+        return self.context.get_weights(self.model), self.sample_weight, float("nan")
+
+
 def make_trainer(
     cfg: EnvoyConfig, *, data: LocalData | None = None
 ) -> tuple[Trainer, ModelSummary]:
@@ -153,7 +260,7 @@ def make_trainer(
     Loads the data (unless given), resolves the device, builds the configured model once to
     check it against the data and `[model]`, and constructs the trainer. Every problem is a
     FedbusError with exit code CONFIG naming the field (EntryPointError, DataMismatch,
-    DeviceUnavailable), before the envoy joins the federation.
+    DeviceUnavailable, PrivacyError), before the envoy joins the federation.
     """
     import torch
 
@@ -168,6 +275,10 @@ def make_trainer(
     check_local_data(local, cfg.model)
     probe = build_configured_model(cfg.model)
     check_model(probe, cfg.model)
+    if cfg.train.privacy is not None:
+        from node.training.privacy import check_model as check_private
+
+        check_private(probe)  # a factory's model: batch norm is refused here (PrivacyError)
     summary = model_summary(cfg.model, get_weights(probe))
     del probe
     context = TrainerContext(
@@ -178,6 +289,8 @@ def make_trainer(
         options=dict(cfg.train.options),
         workers=cfg.train.workers,
         node_id=cfg.node_id,
+        privacy=cfg.train.privacy,
+        state_dir=Path(cfg.state_dir),
     )
     if cfg.train.trainer is None:
         if cfg.train.options:

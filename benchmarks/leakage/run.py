@@ -1,19 +1,20 @@
-"""Leakage table: every attack x every defence, on the untrained and on a trained model.
+"""The leakage table: attack x threat x defence x {round 1, trained}, on the deployed model.
 
-For each defence (none, cvb, precode) the model is built with the same seed. The "trained"
-state is the best model of a federated run (`--trained-from DEFENSE=RUN_DIR`, a `fedbus
-demo` output such as benchmarks/leakage/federated_accuracy.py writes), or, for a defence
-without one, a short centralised training with the envoys' own `train_local` on the
-PneumoniaMNIST train split, scored on the test split at the threshold chosen on validation.
-Each attack (ig, dlg, idlg, adaptive) then attacks the same victims (16 test images,
-fixed seed) through `node.attack.run`, exactly what `fedbus attack` does.
+Every cell is one `fedbus attack` run (``node.attack.run``) on the same victims (``--images``
+reported victims of the PneumoniaMNIST test split, seed ``--seed``), with the deployed
+recipe of ``configs/director.toml``: its model (batch norm) with the cell's defence, its
+KL weight, its training plan for the attacked round. "round1" attacks the public initial
+weights; "trained" a federated checkpoint (``--trained-from DEFENCE=WEIGHTS``: a director
+state folder or an .npz, e.g. benchmarks/leakage/federation.py's ``--save-weights``
+output, with ``--trained-round``). The stress test (``stress`` rows: one image's gradient
+on the untrained group-norm sibling, no defence) shows that the attack works where the
+literature says it does.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py \\
-        --ig-iterations 100 --lbfgs-steps 5 --epochs 1 \\
-        --out benchmarks/leakage/results/leakage.json
+Cells are written to the JSON as they finish and a rerun skips the cells already there,
+so a cut run resumes. ``--render`` redraws the figure and prints the Markdown table.
 
-Writes the JSON (every summary plus the accuracy / AUC per defence), a PNG figure next to
-it, and prints a markdown table.
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py --plan core \\
+        --out benchmarks/leakage/results/deployed.json
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,81 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from node.attack import SMOOTH_RELU, AttackConfig, run  # noqa: E402
-from node.training.data import load_pneumoniamnist  # noqa: E402
-from node.training.metrics import (  # noqa: E402
-    binary_metrics,
-    metrics_from_histograms,
-    score_histograms,
-)
-from node.training.model import build_model  # noqa: E402
-from node.training.train import predict_scores, train_local  # noqa: E402
-from node.training.weights import get_weights  # noqa: E402
-from protocol.messages import TrainPlan  # noqa: E402
+from node.attack import AttackConfig, run  # noqa: E402
 
-DEFENSES = ("none", "cvb", "precode")
-ATTACKS = ("ig", "adaptive", "dlg", "idlg")
+
+@dataclass(frozen=True)
+class Cell:
+    state: str  # round1 | trained | stress
+    threat: str
+    defense: str
+    attack: str
+    iterations: int
+    options: dict[str, Any] = field(default_factory=dict)  # AttackConfig fields and extras
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.state}/{self.threat}/{self.defense}/{self.attack}" + (
+            f"/{extra}" if extra else ""
+        )
+
+
+# Iteration counts per cell. Victim envoys hold ENVOY_IMAGES images each (one local step at
+# batch 8): on the deployed batch-norm model an envoy's batch is attacked as one (no
+# batching across envoys), about 0.1 CPU-s per iteration for 8 images, so a 48-victim cell
+# at 500 iterations is about 300-600 CPU-s on a quiet core; the stress test batches its
+# single-image victims (about 23 ms per victim and iteration).
+ENVOY_IMAGES = 8
+# The noise multiplier of a typical envoy of the epsilon-3 federation (940 records, 128
+# expected per step, 7 steps a round, 20 rounds, delta 1e-5: node.training.privacy's
+# calibrate_noise gives 2.69); the IG row under DP attacks an envoy training with it.
+SIGMA_EPSILON_3 = 2.69
+IG_ITERS = 500
+# Cells whose reconstruction GIF is kept (the default command's cell, its control, the oracle).
+HEADLINE = ("round1/update/cvb/ig", "round1/update/none/ig", "round1/update/cvb/oracle")
+EOT_SAMPLES = 2
+
+
+def plan(name: str, trained: bool) -> list[Cell]:
+    """The cells of a table. ``core``: what decides the targets; ``full``: every attack x
+    threat x defence x state that fits 2 cores in about 2 hours (14,400 CPU-s)."""
+    stress = [Cell("stress", "gradient", "none", "ig", 1000, {"norm": "group"}, "stress test")]
+    states = ["round1", *(["trained"] if trained else [])]
+    core = []
+    for state in states:
+        core += [
+            Cell(state, "update", "none", "ig", IG_ITERS, label="control: no defence"),
+            Cell(state, "update", "cvb", "ig", IG_ITERS),
+            Cell(state, "update", "cvb", "oracle", IG_ITERS, label="upper bound: noise known"),
+        ]
+    if name == "core":
+        return stress + core
+    if name != "full":
+        raise SystemExit(f"--plan must be core or full, got {name!r}")
+    full = list(core)
+    for state in states:
+        full += [
+            Cell(state, "update", "cvb", "ig", IG_ITERS, {"smooth_relu": 0.0}, "exact ReLU"),
+            Cell(state, "update", "cvb", "adaptive", IG_ITERS),
+            Cell(state, "update", "cvb", "eot", IG_ITERS // EOT_SAMPLES, {"samples": EOT_SAMPLES}),
+            Cell(state, "update", "cvb", "joint", IG_ITERS),
+            Cell(state, "update", "cvb", "two-stage", IG_ITERS),
+            Cell(state, "update+bn", "none", "ig", IG_ITERS),
+            Cell(state, "update+bn", "cvb", "ig", IG_ITERS),
+            Cell(state, "aggregate", "none", "ig", IG_ITERS, {"envoys": 3}),
+            Cell(state, "aggregate", "cvb", "ig", IG_ITERS, {"envoys": 3}),
+        ]
+    # Under DP (group norm: DP refuses batch norm), beside the same model without DP.
+    full += [
+        Cell("round1", "update", "cvb", "ig", IG_ITERS, {"norm": "group"}, "group norm, no DP"),
+        Cell(
+            "round1", "update", "cvb", "ig", IG_ITERS,
+            {"norm": "group", "dp_noise": SIGMA_EPSILON_3}, "DP-SGD at epsilon 3",
+        ),
+    ]  # fmt: skip
+    return stress + full
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,67 +117,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--data", default=os.environ.get("FEDBUS_DATA", str(ROOT.parent / "shared/data"))
     )
-    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--config", default=None, help="director config (default configs/director.toml)")
+    p.add_argument("--images", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ig-iterations", type=int, default=100, help="IG / adaptive iterations")
-    p.add_argument("--lbfgs-steps", type=int, default=5, help="DLG / iDLG L-BFGS steps")
-    p.add_argument("--epochs", type=int, default=1, help="centralised training epochs")
-    p.add_argument("--kl-beta", type=float, default=0.01)
-    p.add_argument("--defenses", default=",".join(DEFENSES))
-    p.add_argument("--attacks", default=",".join(ATTACKS))
-    p.add_argument("--states", default="untrained,trained")
-    p.add_argument("--norm", choices=("batch", "group", "none"), default="group")
+    p.add_argument("--plan", default="core", help="core | full")
     p.add_argument(
         "--trained-from",
         action="append",
         default=[],
-        metavar="DEFENSE=RUN_DIR",
-        help="the trained state of DEFENSE: the best model of this federated run",
+        metavar="DEFENSE=WEIGHTS",
+        help="the trained state of DEFENSE: a director state folder or an .npz",
     )
-    p.add_argument("--workers", type=int, default=1, help="attack processes per row")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--trained-round", type=int, default=None, help="the round those weights start")
+    p.add_argument("--only", default=None, help="comma list of substrings: run matching cells")
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument(
-        "--render", action="store_true", help="only redraw the figure and table from --out"
+        "--cells",
+        type=Path,
+        default=None,
+        help="folder for each cell's grid.png (and results.json; the GIF of the headline "
+        "cells); default: cells/ beside --out",
     )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--render", action="store_true", help="only redraw the figure and table")
     return p.parse_args(argv)
 
 
-def train(defense: str, args: argparse.Namespace, ds: Any) -> tuple[dict[str, np.ndarray], dict]:
-    """Short centralised training with the envoy's recipe; test metrics at the val threshold."""
-    model = build_model("cnn", defense, seed=args.seed, norm=args.norm)
-    plan = TrainPlan(
-        local_epochs=args.epochs, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4,
-        kl_beta=args.kl_beta,
-    )  # fmt: skip
-    started = time.monotonic()
-    train_local(model, ds.train.images, ds.train.labels, plan, seed=args.seed)
-    val = predict_scores(model, ds.val.images)
-    neg, pos = score_histograms(val, ds.val.labels, 100)
-    threshold = float(metrics_from_histograms(neg, pos)["threshold"])
-    test = binary_metrics(predict_scores(model, ds.test.images), ds.test.labels, threshold)
-    metrics = {
-        "test_accuracy": float(test["accuracy"]),
-        "test_auc": float(test["auc"]),
-        "threshold_from_val": threshold,
-        "train_seconds": time.monotonic() - started,
-        "recipe": f"centralised, {args.epochs} epoch(s), SGD lr 0.05 momentum 0.9, batch 32, "
-        f"kl_beta {args.kl_beta}, augmentation on",
-    }
-    return get_weights(model), metrics
+def config_of(
+    cell: Cell, args: argparse.Namespace, trained: dict[str, str], out: str
+) -> AttackConfig:
+    options = dict(cell.options)
+    fields = {k: options.pop(k) for k in list(options) if k in AttackConfig.__dataclass_fields__}
+    return AttackConfig(
+        attack=cell.attack,
+        threat=cell.threat,
+        defense=cell.defense,
+        images=args.images,
+        envoy_images=ENVOY_IMAGES,
+        seed=args.seed,
+        data=args.data,
+        config=args.config,
+        iterations=cell.iterations,
+        trained=trained[cell.defense] if cell.state == "trained" else None,
+        round=args.trained_round if cell.state == "trained" else None,
+        workers=args.workers,
+        out=out,
+        quiet=True,
+        extra=options,
+        **fields,
+    )
 
 
-def federated_metrics(run_dir: Path) -> dict[str, Any]:
-    """Test metrics of a `fedbus demo` run (its best round, threshold from validation)."""
-    report = json.loads((run_dir / "report.json").read_text())
-    final = report["final"]
-    return {
-        "test_accuracy": float(final["test"]["accuracy"]),
-        "test_auc": float(final["test"]["auc"]),
-        "threshold_from_val": float(final["threshold"]),
-        "train_seconds": float(report["seconds"]),
-        "recipe": f"federated: fedbus demo, {report['envoys']} envoys, "
-        f"{report['rounds_requested']} rounds, best round {final['best_round']} ({run_dir})",
-    }
+def shrink_animation(
+    src: Path,
+    dst: Path,
+    *,
+    images: int,
+    every: int = 2,
+    size: int = 28,
+    scale: int = 4,
+    gap: int = 2,
+) -> None:
+    """The first ``images`` columns (the first victim envoy) of an attack's GIF, every
+    ``every``-th frame and the last: a committable animation of one envoy's victims. The
+    geometry is ``gradient_leakage.figures.tile``'s: tiles of ``size`` px, ``gap`` px apart,
+    upscaled ``scale`` times."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(src) as gif:
+        frames = [f.convert("L") for f in ImageSequence.Iterator(gif)]
+        duration = gif.info.get("duration", 120)
+    width, height = frames[0].size
+    crop = min(width, scale * (images * (size + gap) - gap))
+    kept = frames[::every] + ([frames[-1]] if (len(frames) - 1) % every else [])
+    out = [f.crop((0, 0, crop, height)) for f in kept]
+    tmp = dst.with_name(f".{dst.name}.tmp.gif")
+    out[0].save(tmp, save_all=True, append_images=out[1:], duration=duration, loop=0)
+    os.replace(tmp, dst)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| state | threat | defence | attack | iters | PSNR (dB) | baseline | SSIM | top-1 MSE / NCC | top-5 MSE / NCC | median rank MSE / NCC (chance) | at chance | labels | SNR (dB) | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        s = r["summary"]
+        n = s["images"]
+        name = r["attack"] + (f" ({r['label']})" if r.get("label") else "")
+        snr = s.get("bottleneck_snr_db")
+        lines.append(
+            f"| {r['state']} | {r['threat']} | {r['defense']} | {name} | {s['iterations']} | "
+            f"{s['psnr']:.2f} | {s['baseline_psnr']:.2f} | {s['ssim']:.3f} | "
+            f"{s['top1_mse_count']}/{n} / {s['top1_ncc_count']}/{n} | "
+            f"{s['top5_mse_count']}/{n} / {s['top5_ncc_count']}/{n} | "
+            f"{s['median_rank_mse']:.0f} / {s['median_rank_ncc']:.0f} ({s['median_rank_chance']:.0f}) | "
+            f"{'yes' if s['at_chance'] else '**no**'} | {100 * s['label_accuracy']:.0f}% | "
+            f"{'' if snr is None or snr != snr else f'{snr:.1f}'} | {s.get('cpu_seconds', 0):.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def figure(results: list[dict[str, Any]], path: Path) -> None:
@@ -124,32 +224,30 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    states = sorted({r["state"] for r in results}, key=lambda s: s != "untrained")
-    fig, axes = plt.subplots(1, len(states), figsize=(6 * len(states), 3.6), squeeze=False)
-    for ax, state in zip(axes[0], states, strict=True):
-        rows = [r for r in results if r["state"] == state]
-        attacks = list(dict.fromkeys(r["attack"] for r in rows))
-        defenses = list(dict.fromkeys(r["defense"] for r in rows))
-        width = 0.8 / len(defenses)
-        for j, d in enumerate(defenses):
-            vals = [
-                next(r["summary"]["psnr"] for r in rows if r["attack"] == a and r["defense"] == d)
-                for a in attacks
-            ]
-            xs = np.arange(len(attacks)) + j * width
-            bars = ax.bar(xs, vals, width, label=f"defence {d}")
-            for b, a in zip(bars, attacks, strict=True):
-                s = next(r["summary"] for r in rows if r["attack"] == a and r["defense"] == d)
-                ax.annotate(
-                    f"{s['identified_count']}/{s['images']}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=6,
-                )  # fmt: skip
-        base = float(np.mean([r["summary"]["baseline_psnr"] for r in rows]))
-        ax.axhline(base, color="k", ls="--", lw=1, label=f"dataset-mean baseline {base:.1f} dB")
-        ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
-        ax.set_ylabel("mean PSNR (dB); label: identified")
-        ax.set_title(f"{state} model")
-        ax.legend(fontsize=6)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(results)), 4))
+    xs = np.arange(len(results))
+    psnrs = [r["summary"]["psnr"] for r in results]
+    bases = [r["summary"]["baseline_psnr"] for r in results]
+    colors = ["tab:red" if not r["summary"]["at_chance"] else "tab:blue" for r in results]
+    ax.bar(xs, psnrs, color=colors)
+    ax.plot(xs, bases, "k_", markersize=14, label="dataset-mean baseline")
+    for x, r in zip(xs, results, strict=True):
+        s = r["summary"]
+        ax.annotate(
+            f"{s['top1_mse_count']}/{s['images']}",
+            (x, s["psnr"]),
+            ha="center",
+            va="bottom",
+            fontsize=6,
+        )
+    ax.set_xticks(
+        xs,
+        [f"{r['state']}\n{r['threat']}\n{r['defense']}\n{r['attack']}" for r in results],
+        fontsize=5,
+    )
+    ax.set_ylabel("mean PSNR (dB); label: top-1 identified")
+    ax.set_title("red: identification above chance")
+    ax.legend(fontsize=6)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=130)
@@ -157,28 +255,9 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        "| model | attack | defence | mean PSNR (dB) | SSIM | identified | chance p | baseline (dB) | labels |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        s = r["summary"]
-        lines.append(
-            f"| {r['state']} | {r['attack']} | {r['defense']} | {s['psnr']:.2f} | {s['ssim']:.3f} | "
-            f"{s['identified_count']}/{s['images']} | {s['chance_p_value']:.3g} | "
-            f"{s['baseline_psnr']:.2f} | {100 * s['label_accuracy']:.0f}% |"
-        )
-    if report.get("accuracy"):
-        lines += ["", "| defence | test accuracy | test AUC | recipe |", "|---|---|---|---|"]
-        for d, m in report["accuracy"].items():
-            lines.append(
-                f"| {d} | {m['test_accuracy']:.3f} | {m['test_auc']:.3f} | {m['recipe']} |"
-            )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from broker.files import atomic_write_text
+
     args = parse_args(argv)
     if args.render:
         report = json.loads(args.out.read_text())
@@ -186,105 +265,67 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(report))
         return 0
     torch.set_num_threads(1)
-    defenses = args.defenses.split(",")
-    attacks = args.attacks.split(",")
-    states = args.states.split(",")
-    ds = load_pneumoniamnist(args.data)
+    trained = dict(item.split("=", 1) for item in args.trained_from)
+    cells = plan(args.plan, trained=bool(trained))
+    if args.only:
+        wanted = args.only.split(",")
+        cells = [c for c in cells if any(w in c.key for w in wanted)]
+    missing = {c.defense for c in cells if c.state == "trained"} - set(trained)
+    if missing:
+        raise SystemExit(f"trained cells need --trained-from for {sorted(missing)}")
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {"results": []}
+    done = {r["key"] for r in report["results"]}
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    accuracy: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights_of: dict[str, str | None] = {}
-        federated = dict(item.split("=", 1) for item in args.trained_from)
-        for d in defenses:
-            if "trained" in states and d in federated:
-                weights_of[d] = str(Path(federated[d]) / "director")  # its checkpoint
-                accuracy[d] = federated_metrics(Path(federated[d]))
-            elif "trained" in states:
-                w, m = train(d, args, ds)
-                accuracy[d] = m
-                weights_of[d] = os.path.join(tmp, f"{d}.npz")
-                np.savez(weights_of[d], **w)
-                print(
-                    f"trained {d}: acc {m['test_accuracy']:.3f} auc {m['test_auc']:.3f}", flush=True
-                )
-        for state in states:
-            for d in defenses:
-                for a in attacks:
-                    same = [
-                        r
-                        for r in results
-                        if (r["state"], r["defense"], r["attack"]) == (state, d, "ig")
-                    ]
-                    if a == "adaptive" and d == "none" and same:
-                        # Without a bottleneck the adaptive attack matches every layer: it is
-                        # IG, same seeds, same result; the row is copied, not rerun.
-                        results.append({**same[0], "attack": a, "same_as": "ig"})
-                        continue
-                    iters = args.ig_iterations if a in ("ig", "adaptive") else args.lbfgs_steps
-                    cfg = AttackConfig(
-                        defense=d, attack=a, images=args.images, seed=args.seed,
-                        data=args.data, iterations=iters, kl_beta=args.kl_beta,
-                        norm=args.norm, workers=args.workers,
-                        trained=weights_of[d] if state == "trained" else None,
-                        out=os.path.join(tmp, f"{state}-{d}-{a}"), quiet=True,
-                    )  # fmt: skip
-                    report = run(cfg)
-                    s = report["summary"]
-                    results.append({"state": state, "defense": d, "attack": a, "summary": s})
-                    print(
-                        f"{state:9s} {a:8s} vs {d:7s}: PSNR {s['psnr']:6.2f} "
-                        f"(baseline {s['baseline_psnr']:.2f}) identified {s['identified_count']}/"
-                        f"{s['images']} labels {s['label_accuracy']:.2f} {s['seconds']:.0f}s",
-                        flush=True,
-                    )
-                    write_report(args, argv, accuracy, results, started, final=False)
-    write_report(args, argv, accuracy, results, started, final=True)
+    cells_dir = args.cells or args.out.parent / "cells"
+    for cell in cells:
+        if cell.key in done:
+            continue
+        folder = cells_dir / cell.key.replace("/", "_").replace("=", "-").replace(",", "_")
+        cfg = config_of(cell, args, trained, str(folder))
+        result = run(cfg)
+        gif = folder / "reconstruction.gif"
+        if cell.key in HEADLINE and gif.is_file():
+            shrink_animation(gif, folder / "reconstruction-envoy1.gif", images=ENVOY_IMAGES)
+        gif.unlink(missing_ok=True)  # 48 victims x 40 frames: about 12 MB
+        s = result["summary"]
+        report["results"].append(
+            {
+                "key": cell.key,
+                "state": cell.state,
+                "threat": cell.threat,
+                "defense": cell.defense,
+                "attack": cell.attack,
+                "label": cell.label,
+                "options": cell.options,
+                "deployment": result["config"]["deployment"],
+                "summary": s,
+                "images": result["images"],
+            }
+        )
+        print(
+            f"{cell.key}: PSNR {s['psnr']:.2f} (baseline {s['baseline_psnr']:.2f}) top-1 "
+            f"{s['top1_mse_count']}/{s['images']} median rank {s['median_rank_mse']:.0f} "
+            f"{'at chance' if s['at_chance'] else 'ABOVE CHANCE'} {s['cpu_seconds']:.0f} CPU-s",
+            flush=True,
+        )
+        report.update(
+            benchmark="leakage",
+            command="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            machine={
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch": torch.__version__,
+            },
+            settings={"images": args.images, "seed": args.seed, "plan": args.plan},
+        )
+        report["seconds_this_run"] = time.monotonic() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    if report["results"]:
+        figure(report["results"], args.out.with_suffix(".png"))
+        print(markdown(report))
     return 0
-
-
-def write_report(
-    args: argparse.Namespace,
-    argv: list[str] | None,
-    accuracy: dict[str, dict[str, Any]],
-    results: list[dict[str, Any]],
-    started: float,
-    *,
-    final: bool,
-) -> None:
-    """Write the JSON (after every row, so a cut run keeps what it measured) and, at the
-    end, the figure and the markdown table."""
-    out = {
-        "benchmark": "leakage",
-        "complete": final,
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/leakage/run.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
-        "settings": {
-            "images": args.images,
-            "seed": args.seed,
-            "ig_iterations": args.ig_iterations,
-            "lbfgs_steps": args.lbfgs_steps,
-            "threat": "single gradient, batch 1",
-            "norm": args.norm,
-            "kl_beta": args.kl_beta,
-            "smooth_relu_ig_adaptive": SMOOTH_RELU,
-        },
-        "accuracy": accuracy,
-        "results": results,
-        "seconds": time.monotonic() - started,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_json.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp_json, args.out)
-    if final:
-        figure(results, args.out.with_suffix(".png"))
-        print(markdown(out))
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def build_report(
         "audit": opts.audit,
         "seconds": round(seconds, 1),
         "rounds": [_round_summary(r) for r in rounds],
+        "privacy": privacy_report(fed),
         "final": {
             "best_round": final["best_round"],
             "threshold": final["threshold"],
@@ -277,6 +278,33 @@ def build_report(
             "test": final["test"],
             "val": _without_curves(final["val"]),
         },
+    }
+
+
+def privacy_report(fed: Federation) -> dict[str, Any] | None:
+    """Each DP envoy's privacy ledger ([train.privacy], node.training.privacy): the
+    accountant's (epsilon, delta) after every round it trained, and the worst epsilon of
+    them all (the federation's guarantee is per envoy, each for its own records). None
+    when no envoy trains with DP."""
+    from node.training.privacy import LEDGER_NAME, read_ledger
+
+    envoys: dict[str, Any] = {}
+    for name in fed.names:
+        ledger = read_ledger(fed.envoy_state(name) / LEDGER_NAME)
+        if ledger is not None:
+            envoys[name] = {
+                k: ledger[k]
+                for k in (
+                    "epsilon", "own_epsilon", "delta", "accountant", "mode", "honest_envoys",
+                    "noise_multiplier", "max_grad_norm", "rounds",
+                )
+            }  # fmt: skip
+    if not envoys:
+        return None
+    return {
+        "max_epsilon": max(e["epsilon"] for e in envoys.values()),
+        "delta": max(e["delta"] for e in envoys.values()),
+        "envoys": envoys,
     }
 
 

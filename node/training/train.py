@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from node.training.batches import batch_source, images_to_tensor, loader_context
 from node.training.metrics import DEFAULT_BINS, score_histograms
 from protocol.messages import TrainPlan
+
+if TYPE_CHECKING:
+    from node.training.privacy import DPConfig
 
 Progress = Callable[[int, int, float], None]  # (steps done, total steps, running loss)
 CLASS_WEIGHTING = ("balanced", "none")
@@ -140,6 +144,8 @@ def train_local(
     prox_mu: float = 0.0,
     device: torch.device | str | None = None,
     workers: int = 0,
+    privacy: DPConfig | None = None,
+    noise: torch.Generator | None = None,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -155,11 +161,25 @@ def train_local(
     host memory and travel one batch at a time. `images` may also be a torch Dataset
     (labels None): it is then read batch by batch, `workers` processes ahead, never held
     whole (node.training.batches).
+
+    `privacy` switches to record-level differentially private training (DP-SGD, see
+    node/training/privacy.py), which replaces the class weighting and the global clip;
+    `noise` is then the generator of its noise (it must be secret: see train_local_dp).
     """
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if prox_mu < 0:
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+    if privacy is not None:
+        from node.training.privacy import PrivacyError, train_local_dp
+
+        if label_smoothing or prox_mu:
+            raise PrivacyError("DP training takes neither label_smoothing nor prox_mu")
+
+        return train_local_dp(
+            model, images, labels, plan, privacy, seed=seed, progress=progress, flip=flip,
+            augment_strength=augment_strength, device=device, noise=noise,
+        )  # fmt: skip
     if device is not None:
         model.to(device)
     dev = model_device(model)

@@ -12,76 +12,109 @@ from PIL import Image
 
 from gradient_leakage.figures import save_animation, save_grid
 from node.attack import main
+from node.attack.cli import victim_pool
+from node.attack.deployed import REPO
 from tests.datafiles import PNEUMONIAMNIST
 
 SHARED = PNEUMONIAMNIST.parent
 
 
-def test_attack_command_on_pneumoniamnist(tmp_path: Path) -> None:
+def test_the_default_attack_is_the_deployed_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     rc = main(
         [
-            "--defense", "cvb", "--attack", "ig", "--images", "1", "--iterations", "4",
-            "--norm", "group", "--out", str(out), "--data", str(PNEUMONIAMNIST), "--quiet",
+            "--images", "8", "--iterations", "4", "--out", str(out),
+            "--data", str(PNEUMONIAMNIST), "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
     report = json.loads((out / "results.json").read_text())
+    deployment = report["config"]["deployment"]
+    # configs/director.toml: batch norm + CVB, the round-1 plan, the federation's KL weight.
+    assert deployment["model"]["defense"] == "cvb" and deployment["model"]["norm"] == "batch"
+    assert deployment["round"] == 1 and deployment["plan"]["kl_beta"] == 0.01
+    assert deployment["plan"]["lr"] == 0.05 and deployment["recipe"]["max_grad_norm"] == 5.0
+    assert report["config"]["threat"] == "update"
     summary = report["summary"]
-    for key in ("psnr", "ssim", "identified", "baseline_psnr", "label_accuracy", "chance"):
-        assert isinstance(summary[key], float), key
-    assert summary["chance"] == pytest.approx(1 / 624)
-    assert summary["images"] == 1 and len(report["images"]) == 1
-    assert report["config"]["norm"] == "group"
-    assert summary["smooth_relu"] == 30.0  # IG's default stand-in for ReLU
-    image = report["images"][0]
-    assert 0 <= image["index"] < 624 and 0 <= image["nearest"] < 624
-    assert image["identified"] == (image["index"] == image["nearest"])
-    # The mean training X-ray's PSNR against one victim: the dataset-mean baseline.
-    assert 10 < image["baseline_psnr"] < 30
+    assert summary["images"] == 8 and summary["candidates"] == 624
+    # One envoy of 8 images: each victim gets the best of the envoy's 8 reconstructions.
+    assert summary["tries_per_victim"] == 8
+    assert summary["top1_mse_chance"] == pytest.approx(1 - (623 / 624) ** 8)
+    assert summary["top5_ncc_chance"] == pytest.approx(1 - (619 / 624) ** 8)
+    assert summary["registration_poses"] == 270  # the recipe augments: register candidates
+    assert summary["smooth_relu"] == 30.0
+    assert summary["median_rank_chance"] == pytest.approx(624 * (1 - 0.5 ** (1 / 8)))
+    for image in report["images"]:
+        assert 0 <= image["index"] < 624
+        assert 1 <= image["rank_mse"] <= 624 and 1 <= image["rank_ncc"] <= 624
+        assert image["identified"] == (image["rank_mse"] == 1)
+        assert 10 < image["baseline_psnr"] < 30
     assert Image.open(out / "grid.png").format == "PNG"
     gif = Image.open(out / "reconstruction.gif")
     assert gif.format == "GIF" and gif.n_frames == 4  # one frame per progress report
 
 
-def test_attack_command_on_an_image_folder_with_fedavg(tmp_path: Path) -> None:
+def test_reported_and_tuning_victims_are_disjoint() -> None:
+    report, tune = victim_pool(624, "report"), victim_pool(624, "tune")
+    assert len(report) == len(tune) == 312
+    assert not set(report) & set(tune) and set(report) | set(tune) == set(range(624))
+
+
+def test_the_kl_weight_comes_from_the_director_config(tmp_path: Path) -> None:
+    text = (REPO / "configs" / "director.toml").read_text()
+    assert "kl_beta = 0.01" in text
+    config = tmp_path / "director.toml"
+    config.write_text(text.replace("kl_beta = 0.01", "kl_beta = 0.05"))
+    out = tmp_path / "run"
+    common = ["--images", "1", "--envoy-images", "1", "--iterations", "2", "--quiet"]
+    common += ["--data", str(PNEUMONIAMNIST)]
+    assert main([*common, "--config", str(config), "--out", str(out)]) == 0
+    plan = json.loads((out / "results.json").read_text())["config"]["deployment"]["plan"]
+    assert plan["kl_beta"] == 0.05
+
+
+def test_attack_command_on_an_image_folder_with_an_aggregate(tmp_path: Path) -> None:
     # A Kermany-layout folder (as a hospital holds it), written here so the test owns it.
     rng = np.random.default_rng(0)
     for cls in ("NORMAL", "PNEUMONIA"):
         (tmp_path / "xr" / cls).mkdir(parents=True)
-        for i in range(3):
+        for i in range(4):
             pixels = rng.integers(0, 256, (40, 40), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "xr" / cls / f"{i}.png")
     out = tmp_path / "run"
     rc = main(
         [
-            "--defense", "none", "--attack", "adaptive", "--images", "2", "--batch", "2",
-            "--threat", "fedavg", "--local-steps", "2", "--iterations", "3",
+            "--defense", "none", "--attack", "adaptive", "--images", "4", "--threat", "aggregate",
+            "--envoys", "2", "--envoy-images", "2", "--iterations", "3",
             "--source", "kermany", "--data", str(tmp_path / "xr"), "--out", str(out), "--quiet",
         ]
     )  # fmt: skip
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert summary["chance"] == pytest.approx(1 / 6)
-    assert summary["images"] == 2
+    assert summary["candidates"] == 8 and summary["images"] == 4
+    assert summary["tries_per_victim"] == 4  # every reconstruction of the aggregate
 
 
 def test_attack_command_refuses_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert (
-        main(["--images", "3", "--batch", "2", "--out", str(tmp_path), "--data", str(SHARED)]) == 2
-    )
+    assert main(["--images", "3", "--envoy-images", "2", "--out", str(tmp_path)]) == 2
     assert "multiple" in capsys.readouterr().err
     # Missing data is an unusable data file: exit status 3 (ExitCode.CONFIG).
     assert main(["--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 3
     assert not (tmp_path / "results.json").exists()
     assert main(["--attack", "dlg", "--parameters", "conv1.weight", "--out", str(tmp_path)]) == 2
     assert "--parameters" in capsys.readouterr().err
+    assert main(["--attack", "dlg", "--eot-samples", "4", "--out", str(tmp_path)]) == 2
+    assert "--samples" in capsys.readouterr().err
     assert main(["--attack", "dlg", "--smooth-relu", "10", "--out", str(tmp_path)]) == 2
     assert "--smooth-relu" in capsys.readouterr().err
     assert main(["--smooth-relu", "-1", "--out", str(tmp_path)]) == 2
     assert "--smooth-relu" in capsys.readouterr().err
+    # An unusable director config: exit status 3 (ExitCode.CONFIG).
+    assert main(["--config", str(tmp_path / "nope.toml"), "--out", str(tmp_path)]) == 3
+    assert main(["--images", "400", "--data", str(PNEUMONIAMNIST), "--out", str(tmp_path)]) == 2
+    assert "half the split" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
     with pytest.raises(SystemExit):
         main(["--attack", "nope"])
@@ -95,14 +128,18 @@ def test_trained_weights_must_match_the_norm(
 
     weights = tmp_path / "bn.npz"
     np.savez(weights, **get_weights(build_model("cnn", "none", 28, seed=3, norm="batch")))
-    common = ["--defense", "none", "--images", "1", "--iterations", "2", "--quiet"]
-    common += ["--data", str(PNEUMONIAMNIST), "--trained", str(weights)]
-    assert main([*common, "--out", str(tmp_path / "a")]) == 2  # default norm is group
+    common = ["--defense", "none", "--images", "1", "--envoy-images", "1", "--iterations", "2"]
+    common += ["--quiet"]
+    common += ["--data", str(PNEUMONIAMNIST), "--trained", str(weights), "--round", "7"]
+    assert main([*common, "--norm", "group", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "batch-norm" in err and "--norm" in err
     assert not (tmp_path / "a" / "results.json").exists()
-    assert main([*common, "--norm", "batch", "--out", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "results.json").read_text())["config"]["norm"] == "batch"
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    deployment = json.loads((tmp_path / "b" / "results.json").read_text())["config"]["deployment"]
+    assert deployment["model"]["norm"] == "batch" and deployment["round"] == 7
+    assert deployment["plan"]["lr"] < 0.05  # round 7 of the cosine schedule
+    assert str(weights) in deployment["weights"]
 
 
 def test_grid_and_animation_files(tmp_path: Path) -> None:
@@ -131,15 +168,16 @@ def test_grid_and_animation_files(tmp_path: Path) -> None:
     ],
 )
 def test_best_trial_survives_diverged_restarts(losses: list[float], best: int) -> None:
-    from node.attack import _best_trial
+    from node.attack.cli import _best_trial
 
     assert _best_trial(losses) == best
 
 
 def test_the_contrast_prior_changes_the_reported_contrast_not_the_attack(tmp_path: Path) -> None:
+    # The stress test's group-norm model cannot see contrast; the prior picks it.
     common = [
-        "--defense", "none", "--attack", "ig", "--images", "2", "--iterations", "5",
-        "--data", str(PNEUMONIAMNIST), "--quiet",
+        "--defense", "none", "--norm", "group", "--threat", "gradient", "--attack", "ig",
+        "--images", "2", "--iterations", "5", "--data", str(PNEUMONIAMNIST), "--quiet",
     ]  # fmt: skip
     reports: dict[str, dict] = {}
     for prior in ("population", "neighbours"):
@@ -151,3 +189,16 @@ def test_the_contrast_prior_changes_the_reported_contrast_not_the_attack(tmp_pat
     a, b = (reports[k]["images"] for k in ("population", "neighbours"))
     assert [i["index"] for i in a] == [i["index"] for i in b]
     assert any(abs(x["psnr"] - y["psnr"]) > 1e-6 for x, y in zip(a, b, strict=True))
+    assert reports["neighbours"]["summary"]["registration_poses"] == 0  # nothing augmented
+
+
+def test_the_attack_on_dp_training_needs_a_dp_compatible_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--images", "2", "--envoy-images", "2", "--iterations", "2", "--quiet"]
+    common += ["--data", str(PNEUMONIAMNIST), "--dp-noise", "1.0"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2  # the deployed batch norm
+    assert "group" in capsys.readouterr().err
+    assert main([*common, "--norm", "group", "--out", str(tmp_path / "b")]) == 0
+    recipe = json.loads((tmp_path / "b" / "results.json").read_text())["config"]["deployment"]
+    assert recipe["recipe"]["privacy"]["noise_multiplier"] == 1.0

@@ -1,0 +1,3 @@
+from node.attack.cli import main
+
+raise SystemExit(main())
