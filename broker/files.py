@@ -28,6 +28,8 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "durable_append",
+    "fsync_dir",
     "read_toml",
 ]
 
@@ -43,7 +45,8 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make the entries of `folder` (a rename, a new file) survive a power cut."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,7 +80,30 @@ def atomic_write_bytes(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+    return path
+
+
+def durable_append(path: str | os.PathLike[str], data: bytes, *, mode: int = PUBLIC_MODE) -> Path:
+    """Append `data` to `path` (created with `mode`) and fsync it before returning.
+
+    For append-only logs: a crash can tear only the last record, so each record must carry
+    its own integrity check (node.roundlog's checksums). Symlinks at `path` are refused.
+    """
+    path = Path(path)
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, mode)
+    try:
+        if new:
+            os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        fsync_dir(path.parent)
     return path
 
 
@@ -109,7 +135,7 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int = PUBLIC_MODE) -> Ite
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

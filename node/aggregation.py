@@ -89,6 +89,14 @@ class Aggregation(RefusalLog, abc.ABC):
     def failure(self) -> str | None:
         """Why the round must be aborted, once done without a result."""
 
+    @abc.abstractmethod
+    def awaiting(self) -> frozenset[str]:
+        """The participants the current stage still waits for."""
+
+    @abc.abstractmethod
+    def stopped_at(self, participant: str) -> Stage | None:
+        """The first stage `participant` has not answered (None: it answered every one)."""
+
     def start(self) -> list[Outgoing]:
         return []
 
@@ -135,6 +143,14 @@ class PlainAggregation(Aggregation):
         if len(self._updates) < self.min_survivors:
             return f"{len(self._updates)} updates, fewer than the minimum {self.min_survivors}"
         return None
+
+    def awaiting(self) -> frozenset[str]:
+        if self._closed:
+            return frozenset()
+        return frozenset(self.participants) - self._updates.keys()
+
+    def stopped_at(self, participant: str) -> Stage | None:
+        return None if participant in self._updates else Stage.TRAINING
 
     def receive(self, sender: str, body: Message) -> list[Outgoing]:
         try:
@@ -294,6 +310,12 @@ class SecureAggregation(Aggregation):
                 f"{self.min_survivors}"
             )
         return None
+
+    def awaiting(self) -> frozenset[str]:
+        return self.server.awaiting
+
+    def stopped_at(self, participant: str) -> Stage | None:
+        return self.server.stopped_at(participant)
 
     def receive(self, sender: str, body: Message) -> list[Outgoing]:
         out = self.server.receive(sender, body)

@@ -149,7 +149,8 @@ def director_main(argv: Sequence[str]) -> int:
 
     async def run() -> int:
         from broker.client import BusError, connect
-        from node.director import Director, DirectorError
+        from node.director import Director
+        from node.errors import FedbusError
 
         try:
             bus = await connect(
@@ -166,9 +167,11 @@ def director_main(argv: Sequence[str]) -> int:
         outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
         try:
             return await Director(cfg, outer, resume=args.resume).run()
-        except DirectorError as exc:
-            log.error("director_failed", reason=str(exc))
-            return 2
+        except FedbusError as exc:
+            # Quorum lost, an unusable state folder, ...: the documented code, the reason.
+            log.error("director_failed", reason=str(exc), exit_code=int(exc.exit_code))
+            print(f"fedbus director: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
         finally:
             await bus.close()
 

@@ -9,7 +9,6 @@ PneumoniaMNIST) and a short training recipe so the test stays small.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 from broker.server.mosquitto_process import MosquittoProcess
 from broker.server.ports import free_port
 from node.provision import main as provision
+from node.roundlog import RoundLog
 from protocol.configfile import dump_toml
 from tests.datafiles import PNEUMONIAMNIST
 
@@ -147,10 +147,7 @@ def test_three_hospitals_complete_secure_rounds_from_their_kits(
         if mosquitto is not None:
             mosquitto.stop()
 
-    records = [
-        json.loads(line)
-        for line in (out / "director" / "state" / "rounds.jsonl").read_text().splitlines()
-    ]
+    records = RoundLog(out / "director" / "state").load()
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert record["secure"] is True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from crypto.signing import generate_signing_keypair
 from node.config import DirectorConfig, EnvoyConfig, parse_config
 from node.director import Director
 from node.envoy import Envoy
+from node.roundlog import RoundLog
 from tests.node.nodefakes import MemoryBroker, NumpyTrainer
 
 FED = "fedtest"
@@ -63,8 +63,7 @@ class Fed:
         return Director(self.director_cfg, bus, weights=initial(), **kw)
 
     def records(self) -> list[dict[str, Any]]:
-        path = Path(self.director_cfg.state_dir) / "rounds.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        return RoundLog(self.director_cfg.state_dir).load()
 
     async def stop(self) -> None:
         for task in self.tasks.values():

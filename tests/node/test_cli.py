@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from node.cli import main
+from node.roundlog import encode_line
 from node.status import format_status, read_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def test_status_reads_a_state_dir(tmp_path, capsys):
         "metrics": {"val": {"accuracy": 0.9, "auc": 0.95}},
     }
     # The last line is being written: it must be skipped, not crash the reader.
-    (tmp_path / "rounds.jsonl").write_text(json.dumps(rec) + "\n" + '{"round": 2, "surv')
+    (tmp_path / "rounds.jsonl").write_bytes(encode_line(rec) + b'{"record": {"round": 2, "surv')
     st, records = read_status(tmp_path)
     assert [r["round"] for r in records] == [1]
     text = format_status(st, records)
