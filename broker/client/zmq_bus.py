@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import zmq_commands as commands
 from broker.client.bus import Bus, BusError, Will
 from broker.client.credentials import Credentials
+from broker.client.subscription import DEFAULT_MAX_QUEUED_BYTES
 from broker.client.subscription import Subscription as BaseSubscription
 from broker.topics import (
     ROLES,
@@ -45,7 +46,7 @@ class Subscription(BaseSubscription):
     """A subscription on a `ZmqBus`; `req_id` pairs it with the broker's acknowledgement."""
 
     def __init__(self, bus: ZmqBus, topic_filter: str, req_id: bytes) -> None:
-        super().__init__(bus, topic_filter)
+        super().__init__(bus, topic_filter, max_queued_bytes=bus.max_queued_bytes)
         self.req_id = req_id
 
 
@@ -63,6 +64,7 @@ class ZmqBus(Bus):
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         insecure_no_auth: bool = False,
         heartbeat_ivl_s: float = 1.0,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         self.node_id = validate_id(node_id, field="node_id")
         if role not in ROLES:
@@ -78,6 +80,7 @@ class ZmqBus(Bus):
         self.role = role
         self.will = will
         self.max_frame_bytes = max_frame_bytes
+        self.max_queued_bytes = max_queued_bytes  # per subscription (broker.client.subscription)
         self.insecure = insecure_no_auth
         self._credentials = credentials
         self._hb_ivl = heartbeat_ivl_s
@@ -322,7 +325,7 @@ class ZmqBus(Bus):
         if len(frames) == 4:  # a retained frame for one new subscription only
             sub = self._subs.get(frames[3].bytes)
             if sub is not None and not sub.closed:
-                sub._queue.put_nowait(payload)
+                sub._offer(payload)
             return
         targets = self._routes.get(topic)
         if targets is None:
@@ -330,7 +333,7 @@ class ZmqBus(Bus):
             self._routes[topic] = targets
         for sub in targets:
             if not sub.closed:
-                sub._queue.put_nowait(payload)
+                sub._offer(payload)
 
     def _on_suback(self, req_id: bytes, status: bytes, reason: bytes) -> None:
         sub = self._subs.get(req_id)

@@ -16,10 +16,12 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from broker.server.mosquitto_process import MosquittoProcess
 from broker.server.ports import free_port
+from node.checkpoint import load_checkpoint
 from node.provision import main as provision
 from node.roundlog import RoundLog
 from protocol.configfile import dump_toml
@@ -153,4 +155,29 @@ def test_three_hospitals_complete_secure_rounds_from_their_kits(
         assert record["secure"] is True
         assert sorted(record["survivors"]) == list(ENVOYS)
         assert record["dropped"] == []
-        assert 0.0 <= record["metrics"]["val"]["auc"] <= 1.0
+    # The federated validation of the final model is the validation of that model on the
+    # union of the three hospitals' splits: rescored here, centrally, it gives the same
+    # histograms, so the same AUC and loss.
+    val = records[-1]["metrics"]["val"]
+    central = _central_validation(out, load_checkpoint(out / "director" / "state"))
+    assert val["num_samples"] == central["num_samples"]
+    assert val["auc"] == pytest.approx(central["auc"], abs=1e-9)
+    assert val["loss"] == pytest.approx(central["loss"], rel=1e-4)
+
+
+def _central_validation(kits: Path, ckpt) -> dict:
+    from node.config import load_director_config, load_envoy_config
+    from node.trainer import TorchTrainer, load_local_data
+    from node.training.metrics import metrics_from_histograms
+
+    bins = load_director_config(kits / "director" / "director.toml").eval.bins
+    weights = ckpt.weights_numpy()
+    neg = pos = 0
+    loss = 0.0
+    for envoy in ENVOYS:
+        cfg = load_envoy_config(kits / envoy / "envoy.toml")
+        n, p, loss_sum = TorchTrainer(cfg, load_local_data(cfg)).evaluate(weights, bins)
+        neg, pos, loss = neg + np.asarray(n), pos + np.asarray(p), loss + loss_sum
+    metrics = dict(metrics_from_histograms(neg, pos))
+    total = int(neg.sum() + pos.sum())
+    return {"auc": float(metrics["auc"]), "num_samples": total, "loss": loss / total}

@@ -145,17 +145,19 @@ def make_fed(
     return Fed(tmp, MemoryBroker(), director_cfg, envoy_cfgs, trainers)
 
 
+def expected_weights(fed: Fed, survivors_per_round: list[list[str]]) -> dict[str, np.ndarray]:
+    """The global model after rounds of exact FedAvg over the given survivors (float64).
+
+    Each NumpyTrainer moves every weight half way to its target, so one round of weighted
+    FedAvg moves the model half way to the sample-weighted mean target of its survivors.
+    """
+    w = {k: v.astype(np.float64) for k, v in initial().items()}
+    for survivors in survivors_per_round:
+        total = sum(fed.trainers[s].num_samples for s in survivors)
+        target = sum(fed.trainers[s].num_samples * fed.trainers[s].target for s in survivors)
+        w = {k: v + 0.5 * (target / total - v) for k, v in w.items()}
+    return w
+
+
 def expected_after_one_round(fed: Fed, survivors: list[str]) -> dict[str, np.ndarray]:
-    w0 = initial()
-    tot = sum(fed.trainers[s].num_samples for s in survivors)
-    out = {}
-    for k, v in w0.items():
-        delta = sum(
-            fed.trainers[s].num_samples
-            / tot
-            * 0.5
-            * (fed.trainers[s].target - v.astype(np.float64))
-            for s in survivors
-        )
-        out[k] = v + delta
-    return out
+    return expected_weights(fed, [survivors])
