@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from broker.client.bus import Bus, Will
@@ -37,6 +38,7 @@ async def connect(
     timeout_s: float = 30.0,
     heartbeat_ivl_s: float = 1.0,
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    zmq_context: Any = None,
 ) -> Bus:
     """Connect `node_id` (a "director" or "envoy") to the bus at `url`.
 
@@ -44,6 +46,7 @@ async def connect(
     broker such as Mosquitto. Raises BusError when the broker refuses us or does not answer
     within `timeout_s`, ValueError for a malformed URL or arguments. Each subscription
     queues at most `max_queued_bytes` unread frames (broker.client.subscription).
+    `zmq_context`: a zmq.asyncio.Context for zmq+tcp:// buses to share (ZmqBus).
     """
     scheme = urlsplit(url).scheme
     if scheme == "zmq+tcp":
@@ -59,6 +62,7 @@ async def connect(
             insecure_no_auth=insecure_no_auth,
             heartbeat_ivl_s=heartbeat_ivl_s,
             max_queued_bytes=max_queued_bytes,
+            context=zmq_context,
         )
         return await bus.start(timeout_s=timeout_s)
     if scheme in ("mqtt", "mqtts"):

@@ -65,7 +65,10 @@ class ZmqBus(Bus):
         insecure_no_auth: bool = False,
         heartbeat_ivl_s: float = 1.0,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
+        """`context`: a libzmq context to share (many buses in one process, each with its own
+        socket and connection, need not each start libzmq's threads); it stays open."""
         self.node_id = validate_id(node_id, field="node_id")
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {ROLES}")
@@ -86,7 +89,8 @@ class ZmqBus(Bus):
         self._hb_ivl = heartbeat_ivl_s
         self.log = structlog.get_logger("broker.client").bind(node=node_id)
 
-        self._ctx = zmq.asyncio.Context()
+        self._own_ctx = context is None
+        self._ctx = context if context is not None else zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._subs: dict[bytes, Subscription] = {}
         self._by_filter: dict[str, int] = {}
@@ -182,7 +186,8 @@ class ZmqBus(Bus):
         if sock is not None:
             sock.disable_monitor()
             sock.close()
-        self._ctx.term()
+        if self._own_ctx:
+            self._ctx.term()
         self.log.info("bus_closed", clean=clean)
 
     @property

@@ -88,7 +88,14 @@ class Progress:
 
 def _round_line(rec: dict[str, Any]) -> str:
     val = (rec.get("metrics") or {}).get("val") or {}
-    dropped = f" (dropped {', '.join(rec['dropped'])})" if rec["dropped"] else ""
+    fates = rec.get("fates", {})
+
+    def who(names: list[str]) -> str:
+        return ", ".join(f"{n} at {fates[n]['stage']}" if n in fates else n for n in names)
+
+    dropped = f" (dropped {who(rec['dropped'])})" if rec["dropped"] else ""
+    if rec.get("left"):
+        dropped += f" (left after its masked input: {who(rec['left'])})"
     return (
         f"round {rec['round']:3d}: {len(rec['survivors'])} envoys{dropped}, "
         f"{'secure' if rec['secure'] else 'PLAIN'}, val acc {val.get('accuracy', float('nan')):.3f} "
@@ -178,8 +185,17 @@ def _supervise(fed: Federation, progress: Progress) -> None:
                 how = "as the fault plan says" if fed.planned_crash(name) else "UNPLANNED"
                 print(f"fedbus demo: {name} exited ({p.popen.returncode}), {how}", file=sys.stderr)
     progress.update()
-    if director.popen.returncode != 0:
-        raise DemoError(f"the director exited with {director.popen.returncode}; see {director.log}")
+    code = director.popen.returncode
+    if code != 0:
+        status: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            status = json.loads((fed.director_state / "status.json").read_text())
+        why = f" ({status['reason']})" if status.get("reason") else ""
+        failed = DemoError(f"the director exited with {code}{why}; see {director.log}")
+        # Its documented reason (quorum lost, state folder, round failed) is the demo's too.
+        if code in iter(ExitCode):
+            failed.exit_code = ExitCode(code)
+        raise failed
     for name in fed.names:  # they got Shutdown; give them a moment to leave
         with contextlib.suppress(subprocess.TimeoutExpired):
             fed.procs[name].popen.wait(ENVOY_EXIT_GRACE_S)
@@ -253,7 +269,7 @@ def run(opts: Options) -> int:
         return exc.exit_code
     except (DemoError, ValueError) as exc:
         print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.FAILURE
+        return exc.exit_code if isinstance(exc, DemoError) else ExitCode.FAILURE
     finally:
         if progress is not None:
             progress.close()

@@ -253,7 +253,7 @@ class Federation:
         atomic_write_text(self.out / "pids.json", json.dumps(pids), mode=PUBLIC_MODE)
         return proc
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], *, module: str = "node.cli") -> Proc:
         log = self.logs / f"{name}.log"
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -262,7 +262,7 @@ class Federation:
         )
         with open(log, "ab") as fh:  # the child's stdout: a stream, not a saved file
             popen = subprocess.Popen(
-                [sys.executable, "-m", "node.cli", *args],
+                [sys.executable, "-m", module, *args],
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -341,6 +341,24 @@ class Federation:
         if self.plan is not None:
             args += ["--faults-start", repr(self.started_at)]
         return self._spawn(name, args)
+
+    def start_swarm(
+        self,
+        name: str,
+        envoys: list[str],
+        *,
+        log_level: str = "info",
+        train_seconds: float = 0.0,
+    ) -> Proc:
+        """Envoys `envoys` as light envoys in one process (node.swarm: the real envoy, bus
+        and SecAgg client each, a synthetic trainer), for scale runs and quick harnesses."""
+        args = [arg for envoy in envoys for arg in ("--config", str(self.config(envoy)))]
+        args += ["--log-level", log_level, "--train-seconds", repr(train_seconds)]
+        if self.opts.audit:
+            args.append("--audit")
+        if self.plan is not None:
+            args += ["--faults", str(self.faults_file), "--faults-start", repr(self.started_at)]
+        return self._spawn(name, args, module="node.swarm")
 
     def start_all(self) -> None:
         self.started_at = time.time()
