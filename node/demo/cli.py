@@ -193,7 +193,7 @@ def _supervise(fed: Federation, progress: Progress) -> None:
         why = f" ({status['reason']})" if status.get("reason") else ""
         failed = DemoError(f"the director exited with {code}{why}; see {director.log}")
         # Its documented reason (quorum lost, state folder, round failed) is the demo's too.
-        if code in iter(ExitCode):
+        if code in {int(c) for c in ExitCode}:
             failed.exit_code = ExitCode(code)
         raise failed
     for name in fed.names:  # they got Shutdown; give them a moment to leave

@@ -184,13 +184,14 @@ class SecAggServer(RefusalLog):
         handler = _HANDLERS.get(kind)
         if handler is None:
             return self.refuse(sender, body, "not a message for the server", round=self.round)
-        if (self.stage, kind) not in SERVER_TRANSITIONS:
-            return self.refuse(sender, body, f"server is at stage {self.stage}", round=self.round)
+        stage = self.stage
+        if not isinstance(stage, Stage) or (stage, kind) not in SERVER_TRANSITIONS:
+            return self.refuse(sender, body, f"server is at stage {stage}", round=self.round)
         try:
             complete = handler(self, sender, body)
         except Refused as refusal:
             return self.refuse(sender, body, refusal.reason, round=self.round)
-        self._answered[sender] = self.stage
+        self._answered[sender] = stage
         return self.close_stage() if complete else []
 
     def close_stage(self) -> list[Outgoing]:

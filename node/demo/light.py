@@ -1,14 +1,18 @@
-"""Light federations with real processes: the real broker (ZeroMQ daemon or Mosquitto), the
-real `fedbus director`, and the envoys as light envoys in one `node.swarm` process (each with
-its own bus connection, keys, SecAgg client and state folder; a synthetic trainer).
+"""Light federations: the demo's kits and processes (the real broker, ZeroMQ daemon or
+Mosquitto, and the real `fedbus director`), with the envoys as light envoys (node.swarm: each
+its own bus connection, keys, SecAgg client and state folder; a synthetic trainer), packed
+`per_process` to an OS process.
 
-A few seconds a round, so fault plans can run as whole federations in the test suite.
+Rounds take a fraction of a second at a handful of envoys, so fault plans run as whole
+federations in the test suite, and hundreds of envoys fit on two cores for the scale and
+soak benchmarks (benchmarks/scale).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,6 @@ from typing import Any
 from broker.faults import FaultPlan
 from node.demo.launcher import DIRECTOR, Federation, Options
 from node.demo.report import audit_rounds
-from tests.datafiles import PNEUMONIAMNIST
 
 # A tiny real model (1574 weights): the updates are small, the director still builds it.
 LIGHT_DIRECTOR = {
@@ -37,6 +40,7 @@ class LightRun:
     returncode: int
     records: list[dict[str, Any]]  # audited
     seconds: float
+    samples: list[dict[str, Any]]  # what `watch` returned while it ran
 
     def log(self, name: str) -> str:
         path = self.fed.logs / f"{name}.log"
@@ -61,6 +65,7 @@ def scaled(plan: FaultPlan, factor: float, *, seed: int | None = None) -> FaultP
 def run_light_federation(
     out: Path,
     *,
+    data: str | Path,
     envoys: int,
     rounds: int,
     transport: str = "zmq",
@@ -68,8 +73,19 @@ def run_light_federation(
     train_seconds: float = 0.0,
     director_set: dict[str, Any] | None = None,
     timeout_s: float = 600.0,
+    plan_lead_s: float = 0.0,
+    per_process: int = 50,
+    swarm_log_level: str = "info",
+    watch: Callable[[Federation], dict[str, Any] | None] | None = None,
+    watch_every_s: float = 1.0,
 ) -> LightRun:
-    """Run a whole light federation to its end (or `timeout_s`, the deadlock guard)."""
+    """Run a whole light federation to its end (or `timeout_s`, the deadlock guard).
+
+    `data` only goes into the kits (light envoys read none). The plan's clock starts
+    `plan_lead_s` after the processes do (about when round 1 does). `watch(fed)` is called
+    every `watch_every_s` while the director runs (e.g. to sample memory); what it returns
+    is collected in `LightRun.samples`.
+    """
     faults = None
     if plan is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +94,7 @@ def run_light_federation(
     opts = Options(
         envoys=envoys,
         rounds=rounds,
-        data=str(PNEUMONIAMNIST),
+        data=str(data),
         transport=transport,
         faults=faults,
         audit=True,
@@ -88,22 +104,35 @@ def run_light_federation(
     )
     fed = Federation(opts)
     fed.prepare()
+    samples: list[dict[str, Any]] = []
     t0 = time.monotonic()
     try:
-        fed.started_at = time.time()
+        fed.started_at = time.time() + plan_lead_s
         fed.start_broker()
         fed.write_configs()
         fed.start_director()
-        fed.start_swarm("swarm", list(fed.names), train_seconds=train_seconds)
+        swarms = [fed.names[i : i + per_process] for i in range(0, envoys, per_process)]
+        for k, names in enumerate(swarms):
+            fed.start_swarm(
+                f"swarm-{k + 1}", names, train_seconds=train_seconds, log_level=swarm_log_level
+            )
         director = fed.procs[DIRECTOR].popen
+        next_watch = time.monotonic()
         while director.poll() is None:
             fed.tick()  # the plan's broker restarts
-            if time.monotonic() - t0 > timeout_s:
-                raise AssertionError(f"light federation still running after {timeout_s} s")
+            now = time.monotonic()
+            if watch is not None and now >= next_watch:
+                next_watch = now + watch_every_s
+                sample = watch(fed)
+                if sample is not None:
+                    samples.append(sample)
+            if now - t0 > timeout_s:
+                raise TimeoutError(f"light federation still running after {timeout_s} s")
             time.sleep(0.1)
-        with contextlib.suppress(Exception):
-            fed.procs["swarm"].popen.wait(15)
+        for k in range(len(swarms)):
+            with contextlib.suppress(Exception):
+                fed.procs[f"swarm-{k + 1}"].popen.wait(15)
     finally:
         fed.stop_all()
     seconds = time.monotonic() - t0
-    return LightRun(fed, director.returncode, audit_rounds(fed, fed.records()), seconds)
+    return LightRun(fed, director.returncode, audit_rounds(fed, fed.records()), seconds, samples)

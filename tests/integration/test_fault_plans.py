@@ -1,0 +1,85 @@
+"""Every shipped fault plan (configs/faults/*.toml) as a whole federation with real processes:
+the ZeroMQ broker daemon, `fedbus director`, and five light envoys (node.swarm), four rounds,
+--audit, the plan's own seed and another one.
+
+The plans' timelines are written for the 20-round demo; here they are compressed tenfold
+(partitions and broker restarts land inside the four rounds) and start with the first round.
+Whatever the plan does, every round must complete, secure, with its aggregate verified bit
+for bit, and only an envoy the plan crashes or cuts off may be missing from a round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.faults import FaultPlan
+from node.demo.light import run_light_federation, scaled
+from tests.datafiles import PNEUMONIAMNIST, REPO
+
+pytestmark = pytest.mark.slow
+
+PLANS = sorted((REPO / "configs" / "faults").glob("*.toml"))
+ENVOYS = 5
+ROUNDS = 4
+TIME_SCALE = 0.1
+# The processes need a few seconds (the director builds the model with torch) before round 1.
+PLAN_LEAD_S = 4.0
+
+# Lost stage messages are not re-requested yet (issue #16 point 1, phase 2): one lost
+# broadcast or answer costs a stage, and the rounds it hits fail their attempts.
+NOT_YET = {
+    "lossy-links": "lost stage messages are not re-requested yet (#16 point 1)",
+    "chaos": "lost stage messages are not re-requested yet (#16 point 1)",
+    "broker-restart": "frames in flight during a broker restart are not re-requested yet",
+}
+
+
+def _cases():
+    for path in PLANS:
+        plan = FaultPlan.load(path)
+        for seed in (plan.seed, plan.seed + 100):
+            marks = []
+            if path.stem in NOT_YET:
+                marks.append(pytest.mark.xfail(reason=NOT_YET[path.stem], strict=False))
+            yield pytest.param(path, seed, id=f"{path.stem}-seed{seed}", marks=marks)
+
+
+def test_every_plan_is_covered():
+    assert {p.stem for p in PLANS} == {
+        "broker-restart",
+        "chaos",
+        "dropouts",
+        "lossy-links",
+        "partition",
+    }
+    assert set(NOT_YET) <= {p.stem for p in PLANS}
+
+
+@pytest.mark.parametrize(("path", "seed"), list(_cases()))
+def test_shipped_fault_plan_federation_is_secure_and_verified(tmp_path: Path, path, seed):
+    plan = scaled(FaultPlan.load(path), TIME_SCALE, seed=seed)
+    run = run_light_federation(
+        tmp_path / "run",
+        data=PNEUMONIAMNIST,
+        envoys=ENVOYS,
+        rounds=ROUNDS,
+        plan=plan,
+        train_seconds=1.0,
+        timeout_s=600.0,
+        plan_lead_s=PLAN_LEAD_S,
+    )
+    director_log = run.log("director")[-4000:]
+    assert run.returncode == 0, director_log
+    records = run.records
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), director_log
+    for rec in records:
+        assert rec["secure"] is True
+        assert rec["aggregate_verified"] is True, rec["round"]
+        crashed = {c.envoy for c in plan.crashes if c.round <= rec["round"]}
+        cut_off = {n for p in plan.partitions for n in p.nodes}
+        missing = set(rec["dropped"]) | set(rec["left"])
+        assert missing <= crashed | cut_off, (rec["round"], rec["fates"])
+        # Every participant has a named fate.
+        assert set(rec["fates"]) == set(rec["participants"])
