@@ -45,6 +45,12 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Make the entries of `folder` (a rename, a new file) survive a power cut."""
     fd = os.open(folder, os.O_RDONLY)
@@ -69,9 +75,7 @@ def atomic_write_bytes(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)  # the umask must not loosen or tighten what was asked for
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -96,9 +100,7 @@ def durable_append(path: str | os.PathLike[str], data: bytes, *, mode: int = PUB
     try:
         if new:
             os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -39,13 +39,14 @@ ALLOW = {
 TIMEOUT = 5.0
 
 
-def core(*, insecure: bool = False, max_frame: int = 1000) -> BrokerCore:
+def core(*, insecure: bool = False, max_frame: int = 1000, **queues: int) -> BrokerCore:
     return BrokerCore(
         federation=FED,
         allow=None if insecure else ALLOW,
         max_frame_bytes=max_frame,
         heartbeat_ivl_s=1.0,
         heartbeat_timeout_s=TIMEOUT,
+        **queues,
     )
 
 
@@ -287,14 +288,7 @@ def test_probe_asks_every_session() -> None:
 
 
 def test_a_full_backlog_drops_counted_per_subscriber_and_logged_sparingly() -> None:
-    c = BrokerCore(
-        federation=FED,
-        allow=ALLOW,
-        max_frame_bytes=1000,
-        heartbeat_ivl_s=1.0,
-        heartbeat_timeout_s=TIMEOUT,
-        max_queued_frames=10,
-    )
+    c = core(max_queued_frames=10)
     join(c, b"p", "e1")
     frame = (commands.MSG, b"t", b"x" * 10)
     warnings = [entry for _ in range(260) for entry in c.queue_full(b"p", frame)]
@@ -353,15 +347,7 @@ def test_every_frame_arrives_in_order_or_is_counted_as_dropped(
     'drain' events) and an unbounded one for e2: e2 gets every frame; e1 gets a subsequence
     in publish order, and every frame it misses is one counted drop, made only while its
     backlog was at its bounds."""
-    c = BrokerCore(
-        federation=FED,
-        allow=ALLOW,
-        max_frame_bytes=1000,
-        heartbeat_ivl_s=1.0,
-        heartbeat_timeout_s=TIMEOUT,
-        max_queued_bytes=max_bytes,
-        max_queued_frames=max_frames,
-    )
+    c = core(max_queued_bytes=max_bytes, max_queued_frames=max_frames)
     join(c, b"d", "director")
     for peer, node in ((b"p", "e1"), (b"q", "e2")):
         join(c, peer, node)

@@ -204,6 +204,26 @@ async def _run(fed, **kw):
     return await asyncio.wait_for(fed.director(**kw).run(), 120)
 
 
+async def _completed(tmp_path, rounds: int):
+    """A plain 3-envoy federation after `rounds` rounds (its envoys told to shut down)."""
+    fed = make_fed(tmp_path, 3, secure=False, rounds=rounds)
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    assert await _run(fed) == 0
+    await fed.stop()
+    return fed
+
+
+async def _resume(fed, rounds: int):
+    """Resume `fed`'s director for `rounds` rounds in all, with its envoys back."""
+    fed.director_cfg = msgspec.structs.replace(fed.director_cfg, rounds=rounds)
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    rc = await _run(fed, resume=True)
+    await fed.stop()
+    return rc
+
+
 async def test_resume_continues_after_the_last_completed_round(tmp_path):
     fed = make_fed(tmp_path, 3, secure=False, rounds=2)
     for name in fed.envoy_cfgs:
@@ -263,22 +283,14 @@ async def test_kill_between_checkpoint_and_log_does_not_repeat_the_round(tmp_pat
 
 
 async def test_a_torn_log_line_is_cut_and_a_line_past_the_checkpoint_dropped(tmp_path):
-    fed = make_fed(tmp_path, 3, secure=False, rounds=2)
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
-    assert await _run(fed) == 0
-    await fed.stop()
+    fed = await _completed(tmp_path, rounds=2)
     log = RoundLog(fed.director_cfg.state_dir)
     two = log.load()
     # A line for round 3 that no checkpoint holds, then a torn line (a crash mid-append).
     log.append({**two[-1], "round": 3})
     with open(log.path, "ab") as fh:
         fh.write(b'{"record": {"round": 4, "surv')
-    fed.director_cfg = msgspec.structs.replace(fed.director_cfg, rounds=3)
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
-    assert await _run(fed, resume=True) == 0
-    await fed.stop()
+    assert await _resume(fed, rounds=3) == 0
     rec = fed.records()
     assert [r["round"] for r in rec] == [1, 2, 3]
     assert rec[:2] == two and rec[2]["attempt"] == 0 and rec[2] != {**two[-1], "round": 3}
@@ -286,11 +298,7 @@ async def test_a_torn_log_line_is_cut_and_a_line_past_the_checkpoint_dropped(tmp
 
 
 async def test_a_damaged_log_line_stops_the_resume_with_a_clear_error(tmp_path):
-    fed = make_fed(tmp_path, 3, secure=False, rounds=2)
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
-    assert await _run(fed) == 0
-    await fed.stop()
+    fed = await _completed(tmp_path, rounds=2)
     log = RoundLog(fed.director_cfg.state_dir)
     lines = log.path.read_bytes().splitlines(keepends=True)
     lines[0] = lines[0].replace(b'"round":1', b'"round":7')
@@ -304,11 +312,7 @@ async def test_a_damaged_log_line_stops_the_resume_with_a_clear_error(tmp_path):
 
 
 async def test_a_corrupt_checkpoint_on_resume_is_refused_then_the_previous_one_resumes(tmp_path):
-    fed = make_fed(tmp_path, 3, secure=False, rounds=3)
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
-    assert await _run(fed) == 0
-    await fed.stop()
+    fed = await _completed(tmp_path, rounds=3)
     state = fed.director_cfg.state_dir
     path = tmp_path / "director" / ck.CHECKPOINT_NAME
     raw = bytearray(path.read_bytes())
@@ -320,10 +324,7 @@ async def test_a_corrupt_checkpoint_on_resume_is_refused_then_the_previous_one_r
     assert "round 2) is intact" in str(info.value)
     assert info.value.exit_code is ExitCode.STATE
     path.rename(path.with_name("corrupt.msgpack"))
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
-    assert await _run(fed, resume=True) == 0
-    await fed.stop()
+    assert await _resume(fed, rounds=4) == 0
     # Rounds 3 and 4 ran from round 2's checkpoint; round 3's first record was dropped.
     rec = fed.records()
     assert [r["round"] for r in rec] == [1, 2, 3, 4]

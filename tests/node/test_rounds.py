@@ -183,19 +183,25 @@ async def test_an_envoy_gone_silent_is_dropped_when_its_heartbeat_times_out(tmp_
     ]
 
 
-async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_path):
+def two_of_three_crash(tmp_path, *, rounds: int, quorum_timeout_s: float):
+    """Three envoys (min_envoys 2); envoy-2 and envoy-3 die entering ShareKeys of round 1."""
     fed = make_fed(
         tmp_path,
         3,
         secure=True,
-        rounds=2,
+        rounds=rounds,
         min_envoys=2,
         deadlines={s: 600.0 for s in CRASH_STAGES},
-        quorum_timeout_s=1.0,
+        quorum_timeout_s=quorum_timeout_s,
     )
     for name in fed.envoy_cfgs:
         plan = CrashAt(name, 1, "share_keys") if name != "envoy-1" else None
         fed.start_envoy(name, plan)
+    return fed
+
+
+async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_path):
+    fed = two_of_three_crash(tmp_path, rounds=2, quorum_timeout_s=1.0)
     director = fed.director()
     with pytest.raises(QuorumLost) as info:
         await asyncio.wait_for(director.run(), 120)
@@ -211,18 +217,7 @@ async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_p
 
 
 async def test_an_envoy_back_before_the_quorum_bound_lets_the_round_complete(tmp_path):
-    fed = make_fed(
-        tmp_path,
-        3,
-        secure=True,
-        rounds=1,
-        min_envoys=2,
-        deadlines={s: 600.0 for s in CRASH_STAGES},
-        quorum_timeout_s=600.0,
-    )
-    for name in fed.envoy_cfgs:
-        plan = CrashAt(name, 1, "share_keys") if name != "envoy-1" else None
-        fed.start_envoy(name, plan)
+    fed = two_of_three_crash(tmp_path, rounds=1, quorum_timeout_s=600.0)
     task = asyncio.create_task(fed.director().run())
     while len(fed.crashed) < 2:
         await asyncio.sleep(0.01)
