@@ -29,7 +29,6 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "durable_append",
-    "fsync_dir",
     "read_toml",
 ]
 
@@ -51,8 +50,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def fsync_dir(folder: str | os.PathLike[str]) -> None:
-    """Make the entries of `folder` (a rename, a new file) survive a power cut."""
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -84,7 +82,7 @@ def atomic_write_bytes(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -105,7 +103,7 @@ def durable_append(path: str | os.PathLike[str], data: bytes, *, mode: int = PUB
     finally:
         os.close(fd)
     if new:
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     return path
 
 
@@ -137,7 +135,7 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int = PUBLIC_MODE) -> Ite
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent)
+    _fsync_dir(target.parent)
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from broker.files import atomic_write_bytes, fsync_dir
+from broker.files import atomic_path, atomic_write_bytes
 from node.errors import ExitCode, FedbusError
 from protocol.tensors import Tensor, state_from_numpy, state_to_numpy
 
@@ -177,23 +177,17 @@ def save_checkpoint(state_dir: str | Path, checkpoint: Checkpoint, *, mode: int 
 
 
 def _keep_as_previous(current: Path, previous: Path) -> None:
-    tmp = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
-    try:
+    # The current file becomes the previous one by a second name (a hard link: no copy),
+    # put in place by rename, like every write of broker.files.
+    with atomic_path(previous, mode=current.stat().st_mode & 0o777) as tmp:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a process of ours that died right here
         try:
-            os.link(current, tmp)
-        except FileExistsError:
-            os.unlink(tmp)  # left by a process of ours that died here: take it over
             os.link(current, tmp)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
                 raise
-            atomic_write_bytes(tmp, current.read_bytes(), mode=current.stat().st_mode & 0o777)
-        os.replace(tmp, previous)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(previous.parent)
+            tmp.write_bytes(current.read_bytes())  # a file system without hard links
 
 
 def _read(path: Path) -> Checkpoint:
