@@ -1,6 +1,6 @@
 """Every shipped fault plan (configs/faults/*.toml) as a whole federation with real processes:
-the ZeroMQ broker daemon, `fedbus director`, and five light envoys (node.swarm), four rounds,
---audit, the plan's own seed and another one.
+the ZeroMQ broker daemon, `fedbus director`, and five light envoys (node.swarm), three rounds,
+--audit, the plan's own seed (and a second one where the plan must already pass).
 
 The plans' timelines are written for the 20-round demo; here they are compressed tenfold
 (partitions and broker restarts land inside the four rounds) and start with the first round.
@@ -16,14 +16,20 @@ import pytest
 
 from broker.faults import FaultPlan
 from node.demo.light import run_light_federation, scaled
+from protocol.stages import CRASH_STAGES
 from tests.datafiles import PNEUMONIAMNIST, REPO
 
 pytestmark = pytest.mark.slow
 
 PLANS = sorted((REPO / "configs" / "faults").glob("*.toml"))
 ENVOYS = 5
-ROUNDS = 4
+ROUNDS = 3
 TIME_SCALE = 0.1
+# Short stages: a light round takes about a second, and a lost message costs its stage.
+DEADLINES = {f"deadlines.{stage}": 5.0 for stage in CRASH_STAGES} | {
+    "deadlines.masked_input": 8.0,
+    "deadlines.evaluate": 5.0,
+}
 # The processes need a few seconds (the director builds the model with torch) before round 1.
 PLAN_LEAD_S = 4.0
 
@@ -39,11 +45,12 @@ NOT_YET = {
 def _cases():
     for path in PLANS:
         plan = FaultPlan.load(path)
+        if path.stem in NOT_YET:
+            mark = pytest.mark.xfail(reason=NOT_YET[path.stem], strict=False)
+            yield pytest.param(path, plan.seed, id=f"{path.stem}-seed{plan.seed}", marks=[mark])
+            continue
         for seed in (plan.seed, plan.seed + 100):
-            marks = []
-            if path.stem in NOT_YET:
-                marks.append(pytest.mark.xfail(reason=NOT_YET[path.stem], strict=False))
-            yield pytest.param(path, seed, id=f"{path.stem}-seed{seed}", marks=marks)
+            yield pytest.param(path, seed, id=f"{path.stem}-seed{seed}")
 
 
 def test_every_plan_is_covered():
@@ -66,7 +73,8 @@ def test_shipped_fault_plan_federation_is_secure_and_verified(tmp_path: Path, pa
         envoys=ENVOYS,
         rounds=ROUNDS,
         plan=plan,
-        train_seconds=1.0,
+        train_seconds=0.5,
+        director_set=DEADLINES,
         timeout_s=600.0,
         plan_lead_s=PLAN_LEAD_S,
     )
