@@ -38,7 +38,7 @@ from node.endpoint import Endpoint, subscribe_ready
 from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
 from node.presence import Envoys, select_participants
-from node.state import FederationState, StateError, StateStore
+from node.state import FederationState, StateStore
 from node.training.metrics import metrics_from_histograms
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
@@ -376,12 +376,13 @@ class Director:
 
     async def run(self) -> int:
         """Run the federation's rounds: ExitCode.OK, or ROUND_FAILED when a round failed every
-        attempt. QuorumLost and StateError (disk full, read-only or locked state folder, a
-        corrupt checkpoint) end it with their exit codes, the reason in status.json."""
-        self.store.lock()
+        attempt. A FedbusError ends it with its exit code, the reason in status.json: QuorumLost,
+        or the state folder's (locked by another director, a corrupt checkpoint or round log,
+        a full disk or read-only folder while saving)."""
+        self.store.lock()  # before anything is written: the folder may be another's
         try:
             return await self._run()
-        except (QuorumLost, StateError) as exc:
+        except FedbusError as exc:
             self.failure = str(exc)
             stage = "quorum_lost" if isinstance(exc, QuorumLost) else "failed"
             self.log.error(stage, reason=self.failure, exit_code=int(exc.exit_code))

@@ -36,6 +36,8 @@ def format_status(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"{'secure' if status.get('secure') else 'PLAIN (insecure)'} aggregation, "
         f"updated {age:.0f} s ago",
     ]
+    if status.get("reason"):
+        lines.append(f"stopped: {status['reason']}")
     envoys = status.get("envoys", {})
     online = [k for k, v in envoys.items() if v.get("online")]
     lines.append(f"envoys online {len(online)}/{len(envoys)}:")

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from node.checkpoint import load_checkpoint
 from node.director import QuorumLost
 from node.errors import ExitCode
+from node.status import format_status
 from protocol.codec import Codec
 from protocol.secagg.messages import SecAggMaskedInput
 from protocol.stages import CRASH_STAGES
@@ -212,6 +213,7 @@ async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_p
     assert "1 envoys online (envoy-1), fewer than min_envoys 2" in message
     status = json.loads((tmp_path / "director" / "status.json").read_text())
     assert status["stage"] == "quorum_lost" and status["reason"] == message
+    assert f"stopped: {message}" in format_status(status, [])  # what `fedbus status` shows
     assert status["envoys"]["envoy-2"]["online"] is False
     assert fed.records() == []  # round 1 never completed
 
