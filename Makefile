@@ -4,9 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= $(if $(FEDBUS_DATA),$(FEDBUS_DATA),../shared/data/pneumoniamnist.npz)
 OUT    ?= runs/demo
+ENVOYS ?= 5
+ROUNDS ?= 20
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lint format clean
+.PHONY: setup system-deps demo test lint format wheel wheel-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -30,20 +32,30 @@ system-deps:
 	fi
 
 demo: setup
-	$(VENV)/bin/fedbus demo --envoys 5 --rounds 20 --data $(DATA) --out $(OUT)
+	$(VENV)/bin/fedbus demo --envoys $(ENVOYS) --rounds $(ROUNDS) --data $(DATA) --out $(OUT)
 
 test: setup system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Static checks, before any test runs: lint, formatting, types (pyproject's [tool.mypy]).
+# Static checks, before any test runs: lint, formatting, types (pyproject's [tool.mypy]),
+# and every import of the shipped packages declared in pyproject.toml (deptry).
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) -m deptry .
+
+# The wheel, and a check that it works installed on its own (.ci/wheel_smoke.py).
+wheel: setup
+	rm -f dist/fedbus-*.whl
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+
+wheel-smoke: wheel
+	$(PY) .ci/wheel_smoke.py dist/fedbus-*.whl --data $(DATA)
 
 format: setup
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis build dist

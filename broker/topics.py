@@ -36,7 +36,7 @@ def validate_id(value: str, *, field: str) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """The topic names of one federation (DESIGN.md, "The bus")."""
+    """The topic names of one federation (docs/architecture.md, "The bus")."""
 
     federation: str
 
@@ -150,7 +150,7 @@ class AclRule:
         return self.pattern.format(federation=federation, node_id=node_id)
 
 
-# THE access rules (DESIGN.md table). Nothing else in fedbus grants a permission.
+# THE access rules (docs/architecture.md, "The bus"). Nothing else in fedbus grants a permission.
 ACL_RULES: tuple[AclRule, ...] = (
     AclRule("director", "publish", "fedbus/{federation}/envoy/+"),
     AclRule("director", "publish", "fedbus/{federation}/broadcast"),

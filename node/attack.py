@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -55,6 +54,8 @@ from gradient_leakage.metrics import (
     identified as is_identified,
 )
 from gradient_leakage.observation import observe
+from node.errors import ExitCode, FedbusError
+from node.progress import progress_display
 
 log = structlog.get_logger(__name__)
 
@@ -375,7 +376,9 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     xs = [data.victims[i : i + per] for i in range(0, cfg.images, per)]
     ys = [data.labels[i : i + per] for i in range(0, cfg.images, per)]
     iterations = cfg.effective_iterations
-    bar = _progress_bar(iterations * cfg.restarts, cfg, f"{cfg.attack} vs {cfg.defense}")
+    bar = progress_display(
+        iterations * cfg.restarts, desc=f"{cfg.attack} vs {cfg.defense}", quiet=cfg.quiet
+    )
     workers = min(cfg.workers, len(xs))
     if workers == 1:
         done = [0]
@@ -389,7 +392,7 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
                 within = (p.victims[0] * per_victim + within) // len(xs)
             bar.update(within - done[0])
             done[0] = within
-            bar.set_postfix(loss=f"{p.loss:.4f}")
+            bar.set_status(f"loss={p.loss:.4f}")
 
         results = attack_groups(cfg, xs, ys, list(range(len(xs))), tick)
         bar.update(iterations * cfg.restarts - done[0])
@@ -553,39 +556,6 @@ def write_outputs(
     os.replace(tmp, out / "results.json")
 
 
-class _PlainBar:
-    """Progress as plain lines when tqdm is unavailable or output is not a terminal."""
-
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
-        self.total, self.done, self.desc, self.quiet = total, 0, desc, quiet
-        self.next_report = 0.0
-        self.postfix = ""
-
-    def update(self, n: int) -> None:
-        self.done += n
-        frac = self.done / max(1, self.total)
-        if not self.quiet and frac >= self.next_report:
-            print(f"{self.desc}: {100 * frac:5.1f}% {self.postfix}", file=sys.stderr, flush=True)
-            self.next_report = math.floor(frac * 10 + 1) / 10
-
-    def set_postfix(self, **kw: str) -> None:
-        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, cfg: AttackConfig, desc: str):
-    if not cfg.quiet and sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True)
-        except ImportError:  # tqdm is optional
-            pass
-    return _PlainBar(total, desc, cfg.quiet)
-
-
 def parse_args(argv: Sequence[str] | None) -> AttackConfig:
     ap = argparse.ArgumentParser(
         prog="fedbus attack",
@@ -681,16 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         report = run(cfg)
+    except FedbusError as exc:  # DataUnavailable: exit status 3
+        print(f"fedbus attack: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
     except (ValueError, FileNotFoundError) as exc:
         print(f"fedbus attack: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from node.training.data import DataUnavailable
-
-        if isinstance(exc, DataUnavailable):
-            print(f"fedbus attack: {exc}", file=sys.stderr)
-            return 2
-        raise
+        return int(ExitCode.USAGE)
     s = report["summary"]
     print(
         f"{cfg.attack} vs {cfg.defense}: PSNR {s['psnr']:.2f} dB (baseline {s['baseline_psnr']:.2f}), "

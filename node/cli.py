@@ -1,30 +1,26 @@
-"""`fedbus`: one entry point for every role.
+"""`fedbus`: one entry point for every role, and the conventions every command shares.
 
-Only argparse and the standard library are imported at the top: `fedbus broker` must start
-without torch (the broker is a small service), so each subcommand imports what it needs.
+    fedbus [--version] [--log-level LEVEL] COMMAND [options]
+
+Only the standard library and node.errors/node.logs (structlog) are imported at the top:
+`fedbus broker` must start without torch (the broker is a small service), so each command
+imports what it needs. `main` is the one place where a command's errors become exit
+statuses (`exit_code_for`, the README's "Exit codes" table) and where logging is set up
+(`--log-level`, anywhere on the line, else $FEDBUS_LOG_LEVEL; JSON lines on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-COMMANDS = (
-    "broker",
-    "director",
-    "envoy",
-    "demo",
-    "provision",
-    "attack",
-    "status",
-    "export",
-    "ui",
-)
+from node.errors import ExitCode, FedbusError
+from node.logs import LEVELS, LOG_LEVEL_ENV, configure_logging, resolve_level, set_node
 
-USAGE = """usage: fedbus COMMAND [options]
+USAGE = f"""usage: fedbus [--version] [--log-level LEVEL] COMMAND [options]
 
 commands:
   broker     the ZeroMQ broker daemon (no torch)         fedbus broker --config configs/broker.toml
@@ -37,7 +33,43 @@ commands:
   export     the model, its threshold and a model card   fedbus export STATE_DIR [--best] --format safetensors|onnx|torchscript
   ui         the read-only operator page of a director   fedbus ui STATE_DIR [--bind 127.0.0.1:8080]
 
-`fedbus COMMAND --help` for the options of each command."""
+options (every command):
+  --log-level LEVEL  {"|".join(LEVELS)} (default: ${LOG_LEVEL_ENV}, else info); logs are
+                     JSON lines on stderr
+  --version          print fedbus's version and exit
+
+`fedbus COMMAND --help` for the options of each command. Exit statuses: see the README."""
+
+
+class UsageError(FedbusError):
+    """Bad arguments to `fedbus` itself (before the command's own parser runs)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NoStatus(FedbusError):
+    """`fedbus status`: the state folder holds no status of a director."""
+
+    exit_code = ExitCode.STATE
+
+
+def exit_code_for(exc: BaseException) -> ExitCode | None:
+    """The exit status of a command that raised `exc`; None for an unexpected error (a bug),
+    which ends with its traceback and status 1."""
+    from broker.client.bus import BusError
+    from broker.keys import KeyFileError
+    from broker.server.daemon import ListenError
+    from protocol.configfile import ConfigError
+
+    if isinstance(exc, FedbusError):
+        return exc.exit_code
+    if isinstance(exc, (ConfigError, KeyFileError)):  # fault plans are ConfigErrors too
+        return ExitCode.CONFIG
+    if isinstance(exc, (BusError, ListenError)):
+        return ExitCode.BUS_UNREACHABLE
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    return None
 
 
 def _load_fault_plan(path: str | Path | None) -> Any:
@@ -46,7 +78,7 @@ def _load_fault_plan(path: str | Path | None) -> Any:
         return None
     from broker.faults import FaultPlan
 
-    return FaultPlan.load(path)  # FaultPlanError is a ValueError
+    return FaultPlan.load(path)  # FaultPlanError is a ConfigError
 
 
 def _credentials(cfg: Any) -> Any:
@@ -113,6 +145,36 @@ def _run_async(coro_factory: Any) -> int:
     return asyncio.run(main())
 
 
+def _config_error(path: Path, exc: Exception) -> Exception:
+    """A config (or a file it names) that cannot be read, as a ConfigError naming the file."""
+    from protocol.configfile import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return exc
+    return ConfigError(f"{path}: {exc}")
+
+
+async def _connect(
+    cfg: Any, config_path: Path, *, role: str, credentials: Any, will: Any = None
+) -> Any:
+    """The node's bus; BusError (exit status BUS_UNREACHABLE) when the broker does not
+    answer or refuses us, ConfigError for a URL or credentials the transport cannot use."""
+    from broker.client import connect
+
+    try:
+        return await connect(
+            cfg.bus_url,
+            node_id=cfg.node_id,
+            role=role,
+            credentials=credentials,
+            will=will,
+            max_frame_bytes=cfg.max_frame_bytes,
+            insecure_no_auth=cfg.insecure_no_auth,
+        )
+    except ValueError as exc:
+        raise _config_error(config_path, exc) from None
+
+
 # -- director -------------------------------------------------------------------------------
 
 
@@ -123,55 +185,35 @@ def director_main(argv: Sequence[str]) -> int:
     p.add_argument("--rounds", type=int, help="override the number of rounds")
     p.add_argument("--faults", type=Path, help='fault plan TOML (link faults of node "*")')
     p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")
-    p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
 
     import msgspec
 
     from node.config import load_director_config
-    from node.logs import setup_logging
-    from protocol.configfile import ConfigError
 
     try:
         cfg = load_director_config(args.config)
         if args.rounds is not None:
             cfg = msgspec.structs.replace(cfg, rounds=args.rounds)
         credentials = None if cfg.insecure_no_auth else _credentials(cfg)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"fedbus director: {exc}", file=sys.stderr)
-        return 2
-    log = setup_logging(cfg.node_id)
-    try:
-        plan = _load_fault_plan(args.faults)
-    except ValueError as exc:
-        print(f"fedbus director: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as exc:
+        raise _config_error(args.config, exc) from None
+    set_node(cfg.node_id)
+    plan = _load_fault_plan(args.faults)
 
     async def run() -> int:
-        from broker.client import BusError, connect
         from node.director import Director
-        from node.errors import FedbusError
+        from node.logs import get_logger
 
-        try:
-            bus = await connect(
-                cfg.bus_url,
-                node_id=cfg.node_id,
-                role="director",
-                credentials=credentials,
-                max_frame_bytes=cfg.max_frame_bytes,
-                insecure_no_auth=cfg.insecure_no_auth,
-            )
-        except (BusError, ValueError) as exc:
-            log.error("bus_connect_failed", reason=str(exc))
-            return 3
+        bus = await _connect(cfg, args.config, role="director", credentials=credentials)
         outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
         try:
             return await Director(cfg, outer, resume=args.resume).run()
         except FedbusError as exc:
-            # Quorum lost, an unusable state folder, ...: the documented code, the reason.
-            log.error("director_failed", reason=str(exc), exit_code=int(exc.exit_code))
-            print(f"fedbus director: {exc}", file=sys.stderr)
-            return int(exc.exit_code)
+            # Quorum lost, an unusable state folder, ...: an event for harnesses reading the
+            # log; main() prints the reason and returns the documented code.
+            get_logger().error("director_failed", reason=str(exc), exit_code=int(exc.exit_code))
+            raise
         finally:
             await bus.close()
 
@@ -187,14 +229,18 @@ def envoy_main(argv: Sequence[str]) -> int:
     p.add_argument("--faults", type=Path, help="fault plan TOML (crashes, link faults)")
     p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")
     p.add_argument("--audit", action="store_true", help="keep quantised updates in STATE_DIR/audit")
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="read the config, keys and data, say what the envoy would train on, and exit "
+        "without connecting",
+    )
     args = p.parse_args(argv)
 
     import msgspec
 
     from node.config import load_envoy_config
-    from node.logs import setup_logging
-    from protocol.configfile import ConfigError
+    from node.logs import get_logger
 
     try:
         cfg = load_envoy_config(args.config)
@@ -203,52 +249,78 @@ def envoy_main(argv: Sequence[str]) -> int:
         if args.faults:
             cfg = msgspec.structs.replace(cfg, faults=str(args.faults))
         credentials = None if cfg.insecure_no_auth else _credentials(cfg)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"fedbus envoy: {exc}", file=sys.stderr)
-        return 2
-    log = setup_logging(cfg.node_id)
-    try:
-        plan = _load_fault_plan(cfg.faults)
-    except ValueError as exc:
-        print(f"fedbus envoy: {exc}", file=sys.stderr)
-        return 2
-    try:
-        from node.trainer import LocalData, TorchTrainer, load_local_data
-        from node.training.data import DataUnavailable
+    except (ValueError, OSError) as exc:
+        raise _config_error(args.config, exc) from None
+    set_node(cfg.node_id)
+    log = get_logger()
+    plan = _load_fault_plan(cfg.faults)
+    from node.localdata import load_local_data
+    from node.trainer import make_trainer
 
-        data: LocalData = load_local_data(cfg)
-    except (DataUnavailable, ValueError, OSError) as exc:
-        print(f"fedbus envoy: data: {exc}", file=sys.stderr)
-        return 2
-    log.info("data_loaded", train=len(data.train_labels), val=len(data.val_labels))
-    trainer = TorchTrainer(cfg, data)
+    # DataUnavailable, and a factory, loader, trainer, device or data that cannot work
+    # (EntryPointError, DataMismatch, DeviceUnavailable): exit status CONFIG.
+    data = load_local_data(cfg)
+    log.info("data_loaded", train=len(data.train), val=len(data.val))
+    trainer, model = make_trainer(cfg, data=data)
+    log.info(
+        "trainer_ready",
+        trainer=f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+        model=cfg.model.factory_name,
+        loader=cfg.data.loader or cfg.data.source,
+        device=cfg.train.device,
+    )
+    if args.check:
+        print(_data_summary(cfg, data))
+        return int(ExitCode.OK)
 
     async def run() -> int:
-        from broker.client import BusError, connect
         from node.envoy import Envoy
 
-        envoy = Envoy(cfg, None, trainer, fault_plan=plan)  # type: ignore[arg-type]
-        try:
-            bus = await connect(
-                cfg.bus_url,
-                node_id=cfg.node_id,
-                role="envoy",
-                credentials=credentials,
-                will=envoy.will(),
-                max_frame_bytes=cfg.max_frame_bytes,
-                insecure_no_auth=cfg.insecure_no_auth,
-            )
-        except (BusError, ValueError) as exc:
-            log.error("bus_connect_failed", reason=str(exc))
-            return 3
+        envoy = Envoy(cfg, None, trainer, fault_plan=plan, model=model)
+        bus = await _connect(
+            cfg, args.config, role="envoy", credentials=credentials, will=envoy.will()
+        )
         outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
         envoy.attach(outer)
         try:
-            return await envoy.run()
+            return await envoy.run()  # ModelMismatchError: exit status CONFIG
         finally:
             await outer.close()
 
     return _run_async(run)
+
+
+def _data_summary(cfg: Any, data: Any) -> str:
+    """`fedbus envoy --check`: what this envoy trains and validates on, in one paragraph."""
+    import numpy as np
+
+    from node.training.batches import dataset_labels
+
+    part = cfg.data.partition
+    share = (
+        "all of it (no partition)"
+        if part is None or part.scheme == "folder"
+        else f"part {part.index} of {part.count} ({part.scheme})"
+    )
+    bundled_names = ("normal", "pneumonia") if cfg.data.loader is None else None
+    names = cfg.model.classes or data.classes or bundled_names
+
+    def counts(split: Any) -> str:
+        per_class = np.bincount(dataset_labels(split), minlength=cfg.model.num_classes)
+        named = [
+            f"{n} {names[i] if names and i < len(names) else f'class {i}'}"
+            for i, n in enumerate(per_class)
+        ]
+        return f"{int(per_class.sum())} images ({', '.join(named)})"
+
+    source = cfg.data.loader or cfg.data.source
+    return (
+        f"envoy {cfg.node_id} of federation {cfg.federation}: {source} at "
+        f"{cfg.data.path}, {share}\n  train {counts(data.train)}\n"
+        f"  validation {counts(data.val)}\n  model {cfg.model.factory_name} on "
+        f"{cfg.train.device}, bus {cfg.bus_url}; config, keys and data are usable, and the "
+        "model builds and fits them"
+    )
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -267,18 +339,12 @@ def status_main(argv: Sequence[str]) -> int:
         if args.config is None:
             p.error("give STATE_DIR or --config")
         from node.config import load_director_config
-        from protocol.configfile import ConfigError
 
-        try:
-            state_dir = Path(load_director_config(args.config).state_dir)
-        except ConfigError as exc:
-            print(f"fedbus status: {exc}", file=sys.stderr)
-            return 2
+        state_dir = Path(load_director_config(args.config).state_dir)
     try:
         status, records = read_status(state_dir)
     except FileNotFoundError as exc:
-        print(f"fedbus status: {exc}", file=sys.stderr)
-        return 1
+        raise NoStatus(str(exc)) from None
     if args.json:
         import json
 
@@ -291,44 +357,108 @@ def status_main(argv: Sequence[str]) -> int:
 # -- dispatch -------------------------------------------------------------------------------
 
 
+def _broker(argv: Sequence[str]) -> int:
+    from broker.server.daemon import main as broker_main
+
+    return broker_main(list(argv))
+
+
+def _demo(argv: Sequence[str]) -> int:
+    from node.demo.cli import main as demo_main
+
+    return demo_main(list(argv))
+
+
+def _provision(argv: Sequence[str]) -> int:
+    from node.provision import main as provision_main
+
+    return provision_main(argv)
+
+
+def _attack(argv: Sequence[str]) -> int:
+    from node.attack import main as attack_main
+
+    return attack_main(argv)
+
+
+def _export(argv: Sequence[str]) -> int:
+    from node.export import main as export_main
+
+    return export_main(list(argv))
+
+
+def _ui(argv: Sequence[str]) -> int:
+    from node.ui.server import main as ui_main
+
+    return ui_main(list(argv))
+
+
+RUNNERS: dict[str, Callable[[Sequence[str]], int]] = {
+    "broker": _broker,
+    "director": director_main,
+    "envoy": envoy_main,
+    "demo": _demo,
+    "provision": _provision,
+    "attack": _attack,
+    "status": status_main,
+    "export": _export,
+    "ui": _ui,
+}
+COMMANDS = tuple(RUNNERS)
+
+
+def _take_log_level(args: list[str]) -> tuple[str | None, list[str]]:
+    """`--log-level LEVEL` / `--log-level=LEVEL` from anywhere before `--`; the rest."""
+    level: str | None = None
+    rest: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(it)
+            break
+        if arg == "--log-level":
+            level = next(it, None)
+            if level is None:
+                raise UsageError("--log-level needs a value")
+        elif arg.startswith("--log-level="):
+            level = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return level, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        flag, args = _take_log_level(args)
+        level = resolve_level(flag)
+    except (UsageError, ValueError) as exc:
+        print(f"fedbus: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    if args and args[0] == "--version":
+        from node import __version__
+
+        print(f"fedbus {__version__}")
+        return int(ExitCode.OK)
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return 0 if args else 2
+        return int(ExitCode.OK)
     command, rest = args[0], args[1:]
-    if command == "broker":
-        from broker.server.daemon import main as broker_main
-
-        return broker_main(rest)
-    if command == "director":
-        return director_main(rest)
-    if command == "envoy":
-        return envoy_main(rest)
-    if command == "demo":
-        from node.demo.cli import main as demo_main
-
-        return demo_main(rest)
-    if command == "provision":
-        from node.provision import main as provision_main
-
-        return provision_main(rest)
-    if command == "attack":
-        from node.attack import main as attack_main
-
-        return attack_main(rest)
-    if command == "status":
-        return status_main(rest)
-    if command == "export":
-        from node.export import main as export_main
-
-        return export_main(rest)
-    if command == "ui":
-        from node.ui.server import main as ui_main
-
-        return ui_main(rest)
-    print(f"fedbus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    if command not in RUNNERS:
+        print(f"fedbus: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    configure_logging(level)
+    set_node(command)  # director and envoy rebind to their node id once it is known
+    try:
+        return int(RUNNERS[command](rest))
+    except (Exception, KeyboardInterrupt) as exc:
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        if code != ExitCode.INTERRUPTED:
+            print(f"fedbus {command}: {exc}", file=sys.stderr)
+        return int(code)
 
 
 if __name__ == "__main__":

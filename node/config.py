@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from broker.files import read_toml
+from node.entrypoints import ENTRY_POINT_PATTERN
+from node.training.device import DEVICE_SPEC_PATTERN
+from node.ui.config import UiConfig
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import convert_config
 from protocol.types import NodeId
@@ -26,6 +29,16 @@ Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Url = Annotated[str, msgspec.Meta(pattern=r"^(zmq\+tcp|mqtt|mqtts)://.+$")]
 PathStr = Annotated[str, msgspec.Meta(min_length=1)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]  # numpy seeds are non-negative
+# "package.module:name": a team's own factory, loader or trainer (node.entrypoints).
+EntryPoint = Annotated[str, msgspec.Meta(pattern=ENTRY_POINT_PATTERN)]
+# Keyword arguments handed to a team's own code as written (no path resolution, any TOML).
+Options = dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], Any]
+# What the bundled models are made by; a [model] without `factory` means this one.
+BUNDLED_FACTORY = "node.training.model:build_model"
+# Fields that configure the bundled model / data sources, void with a team's own factory /
+# loader (setting them then is an error: they would be ignored).
+BUNDLED_MODEL_FIELDS = ("arch", "defense", "width", "norm", "dropout")
+BUNDLED_DATA_FIELDS = ("source", "image_size", "val_fraction")
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -47,39 +60,161 @@ class Credentials(_Section, frozen=True, kw_only=True):
     tls_key: PathStr | None = None
 
 
+# The image sizes the models accept (node.training.model.build_model checks these very
+# bounds), so a size that passes validation never fails at run time.
+MIN_IMAGE_SIZE = 16
+MAX_IMAGE_SIZE = 256
+ImageSize = Annotated[int, msgspec.Meta(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]
+
+
 class Partition(_Section, frozen=True, kw_only=True):
+    """This envoy's share of a data source that several envoys hold a copy of (a simulated
+    federation): part `index` of `count`. `folder` says "the whole folder is this hospital's
+    own", the same as leaving [data.partition] out."""
+
     scheme: Literal["dirichlet", "iid", "folder"] = "dirichlet"
     alpha: PosFloat = 0.5
     index: Annotated[int, msgspec.Meta(ge=0)] = 0
     count: PosInt = 1
     seed: Seed = 0
 
+    def __post_init__(self) -> None:
+        if self.scheme == "folder":
+            return
+        if self.count < 2:
+            raise ValueError(
+                f"partition: scheme {self.scheme!r} splits data among count >= 2 envoys "
+                f"(count = {self.count}); to train on all of it, leave [data.partition] out"
+            )
+        if self.index >= self.count:
+            raise ValueError(
+                f"partition: index {self.index} is not one of the {self.count} parts "
+                f"(0..{self.count - 1})"
+            )
+
 
 class DataSource(_Section, frozen=True, kw_only=True):
+    # A team's own loader, "package.module:function": called as loader(path, **options)
+    # (just loader(**options) without a path), it returns this envoy's (train, val) torch
+    # datasets (docs/bring-your-own.md). Unset: the bundled `source` below.
+    loader: EntryPoint | None = None
+    options: Options = {}
     source: Literal["pneumoniamnist", "image_folder"] = "pneumoniamnist"
-    path: PathStr
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
+    path: PathStr | None = None
+    image_size: ImageSize = 28
     # Fraction of this envoy's training part held out as its validation split (image folders
     # have none of their own; PneumoniaMNIST's official val split is partitioned instead).
     val_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.1
     # Use at most this many samples of each split (small test federations); 0 = all.
     limit: Annotated[int, msgspec.Meta(ge=0)] = 0
-    partition: Partition = msgspec.field(default_factory=Partition)
+    # None (no [data.partition] table): the envoy trains on all of its data, as a hospital
+    # does on its own images.
+    partition: Partition | None = None
+
+    def __post_init__(self) -> None:
+        if self.loader is None:
+            if (
+                self.source == "pneumoniamnist"
+                and self.partition
+                and self.partition.scheme == "folder"
+            ):
+                raise ValueError(
+                    'partition: scheme "folder" means a hospital\'s own image folder, and '
+                    "PneumoniaMNIST is one shared file: split it with dirichlet or iid (index, "
+                    "count), or leave [data.partition] out to train on all of it"
+                )
+            if self.path is None:
+                raise ValueError(
+                    f"data.path is required for source {self.source!r} (or name your own "
+                    f"data.loader)"
+                )
+            if self.options:
+                raise ValueError(
+                    "data.options are the keyword arguments of a custom data.loader; "
+                    "without one they have no use"
+                )
+        else:
+            _only_bundled(self, "data", "loader", BUNDLED_DATA_FIELDS)
+
+
+def _only_bundled(section: msgspec.Struct, name: str, hook: str, fields: tuple[str, ...]) -> None:
+    """Fields that configure the bundled implementation must keep their defaults when the
+    section names the team's own code instead: a setting that would be ignored is an error."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(section)}
+    changed = [f for f in fields if getattr(section, f) != defaults[f]]
+    if changed:
+        listed = ", ".join(f"{name}.{f}" for f in changed)
+        verb = "configures" if len(changed) == 1 else "configure"
+        raise ValueError(
+            f"{listed} {verb} the bundled implementation, which {name}.{hook} = "
+            f"{getattr(section, hook)!r} replaces: remove {'it' if len(changed) == 1 else 'them'}"
+            f" (your own code's settings go into [{name}.options])"
+        )
 
 
 class ModelConfig(_Section, frozen=True, kw_only=True):
+    # A team's own network, "package.module:function": called with keyword arguments
+    # num_classes, in_channels, image_size and everything in [model.options], it returns a
+    # torch.nn.Module (docs/bring-your-own.md). Unset: the bundled CNN / ResNet-18, which
+    # `arch`, `defense`, `width`, `norm` and `dropout` configure.
+    factory: EntryPoint | None = None
+    options: Options = {}
     arch: Literal["cnn", "resnet18"] = "cnn"
     defense: Literal["cvb", "precode", "none"] = "cvb"
-    image_size: Annotated[int, msgspec.Meta(ge=8, le=512)] = 28
-    num_classes: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 2
     width: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
     norm: Literal["group", "batch", "none"] | None = None
     dropout: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    # The model's input and output, whoever builds it: images in_channels x image_size x
+    # image_size in [0, 1], logits over num_classes (named by `classes`, in label order).
+    # The bundled models take MIN_IMAGE_SIZE..MAX_IMAGE_SIZE; a team's own, up to 4096.
+    image_size: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 28
+    in_channels: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    num_classes: Annotated[int, msgspec.Meta(ge=2, le=1000)] = 2
+    classes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] | None = None
     init_seed: Seed = 0
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            if len(self.classes) != self.num_classes:
+                raise ValueError(
+                    f"model.classes names {len(self.classes)} classes, model.num_classes is "
+                    f"{self.num_classes}"
+                )
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"model.classes has a name twice: {self.classes}")
+        if self.factory is None:
+            if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+                raise ValueError(
+                    f"model.image_size {self.image_size}: the bundled models take "
+                    f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels"
+                )
+            if self.options:
+                raise ValueError(
+                    "model.options are the keyword arguments of a custom model.factory; the "
+                    "bundled models take model.arch, defense, width, norm and dropout"
+                )
+        else:
+            _only_bundled(self, "model", "factory", BUNDLED_MODEL_FIELDS)
+
+    @property
+    def factory_name(self) -> str:
+        """The factory that builds this model ("package.module:name")."""
+        return self.factory or BUNDLED_FACTORY
 
 
 def model_kwargs(m: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments of node.training.model.build_model for a [model] section."""
+    """Keyword arguments of the model's factory for a [model] section.
+
+    The bundled factory (node.training.model.build_model) takes the bundled fields; a team's
+    own factory takes num_classes, in_channels, image_size and [model.options].
+    """
+    if m.factory is not None:
+        return {
+            **m.options,
+            "num_classes": m.num_classes,
+            "in_channels": m.in_channels,
+            "image_size": m.image_size,
+        }
     kw: dict[str, Any] = {
         "arch": m.arch,
         "defense": m.defense,
@@ -88,6 +223,8 @@ def model_kwargs(m: ModelConfig) -> dict[str, Any]:
         "width": m.width,
         "dropout": m.dropout,
     }
+    if m.in_channels != 1:
+        kw["in_channels"] = m.in_channels
     if m.norm:
         kw["norm"] = m.norm
     return kw
@@ -101,6 +238,20 @@ ReservedFree = Annotated[
 ]
 
 
+class EnvoyTraining(_Section, frozen=True, kw_only=True):
+    """How this envoy trains and evaluates (the director's [train] says what, per round)."""
+
+    # "auto" takes the first CUDA GPU, else Apple's MPS, else the CPU; an accelerator asked
+    # for by name that the machine lacks is an error (node.training.device).
+    device: Annotated[str, msgspec.Meta(pattern=DEVICE_SPEC_PATTERN)] = "auto"
+    # A team's own trainer class, "package.module:Class", built as Class(context) and used
+    # through the Trainer protocol (node.trainer). Unset: the bundled TorchTrainer.
+    trainer: EntryPoint | None = None
+    options: Options = {}
+    # Worker processes that read a streamed data set (a [data] loader's) ahead of training.
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+
+
 class EnvoyConfig(_Section, frozen=True, kw_only=True):
     node_id: ReservedFree
     federation: NodeId
@@ -109,6 +260,7 @@ class EnvoyConfig(_Section, frozen=True, kw_only=True):
     data: DataSource
     # Must match the director's [model]: the envoy rebuilds the same network locally.
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    train: EnvoyTraining = msgspec.field(default_factory=EnvoyTraining)
     credentials: Credentials = msgspec.field(default_factory=Credentials)
     signing_key: PathStr | None = None  # Ed25519 private key (raw 32 bytes, hex file)
     director_signing_key: PathStr | None = None  # the director's Ed25519 public key
@@ -170,6 +322,12 @@ class EvalConfig(_Section, frozen=True, kw_only=True):
     bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
 
 
+class TrackingConfig(_Section, frozen=True, kw_only=True):
+    # A folder for TensorBoard event files, written from every completed round's record
+    # (`tensorboard --logdir` it); relative to the config file.
+    tensorboard: PathStr | None = None
+
+
 class DirectorConfig(_Section, frozen=True, kw_only=True):
     federation: NodeId
     bus_url: Url
@@ -200,6 +358,9 @@ class DirectorConfig(_Section, frozen=True, kw_only=True):
     # The only way to send plain (unmasked) updates: the director then sees each envoy's update.
     insecure_plain_aggregation: bool = False
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
+    tracking: TrackingConfig = msgspec.field(default_factory=TrackingConfig)
+    # The read-only operator page (node.ui); unset: not served.
+    ui: UiConfig | None = None
     seed: Seed = 0
     audit: bool = False
     insecure_no_auth: bool = False
@@ -228,6 +389,7 @@ _PATH_FIELDS = {
     "tls_ca",
     "tls_cert",
     "tls_key",
+    "tensorboard",
 }
 _PATH_MAPS = {"envoy_signing_keys", "peer_signing_keys"}
 
@@ -237,7 +399,9 @@ def _resolve_paths(data: Any, base: Path) -> Any:
         return data
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _PATH_FIELDS and isinstance(value, str) and value:
+        if key == "options":
+            out[key] = value  # the team's own keyword arguments, passed on as written
+        elif key in _PATH_FIELDS and isinstance(value, str) and value:
             out[key] = str((base / value).resolve()) if not Path(value).is_absolute() else value
         elif key in _PATH_MAPS and isinstance(value, Mapping):
             out[key] = {

@@ -1,6 +1,6 @@
 """The director: drives the rounds of one federation over the bus.
 
-A round (DESIGN.md "A round"): select participants among online envoys (node.presence),
+A round (docs/architecture.md, "One round, file by file"): select participants among online envoys (node.presence),
 broadcast RoundStart, drive one `Aggregation` (node.aggregation) with a deadline per stage,
 apply the weighted FedAvg, ask the online envoys to score the new model on their validation
 splits, turn the summed histograms into ROC/AUC/threshold, keep the best model by validation,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -33,13 +34,20 @@ from node.aggregation import (
     PlainAggregation,
     SecureAggregation,
 )
-from node.config import DirectorConfig, model_kwargs
+from node.config import DirectorConfig
 from node.endpoint import Endpoint, subscribe_ready
 from node.errors import ExitCode, FedbusError
 from node.logs import get_logger, set_round, set_stage
+from node.modelcheck import ModelGate, model_summary
+from node.monitoring import Monitor
 from node.presence import Envoys, select_participants
 from node.state import FederationState, StateStore
-from node.training.metrics import metrics_from_histograms
+from node.training.histograms import (
+    EvaluationError,
+    check_vector,
+    metrics_from_vector,
+    vector_samples,
+)
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
 from protocol.messages import (
@@ -110,16 +118,17 @@ def train_plan_for_round(cfg: DirectorConfig, round: int) -> TrainPlan:
 
 def initial_weights(cfg: DirectorConfig) -> dict[str, np.ndarray]:
     """Seeded initial global model (imports torch: only called when no weights are given)."""
-    from node.training.model import build_model
-    from node.training.weights import get_weights
+    from node.models import initial_model_weights
 
-    model = build_model(**model_kwargs(cfg.model), seed=cfg.model.init_seed)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in get_weights(model).items()}
+    return initial_model_weights(cfg.model)
 
 
-def histogram_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    m = metrics_from_histograms(neg, pos)
-    return {k: _jsonable(v) for k, v in dict(m).items()}
+def validation_metrics(cfg: DirectorConfig, histograms: np.ndarray) -> dict[str, Any]:
+    """The metrics of the summed histogram vector (node.training.histograms), JSON-ready."""
+    m = metrics_from_vector(
+        histograms, cfg.model.num_classes, cfg.eval.bins, class_names=cfg.model.classes
+    )
+    return {k: _jsonable(v) for k, v in m.items()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -146,7 +155,7 @@ class Director:
         resume: bool = False,
         weights: Mapping[str, np.ndarray] | None = None,
         aggregation_factory: AggregationFactory | None = None,
-        metrics_fn: Callable[[np.ndarray, np.ndarray], dict[str, Any]] = histogram_metrics,
+        metrics_fn: Callable[[np.ndarray], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
@@ -155,7 +164,7 @@ class Director:
         self.topics = Topics(cfg.federation)
         self.store = StateStore(cfg.state_dir, federation=cfg.federation)
         self.clock = clock
-        self.metrics_fn = metrics_fn
+        self.metrics_fn = metrics_fn or functools.partial(validation_metrics, cfg)
         self.log = get_logger()
         signing_key = read_key_file(cfg.signing_key) if cfg.signing_key else None
         self.envoy_keys = {k: read_key_file(v) for k, v in cfg.envoy_signing_keys.items()}
@@ -182,6 +191,9 @@ class Director:
         self._first_round = True
         self.failure: str | None = None  # why the director stopped early (status.json)
         self._departure = asyncio.Event()  # an envoy's presence went offline
+        self.monitor = Monitor(cfg)
+        self.model_gate: ModelGate | None = None  # set once the weights are known
+        self.stage_deadline: float | None = None  # wall clock, for the operator page
 
     # -- state --------------------------------------------------------------------------------
 
@@ -217,25 +229,39 @@ class Director:
         self.log.info("resumed", last_completed_round=ckpt.round)
         return ckpt.round + 1
 
-    def _set_stage(self, stage: str) -> None:
+    def _set_stage(self, stage: str, seconds: float | None = None) -> None:
+        """Enter `stage`, which closes in `seconds` (None: no deadline)."""
         self.stage = stage
+        self.stage_deadline = time.time() + seconds if seconds is not None else None
         set_stage(stage)
-        self.store.write_status(self.status())
+        self._write_status()
+
+    def _write_status(self) -> None:
+        status = self.status()
+        self.store.write_status(status)
+        self.monitor.publish_status(status)
 
     def online_envoys(self) -> list[str]:
-        return self.envoys.online()
+        online = self.envoys.online()
+        return self.model_gate.admitted(online) if self.model_gate else online
 
     def status(self) -> dict[str, Any]:
+        envoys = self.envoys.describe()
+        for name in self.model_gate.refused if self.model_gate else ():
+            if name in envoys:
+                envoys[name].update(online=False, refused="model mismatch")
         return {
             "federation": self.cfg.federation,
             "round": self.round,
             "stage": self.stage,
+            "stage_deadline": self.stage_deadline,
             "rounds_total": self.cfg.rounds,
             "rounds_completed": len(self.state.records),
             "secure": not self.cfg.insecure_plain_aggregation,
             "updated": time.time(),
-            "envoys": self.envoys.describe(),
+            "envoys": envoys,
             **({"reason": self.failure} if self.failure else {}),
+            **self.monitor.status_fields(),
         }
 
     # -- bus ----------------------------------------------------------------------------------
@@ -249,18 +275,29 @@ class Director:
             self.envoys.saw(env.sender)
             body = env.body
             if isinstance(body, Presence):
-                self._presence(env.sender, body)
+                await self._presence(env.sender, body)
             elif isinstance(body, StatusRequest):
                 await self._answer_status(env.sender)
             else:
                 self.inbox.put_nowait(env)
 
-    def _presence(self, sender: str, body: Presence) -> None:
+    async def _presence(self, sender: str, body: Presence) -> None:
         if self.envoys.update(sender, body):
             self.log.info("presence", envoy=sender, online=body.online)
             if not body.online:
                 self._departure.set()
-            self.store.write_status(self.status())
+            self._write_status()
+        if self.model_gate is not None and body.online:
+            mismatch = self.model_gate.check(sender, body.model)
+            if mismatch is not None:
+                self.log.error(
+                    "model_mismatch",
+                    envoy=sender,
+                    envoy_model=body.model,
+                    model=mismatch.fingerprint,
+                )
+                self._write_status()
+                await self._send(sender, mismatch, round=self.round)
 
     async def _answer_status(self, sender: str) -> None:
         reply = StatusReply(
@@ -360,7 +397,7 @@ class Director:
             if waited - last_log >= 10:
                 last_log = waited
                 self.log.info("waiting_for_envoys", online=online, need=self.cfg.min_envoys)
-            self.store.write_status(self.status())
+            self._write_status()
             await asyncio.sleep(0.2)
 
     def _select(self, online: list[str], round: int, attempt: int) -> list[str]:
@@ -393,6 +430,14 @@ class Director:
 
     async def _run(self) -> int:
         first = self._restore()
+        self.model_gate = ModelGate(model_summary(self.cfg.model, self.state.weights))
+        try:
+            await self.monitor.start(self.state.records, first)
+            return await self._run_rounds(first)
+        finally:
+            await self.monitor.close()
+
+    async def _run_rounds(self, first: int) -> int:
         subs: list[tuple[AsyncIterator[bytes], str | None]] = [
             (await subscribe_ready(self.bus, self.topics.director), None)
         ]
@@ -453,7 +498,7 @@ class Director:
             return False
         self._apply(r, result)
         t_eval = self.clock()
-        self._set_stage(Stage.EVALUATE)
+        self._set_stage(Stage.EVALUATE, self.cfg.deadlines.evaluate)
         metrics = await self._evaluate(r)
         stage_times[Stage.EVALUATE] = round(self.clock() - t_eval, 3)
         val = metrics.get("val")
@@ -514,7 +559,7 @@ class Director:
         self.log.info(
             "round_start", participants=participants, attempt=attempt, secure=agg.secure, lr=plan.lr
         )
-        self._set_stage(agg.stage)
+        self._set_stage(agg.stage, deadlines.get(agg.stage))
         await self._send(BROADCAST, start, round=r)
         await self._send_all(agg.start(), r)
 
@@ -534,6 +579,7 @@ class Director:
         # between is repaired from the checkpoint on resume, so the round is applied once.
         self.store.save_checkpoint(self.state)
         self.store.append_record(record)
+        self.monitor.publish_record(record)
 
     async def _drive(
         self,
@@ -572,7 +618,7 @@ class Director:
                 stage = agg.stage
                 stage_start = self.clock()
                 deadline = stage_start + deadlines.get(stage, 60.0)
-                self._set_stage(stage)
+                self._set_stage(stage, deadline - self.clock())
         stage_times[stage] = round(self.clock() - stage_start, 3)
         if agg.failure:
             return None
@@ -603,9 +649,7 @@ class Director:
             return {}
         req = EvaluateRequest(weights=state_from_numpy(self.state.weights), bins=self.cfg.eval.bins)
         await self._send(BROADCAST, req, round=r)
-        bins = self.cfg.eval.bins
-        neg = np.zeros(bins, dtype=np.int64)
-        pos = np.zeros(bins, dtype=np.int64)
+        total: np.ndarray | None = None
         loss_sum = 0.0
         answered: set[str] = set()
         deadline = self.clock() + self.cfg.deadlines.evaluate
@@ -625,21 +669,28 @@ class Director:
                 continue
             if env.sender in answered:
                 continue
-            if len(body.hist_negative) != bins or len(body.hist_positive) != bins:
-                self.log.warning("bad_histogram", sender=env.sender)
+            if self.model_gate is not None and env.sender in self.model_gate.refused:
+                # Another model's scores would be read as this one's (class order and all).
+                self.log.warning("evaluation_of_refused_envoy", sender=env.sender)
                 continue
-            if sum(body.hist_negative) + sum(body.hist_positive) != body.num_samples:
+            vector = np.asarray(body.histograms, dtype=np.int64)
+            try:
+                counted = check_vector(vector, self.cfg.model.num_classes, self.cfg.eval.bins)
+            except EvaluationError as exc:
+                self.log.warning("bad_histogram", sender=env.sender, reason=str(exc))
+                continue
+            if counted != body.num_samples:
                 self.log.warning("bad_histogram_count", sender=env.sender)
                 continue
             answered.add(env.sender)
             asked.add(env.sender)  # a late joiner's split counts too
-            neg += np.asarray(body.hist_negative, dtype=np.int64)
-            pos += np.asarray(body.hist_positive, dtype=np.int64)
+            total = vector if total is None else total + vector
             loss_sum += body.loss_sum
-        n = int(neg.sum() + pos.sum())
-        if n == 0 or neg.sum() == 0 or pos.sum() == 0:
+        classes, bins = self.cfg.model.num_classes, self.cfg.eval.bins
+        n = vector_samples(total, classes, bins) if total is not None else 0
+        val = self.metrics_fn(total) if total is not None and n else None
+        if val is None or val.get("auc") is None or not np.isfinite(val["auc"]):
             return {"val": None, "evaluated_by": sorted(answered)}
-        val = self.metrics_fn(neg, pos)
         val["loss"] = loss_sum / n
         val["num_samples"] = n
         return {"val": val, "evaluated_by": sorted(answered)}

@@ -33,7 +33,9 @@ from node.contribution import Contribution, LocalUpdate, contribution_for
 from node.endpoint import Endpoint, subscribe_ready
 from node.errors import FedbusError
 from node.logs import get_logger, set_round, set_stage
+from node.modelcheck import fingerprint, mismatch_error
 from node.trainer import Trainer
+from node.training.histograms import EvaluationError, histogram_vector
 from protocol.base import Message
 from protocol.codec import Codec
 from protocol.events import Outgoing
@@ -41,6 +43,8 @@ from protocol.messages import (
     Envelope,
     EvaluateRequest,
     EvaluateResult,
+    ModelMismatch,
+    ModelSummary,
     Presence,
     RoundEnd,
     RoundStart,
@@ -71,8 +75,13 @@ class Envoy:
         fault_plan: CrashPlan | None = None,
         exit_fn: Callable[[int], Any] = os._exit,
         codec: Codec | None = None,
+        model: ModelSummary | None = None,
     ) -> None:
         self.cfg = cfg
+        # The summary of the model this envoy trains (node.modelcheck); announced at join.
+        self.model = model
+        self.model_fingerprint = fingerprint(model) if model is not None else ""
+        self.failure: FedbusError | None = None
         self.bus = bus
         self.trainer = trainer
         self.fault_plan = fault_plan
@@ -124,7 +133,11 @@ class Envoy:
 
     async def _presence(self, online: bool) -> None:
         body = Presence(
-            online=online, role="envoy", heartbeat_s=self.cfg.heartbeat_s, stage=self.stage[:64]
+            online=online,
+            role="envoy",
+            heartbeat_s=self.cfg.heartbeat_s,
+            stage=self.stage[:64],
+            model=self.model_fingerprint,
         )
         with contextlib.suppress(Exception):
             await self.endpoint.send(
@@ -169,6 +182,8 @@ class Envoy:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self._presence(False)
+        if self.failure is not None:
+            raise self.failure
         return 0
 
     def attach(self, bus: Bus) -> None:
@@ -213,8 +228,20 @@ class Envoy:
             self.log.info("shutdown", reason=body.reason)
             self._cancel_round()
             self.stop()
+        elif isinstance(body, ModelMismatch):
+            self._model_refused(body)
         else:
             await self._on_round_message(env.round, body)
+
+    def _model_refused(self, body: ModelMismatch) -> None:
+        """The director builds another model: a config error here, named, and the end."""
+        if self.model is None or body.fingerprint == self.model_fingerprint:
+            self.log.warning("model_mismatch_ignored", announced=self.model_fingerprint)
+            return
+        self.failure = mismatch_error(self.model, body.model)
+        self.log.error("model_mismatch", reason=str(self.failure))
+        self._cancel_round()
+        self.stop()
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -328,16 +355,22 @@ class Envoy:
     async def _evaluate(self, round: int, req: EvaluateRequest) -> None:
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(req.weights).items()}
-            neg, pos, loss_sum = await asyncio.to_thread(self.trainer.evaluate, weights, req.bins)
+            pred = await asyncio.to_thread(self.trainer.evaluate, weights)
+            classes = self.cfg.model.num_classes
+            if np.ndim(pred.probabilities) != 2 or np.shape(pred.probabilities)[1] != classes:
+                raise EvaluationError(
+                    f"the trainer's probabilities have shape {list(np.shape(pred.probabilities))}"
+                    f", [model] num_classes is {classes}"
+                )
+            histograms = histogram_vector(pred.probabilities, pred.labels, req.bins)
         except Exception as exc:
             self.log.warning("evaluate_failed", reason=repr(exc)[:300])
             return
         self.evaluations += 1
         body = EvaluateResult(
-            num_samples=int(neg.sum() + pos.sum()),
-            loss_sum=float(loss_sum),
-            hist_negative=[int(x) for x in neg],
-            hist_positive=[int(x) for x in pos],
+            num_samples=len(pred.labels),
+            loss_sum=float(pred.loss_sum),
+            histograms=histograms.tolist(),
         )
         await self.endpoint.send(
             self.topics.director, round=round, recipient=self.cfg.director_id, body=body

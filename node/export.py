@@ -47,7 +47,7 @@ import numpy as np
 
 from broker.files import atomic_write_bytes, atomic_write_text
 from node.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from node.config import DirectorConfig, ModelConfig, load_director_config, model_kwargs
+from node.config import DirectorConfig, ModelConfig, load_director_config
 from node.errors import ExitCode, FedbusError
 from node.roundlog import read_records
 from protocol.configfile import ConfigError
@@ -215,14 +215,21 @@ def model_card(
     in_channels: int,
     director: DirectorConfig | None = None,
     status: Mapping[str, Any] | None = None,
+    bottlenecks: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """What a hospital needs to know before it uses the model, as one JSON-able dict."""
+    """What a hospital needs to know before it uses the model, as one JSON-able dict.
+
+    `records` are the round records (the state folder's round log); `bottlenecks` are the
+    class names of the gradient_leakage bottleneck modules in a team's own model (the defence
+    of a custom factory is whatever it built in).
+    """
     rounds = _participation(records, chosen.round)
+    defence = _defence(model, bottlenecks)
     all_secure = bool(rounds["rounds"]) and all(r["secure_aggregation"] for r in rounds["rounds"])
     privacy: dict[str, Any] = {
         "secure_aggregation": all_secure,
         "secure_aggregation_rounds": sum(r["secure_aggregation"] for r in rounds["rounds"]),
-        "bottleneck": model.defense,
+        "bottleneck": defence["name"],
         "differential_privacy": None,
     }
     if director is not None:
@@ -259,6 +266,7 @@ def model_card(
             "logits": ["batch", model.num_classes],
             "probabilities": ["batch", model.num_classes],
         },
+        "classes": model.classes,
         "decision_threshold": chosen.threshold,
         "decision_rule": (
             "positive (class 1) iff probabilities[:, 1] >= decision_threshold"
@@ -267,8 +275,25 @@ def model_card(
         ),
         "validation": _validation(chosen.metrics),
         "participation": rounds,
-        "defence": {"name": model.defense, "description": DEFENCES[model.defense]},
+        "defence": defence,
         "privacy": privacy,
+    }
+
+
+def _defence(model: ModelConfig, bottlenecks: Sequence[str]) -> dict[str, Any]:
+    if model.factory is None:
+        return {"name": model.defense, "description": DEFENCES[model.defense]}
+    if not bottlenecks:
+        return {
+            "name": "none",
+            "description": f"a team's own model ({model.factory}) without a fedbus bottleneck "
+            f"module: {DEFENCES['none']}",
+        }
+    return {
+        "name": "custom",
+        "modules": list(bottlenecks),
+        "description": f"a team's own model ({model.factory}) with the variational "
+        f"bottleneck module(s) {', '.join(bottlenecks)} of gradient_leakage",
     }
 
 
@@ -276,19 +301,29 @@ def model_card(
 
 
 def _build(model_cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> Any:
-    from node.training.model import build_model
+    from node.models import build_configured_model
     from node.training.weights import set_weights
 
-    model = build_model(**model_kwargs(model_cfg))
+    model = build_configured_model(model_cfg)  # EntryPointError (a FedbusError) if it cannot
     try:
         set_weights(model, weights)
     except ValueError as exc:
+        built = (
+            f"{model_cfg.arch}, defence {model_cfg.defense}, width {model_cfg.width}"
+            if model_cfg.factory is None
+            else f"factory {model_cfg.factory}, options {model_cfg.options}"
+        )
         raise ExportError(
-            f"the checkpoint's weights do not fit the described model "
-            f"({model_cfg.arch}, defence {model_cfg.defense}, width {model_cfg.width}, "
+            f"the checkpoint's weights do not fit the described model ({built}, "
             f"{model_cfg.num_classes} classes): {exc}"
         ) from None
     return model.eval()
+
+
+def _bottlenecks(model: Any) -> list[str]:
+    from gradient_leakage.bottleneck import Bottleneck
+
+    return [type(m).__name__ for m in model.modules() if isinstance(m, Bottleneck)]
 
 
 def _with_probabilities(model: Any) -> Any:
@@ -441,7 +476,7 @@ def export_model(
         )
     chosen = choose_round(ckpt, best=best)
     net = _build(model_cfg, chosen.weights)
-    in_channels = int(getattr(net, "in_channels", 1))
+    in_channels = int(getattr(net, "in_channels", model_cfg.in_channels))
     card = model_card(
         ckpt,
         chosen,
@@ -451,6 +486,7 @@ def export_model(
         in_channels=in_channels,
         director=director,
         status=_read_status(state),
+        bottlenecks=_bottlenecks(net),
     )
     card_text = json.dumps(_finite(card), indent=1, allow_nan=False) + "\n"
     metadata = {

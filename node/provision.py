@@ -57,13 +57,15 @@ from node.pki import cert_fingerprint, cert_names_cover, cert_serial, issue_cert
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import ConfigError, dump_toml, parse_toml
 
-REPO = Path(__file__).resolve().parents[1]
-DIRECTOR_TEMPLATE = REPO / "configs" / "director.toml"
+# The configs fedbus ships: the repository's configs/ folder, installed as node/configs.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DIRECTOR_TEMPLATE = SHIPPED_CONFIGS / "director.toml"
 DEFAULT_PORTS = {"zmq": 5555, "mqtt": 8883}
 # Kit folders hold secrets: only their owner may list or enter them.
 KIT_DIR_MODE = 0o700
 
 NodeKind = Literal["director", "envoy"]
+DataSourceKind = Literal["pneumoniamnist", "image_folder"]
 _SCHEMAS: dict[NodeKind, type[DirectorConfig] | type[EnvoyConfig]] = {
     "director": DirectorConfig,
     "envoy": EnvoyConfig,
@@ -131,6 +133,8 @@ class Plan:
     rounds: int
     data_path: str
     max_frame_bytes: int
+    # What the envoys' [data] path holds: "pneumoniamnist" (the .npz) or "image_folder".
+    data_source: DataSourceKind = "pneumoniamnist"
     remove: list[str] = field(default_factory=list)
     # The ZeroMQ broker's heartbeat (broker.toml [heartbeat]); the daemon's defaults unless set.
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
@@ -381,7 +385,9 @@ def _write_mosquitto_kit(plan: Plan, kit: Path, keys: dict[str, NodeKeys]) -> No
 
 
 def _director_template() -> dict[str, Any]:
-    return _read_toml_if_present(DIRECTOR_TEMPLATE) or {}
+    """The shipped director.toml: the training recipe, model and SecAgg settings every kit
+    starts from (a missing template is a broken install, never an empty recipe)."""
+    return read_toml(DIRECTOR_TEMPLATE)
 
 
 def _credentials_table(plan: Plan, name: str) -> dict[str, Any]:
@@ -454,11 +460,7 @@ def _write_envoy_kit(plan: Plan, keys: dict[str, NodeKeys], name: str, index: in
     base: dict[str, Any] = {
         "state_dir": plan.state_dir(name),
         # Edit [data] to point at this hospital's images; provision keeps your edits.
-        "data": {
-            "source": "pneumoniamnist",
-            "path": plan.data_path,
-            "partition": {"scheme": "dirichlet", "index": index, "count": len(plan.envoys)},
-        },
+        "data": _data_table(plan, index),
         "model": model,
     }
     managed = {
@@ -477,6 +479,16 @@ def _write_envoy_kit(plan: Plan, keys: dict[str, NodeKeys], name: str, index: in
     config["peer_signing_keys"] = managed["peer_signing_keys"]
     config["credentials"] = managed["credentials"]
     _write_config(path, config, "envoy")
+
+
+def _data_table(plan: Plan, index: int) -> dict[str, Any]:
+    """An envoy kit's [data]. A hospital's image folder is all its own: no partition, the
+    envoy trains on every image in it. PneumoniaMNIST is one public file that every envoy of
+    a simulated federation holds: each takes its own Dirichlet label-skewed part."""
+    table: dict[str, Any] = {"source": plan.data_source, "path": plan.data_path}
+    if plan.data_source == "pneumoniamnist" and len(plan.envoys) > 1:
+        table["partition"] = {"scheme": "dirichlet", "index": index, "count": len(plan.envoys)}
+    return table
 
 
 def _write_config(path: Path, config: Mapping[str, Any], kind: NodeKind) -> None:
@@ -580,7 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="data/pneumoniamnist.npz",
-        help="the envoys' [data] path (each hospital edits its own)",
+        help="the envoys' [data] path (each hospital edits its own), e.g. /srv/xray/chest_xray",
+    )
+    p.add_argument(
+        "--data-source",
+        choices=("pneumoniamnist", "image_folder"),
+        help="what --data holds (default: pneumoniamnist for a .npz file, else image_folder). "
+        "An image folder is a hospital's own and trained on whole; PneumoniaMNIST is split "
+        "among the envoys (Dirichlet label skew), as in a simulated federation",
     )
     p.add_argument("--max-frame-bytes", type=int, default=DEFAULT_MAX_FRAME_BYTES)
     return p
@@ -591,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plan = _plan(args)
         keys = provision(plan)
+    except ConfigError:
+        raise  # a kit file that cannot be read: exit status 3 (node.cli)
     except (ProvisionError, ValueError) as exc:
         print(f"fedbus provision: error: {exc}", file=sys.stderr)
         return int(ProvisionError.exit_code)
@@ -640,9 +661,14 @@ def _plan(args: argparse.Namespace) -> Plan:
         mosquitto_user=args.mosquitto_user,
         rounds=args.rounds,
         data_path=args.data,
+        data_source=args.data_source or _data_source_of(args.data),
         max_frame_bytes=args.max_frame_bytes,
         remove=remove,
     )
+
+
+def _data_source_of(path: str) -> DataSourceKind:
+    return "pneumoniamnist" if path.lower().endswith(".npz") else "image_folder"
 
 
 if __name__ == "__main__":  # pragma: no cover

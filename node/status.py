@@ -42,9 +42,10 @@ def format_status(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
     online = [k for k, v in envoys.items() if v.get("online")]
     lines.append(f"envoys online {len(online)}/{len(envoys)}:")
     for name, e in envoys.items():
+        refused = f"  REFUSED: {e['refused']}" if e.get("refused") else ""
         lines.append(
             f"  {name:20s} {'online ' if e.get('online') else 'OFFLINE'} "
-            f"last seen {e.get('last_seen_s', 0):.1f} s ago  {e.get('stage', '')}"
+            f"last seen {e.get('last_seen_s', 0):.1f} s ago  {e.get('stage', '')}{refused}"
         )
     if records:
         lines.append("rounds:")

@@ -39,6 +39,7 @@ from broker.client import Bus, BusError, connect
 from node.config import EnvoyConfig, load_envoy_config
 from node.envoy import Envoy
 from node.logs import setup_logging
+from node.trainer import Predictions
 from protocol.messages import TrainPlan
 
 __all__ = ["SyntheticTrainer", "main", "run_swarm"]
@@ -75,13 +76,10 @@ class SyntheticTrainer:
         }
         return new, self.num_samples, abs(self.target)
 
-    def evaluate(
-        self, weights: Mapping[str, np.ndarray], bins: int
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        from node.training.metrics import score_histograms
-
-        neg, pos = score_histograms(self.val_scores, self.val_labels, bins)
-        return neg, pos, float(len(self.val_labels)) * 0.5
+    def evaluate(self, weights: Mapping[str, np.ndarray]) -> Predictions:
+        scores = self.val_scores
+        probabilities = np.stack([1.0 - scores, scores], axis=1)
+        return Predictions(probabilities, self.val_labels, float(len(scores)) * 0.5)
 
 
 class _Severable(Bus):

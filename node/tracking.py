@@ -4,7 +4,8 @@ Each completed round's record (the dict the director appends to rounds.jsonl) be
 step = round number:
 
 * scalars: ``val/*`` (auc, accuracy, sensitivity, specificity, balanced_accuracy, f1,
-  loss, threshold, youden), ``train/loss``, ``federation/*`` (participants, survivors,
+  loss, threshold, youden; with more than two classes the macro averages, and per class
+  ``val/class/<name>/{auc,sensitivity,specificity,f1}``), ``train/loss``, ``federation/*`` (participants, survivors,
   dropouts, secure, best_round), ``time/round_seconds`` and ``time/stage/<stage>``;
 * ``val/pr_curve``: the precision-recall curve in TensorBoard's own PR-curve format, one
   point per histogram threshold, computed from the ROC and the class counts the record
@@ -73,6 +74,11 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     out["time/round_seconds"] = _number(record.get("seconds"))
     for stage, seconds in (record.get("stage_seconds") or {}).items():
         out[f"time/stage/{stage}"] = _number(seconds)
+    for entry in val.get("per_class") or []:  # more than two classes: one-vs-rest per class
+        name = entry.get("class")
+        if isinstance(name, str):
+            for key in ("auc", "sensitivity", "specificity", "f1"):
+                out[f"val/class/{name}/{key}"] = _number(entry.get(key))
     return {tag: value for tag, value in out.items() if value is not None}
 
 

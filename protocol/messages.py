@@ -13,7 +13,7 @@ import msgspec
 
 from protocol.base import Message
 from protocol.secagg.messages import SecAggMessage, SecAggParams
-from protocol.tensors import Tensor
+from protocol.tensors import MAX_DIMS, Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
 
 PROTOCOL_VERSION = 1
@@ -22,7 +22,11 @@ PROTOCOL_VERSION = 1
 MAX_ATTEMPTS = 64
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS - 1)]
 
-Weights = dict[Annotated[str, msgspec.Meta(max_length=256)], Tensor]
+LayerName = Annotated[str, msgspec.Meta(max_length=256)]
+Weights = dict[LayerName, Tensor]
+# A model fingerprint: 32 hex digits of SHA-256 over a ModelSummary (node.modelcheck).
+Fingerprint = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")]
+MAX_LAYERS = 100_000
 
 
 class Presence(Message, frozen=True):
@@ -32,6 +36,28 @@ class Presence(Message, frozen=True):
     role: Annotated[str, msgspec.Meta(pattern="^(envoy|director)$")]
     heartbeat_s: float
     stage: ShortText = ""
+    # The fingerprint of the model this node builds from its config ("" = not declared), so
+    # a director and an envoy configured with different models find out when the envoy joins.
+    model: Fingerprint = ""
+
+
+class ModelSummary(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What makes two nodes' models the same network: the [model] settings that shape it
+    (as canonical JSON text) and the name and shape of every weight."""
+
+    settings: dict[ShortText, ShortText]
+    layers: Annotated[
+        list[tuple[LayerName, Annotated[list[Count], msgspec.Meta(max_length=MAX_DIMS)]]],
+        msgspec.Meta(max_length=MAX_LAYERS),
+    ]
+
+
+class ModelMismatch(Message, frozen=True):
+    """Director -> envoy: your model's fingerprint is not the federation's; this is its model
+    (the envoy names the differences and stops: a config error, not something to retry)."""
+
+    fingerprint: Fingerprint
+    model: ModelSummary
 
 
 class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,15 +95,16 @@ class EvaluateRequest(Message, frozen=True):
 
 
 class EvaluateResult(Message, frozen=True):
-    """Per-class histograms of the pneumonia score on the envoy's validation split.
+    """Per-class score histograms of the envoy's validation split, as one flat vector.
 
     Histograms, not per-image scores, so the director learns the ROC and nothing per patient.
+    The layout (node.training.histograms) depends on the number of classes and bins: for two
+    classes it is the negative then the positive histogram of P(class 1).
     """
 
     num_samples: Count
     loss_sum: float
-    hist_negative: list[Count]
-    hist_positive: list[Count]
+    histograms: list[Count]
 
 
 class RoundEnd(Message, frozen=True):
@@ -109,6 +136,7 @@ class StatusReply(Message, frozen=True):
 
 CoreMessage = (
     Presence
+    | ModelMismatch
     | RoundStart
     | PlainUpdate
     | EvaluateRequest

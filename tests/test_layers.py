@@ -1,4 +1,4 @@
-"""The layering contract of DESIGN.md, checked on the real import graph."""
+"""The layering contract of docs/architecture.md ("Layers"), checked on the real import graph."""
 
 from __future__ import annotations
 

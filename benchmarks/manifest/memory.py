@@ -6,7 +6,10 @@ every item once and samples its resident set size (VmRSS) after each item:
 
 * ``stream``: node.training.manifest.ManifestDataset, as an envoy trains from it;
 * ``hold``: the same decoded items appended to a list, as a loader that keeps the data set
-  in memory does (the control: it shows the measurement sees memory that grows).
+  in memory does (the control: it shows the measurement sees memory that grows);
+* ``train``: one epoch of the envoy's training step (node.training.train.train_local, batch
+  8, the bundled CNN at width 8 and 64 px) reading the dataset batch by batch, RSS sampled
+  after every step: what an envoy with a `[data] loader` does each round.
 
 Growth = peak RSS - RSS after the first `--warmup` items (imports, first allocations and
 torch's thread pools are in the baseline). Flat memory means the stream's growth does not
@@ -64,6 +67,8 @@ def child(manifest: Path, size: int, mode: str, warmup: int) -> dict[str, float]
 
     m = read_manifest(manifest)
     dataset = ManifestDataset(m.split("train"), ImageSpec(size=size), m.classes)
+    if mode == "train":
+        return train_child(dataset, warmup)
     kept: list[torch.Tensor] = []
     baseline = peak = 0
     started = time.perf_counter()
@@ -84,13 +89,43 @@ def child(manifest: Path, size: int, mode: str, warmup: int) -> dict[str, float]
     }
 
 
-def run(counts: list[int], size: int, source_size: int, warmup: int) -> dict[str, object]:
+def train_child(dataset: object, warmup: int) -> dict[str, float]:
+    """One epoch of train_local streaming `dataset`; RSS after every step."""
+    from node.training.model import build_model
+    from node.training.train import train_local
+    from protocol.messages import TrainPlan
+
+    model = build_model("cnn", "cvb", 64, width=8, seed=0)
+    plan = TrainPlan(local_epochs=1, batch_size=8, lr=0.01)
+    samples = {"baseline": 0, "peak": 0}
+
+    def step(done: int, total: int, loss: float) -> None:
+        rss = rss_bytes()
+        if done * plan.batch_size >= warmup and not samples["baseline"]:
+            samples["baseline"] = samples["peak"] = rss
+        samples["peak"] = max(samples["peak"], rss)
+
+    started = time.perf_counter()
+    result = train_local(model, dataset, None, plan, seed=0, progress=step)
+    return {
+        "items": result.num_samples,
+        "steps": result.steps,
+        "rss_baseline_mib": samples["baseline"] / 2**20,
+        "rss_peak_mib": samples["peak"] / 2**20,
+        "growth_mib": (samples["peak"] - samples["baseline"]) / 2**20,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run(
+    counts: list[int], size: int, source_size: int, warmup: int, modes: list[str]
+) -> dict[str, object]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedbus-manifest-") as tmp:
         for count in counts:
             folder = Path(tmp) / str(count)
             manifest, on_disk = write_files(folder, count, source_size)
-            for mode in ("stream", "hold"):
+            for mode in modes:
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -115,7 +150,8 @@ def run(counts: list[int], size: int, source_size: int, warmup: int) -> dict[str
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return {
-        "what": "RSS growth while reading every item of a DICOM manifest once",
+        "what": "RSS growth while reading every item of a DICOM manifest once (stream, hold) "
+        "and while one epoch of train_local streams it (train)",
         "size": size,
         "source_size": source_size,
         "warmup_items": warmup,
@@ -129,15 +165,19 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224, help="model input side")
     p.add_argument("--source-size", type=int, default=1024, help="side of the DICOM images")
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--modes", default="stream,hold,train", help="comma-separated modes")
     p.add_argument("--out", type=Path)
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=("stream", "hold"), default="stream", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--mode", choices=("stream", "hold", "train"), default="stream", help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
         print(json.dumps(child(args.child, args.size, args.mode, args.warmup)))
         return 0
-    result = run([int(c) for c in args.files.split(",")], args.size, args.source_size, args.warmup)
+    counts = [int(c) for c in args.files.split(",")]
+    result = run(counts, args.size, args.source_size, args.warmup, args.modes.split(","))
     if args.out:
         sys.path.insert(0, str(REPO))
         from broker.files import atomic_write_text

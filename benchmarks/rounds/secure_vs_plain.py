@@ -1,4 +1,4 @@
-"""Secure vs plain round wall time, side by side in one run (DESIGN target: <= 1.2 x).
+"""Secure vs plain round wall time, side by side in one run (target, docs/architecture.md: <= 1.2 x).
 
 Each configuration is a real `fedbus demo` federation (broker, director and envoys as
 separate processes over loopback, CurveZMQ + Ed25519), same data, partition, seeds and

@@ -1,7 +1,7 @@
 """(a) The masking bound: client masking time vs the bare AES-256-CTR keystream, same bytes.
 
 A client with k neighbours expands k + 1 masks (its self mask and one per neighbour) of d
-uint32 each: (k + 1) * 4d keystream bytes. The bound (DESIGN.md): masking <= 1.5 x the time
+uint32 each: (k + 1) * 4d keystream bytes. The bound (docs/architecture.md, "Targets"): masking <= 1.5 x the time
 of producing that keystream bare, i.e. `encryptor.update_into` into one reused ~1 MiB
 buffer, no arithmetic. Measured side by side, interleaved; the ratio is the median over R repetitions of
 (time / bare time of the same repetition):

@@ -1,6 +1,6 @@
 """Fault plans: crashes, lossy links, partitions and broker restarts, on purpose and seeded.
 
-One TOML format (DESIGN.md, "Fault plans") serves `fedbus demo --faults`, the tests and
+One TOML format (docs/architecture.md, "Fault plans") serves `fedbus demo --faults`, the tests and
 users' own harnesses; the Python API builds the same plan and can write it back as TOML for
 child processes. The plan is a msgspec schema validated through `protocol.configfile`, so a
 file and the builder are checked by the same rules and every error names the file and the

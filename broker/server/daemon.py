@@ -1,29 +1,35 @@
 """`fedbus broker`: the ZeroMQ broker as a process. Loads no torch, only pyzmq and structlog.
 
-Config: broker.toml (see `broker.server.config` and configs/broker.toml).
+Config: broker.toml (see `broker.server.config` and configs/broker.toml). Started through
+`fedbus broker` (node.cli), which sets up the JSON logs and turns the errors raised here into
+the documented exit statuses: ConfigError (a config or key file that cannot be used) and
+ListenError (the address cannot be bound).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 
+import structlog
+
+from broker.errors import BrokerError
 from broker.files import PUBLIC_MODE, atomic_write_text
 from broker.server.config import BrokerConfig
 from broker.topics import validate_id
 from protocol.configfile import ConfigError
 
+__all__ = ["ListenError", "build_parser", "main"]
+
 INSECURE_WARNING = (
-    "WARNING: --insecure-no-auth: the broker accepts ANY client and believes the node id and "
-    "role it claims. Use this for local experiments only, never on a network."
+    "--insecure-no-auth: the broker accepts ANY client and believes the node id and role it "
+    "claims. Use this for local experiments only, never on a network."
 )
-# Exit statuses (the README's table; node.errors.ExitCode holds the same numbers for every
-# command, but the broker must not import node/).
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+
+
+class ListenError(BrokerError, OSError):
+    """The broker cannot listen on its bind address (taken, not ours, not permitted)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,26 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the broker until SIGTERM/SIGINT; 0 after a clean stop."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     insecure = bool(args.insecure_no_auth)
+    if args.config is None and not insecure:
+        parser.error("--config is required (or --insecure-no-auth)")
+    log = structlog.get_logger("broker").bind(node="broker")
     try:
         if args.config is not None:
             config = BrokerConfig.load(args.config, insecure=insecure)
-        elif insecure:
-            config = BrokerConfig(federation=args.federation or "fedbus")
         else:
-            print("fedbus broker: --config is required (or --insecure-no-auth)", file=sys.stderr)
-            return EXIT_USAGE
+            config = BrokerConfig(federation=args.federation or "fedbus")
         if args.federation:
             config.federation = validate_id(args.federation, field="--federation")
         if args.bind:
             config.bind = args.bind
         broker = config.build(insecure=insecure)
-    except (ConfigError, ValueError) as exc:
-        print(f"fedbus broker: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        source = args.config if args.config is not None else "command line"
+        raise ConfigError(f"{source}: {exc}") from None
     if insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        log.warning("insecure_no_auth", warning=INSECURE_WARNING)
 
     def on_signal(signum: int, _frame: object) -> None:
         broker.stop()
@@ -77,16 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker.start()
     except OSError as exc:
-        print(f"fedbus broker: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(f"fedbus broker listening on {broker.url}", flush=True)
+        raise ListenError(str(exc)) from exc
     if args.ready_file is not None:
         atomic_write_text(args.ready_file, broker.url + "\n", mode=PUBLIC_MODE)
     # Join in slices so the main thread keeps running Python signal handlers.
     while not broker.join(0.5):
         pass
-    return EXIT_FAILURE if broker.error is not None else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if broker.error is not None:
+        raise BrokerError(f"the broker stopped on an error: {broker.error}") from broker.error
+    return 0

@@ -339,10 +339,13 @@ class ZmqBroker:
                 pending.extend(self._send(router, action))
 
     def _emit(self, entry: Log) -> None:
+        # `node` in a log line is the process that wrote it (the broker); the session an
+        # event is about is its `peer`.
+        fields = {("peer" if key == "node" else key): value for key, value in entry.fields.items()}
         if entry.level == "warning":
-            self.log.warning(entry.event, **entry.fields)
+            self.log.warning(entry.event, **fields)
         else:
-            self.log.info(entry.event, **entry.fields)
+            self.log.info(entry.event, **fields)
 
     def _send(self, router: zmq.Socket[Any], send: Send) -> list[Action]:
         follow: list[Action] = []

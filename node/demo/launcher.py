@@ -34,12 +34,13 @@ from broker.files import PUBLIC_MODE, atomic_write_text, read_toml
 from broker.server.config import Heartbeat
 from broker.server.mosquitto_process import MosquittoError, MosquittoProcess, mosquitto_binary
 from broker.server.ports import ADDRESS_IN_USE, free_port
+from node.config import BUNDLED_DATA_FIELDS, BUNDLED_MODEL_FIELDS
 from node.errors import ExitCode, FedbusError
-from node.provision import Plan, provision, update_config
+from node.logs import configured_level
+from node.provision import SHIPPED_CONFIGS, Plan, provision, update_config
 from node.status import read_records
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
-REPO = Path(__file__).resolve().parents[2]
 FEDERATION = "demo"
 DIRECTOR = "director"
 LOOPBACK = "127.0.0.1"
@@ -87,6 +88,17 @@ class Proc:
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+
+def flatten_keys(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1} (the inverse of `nested`)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,13 +158,20 @@ class Federation:
 
     # -- kits -------------------------------------------------------------------------------
 
-    def resolve_data(self) -> Path:
-        from node.training.data import DataUnavailable, resolve_pneumoniamnist
+    @property
+    def custom_loader(self) -> bool:
+        """The envoys read their data with a team's own loader (--set data.loader=...)."""
+        return "data.loader" in self.opts.envoy_set
 
-        path = self.opts.data or os.environ.get("FEDBUS_DATA") or None
+    def resolve_data(self) -> Path | None:
+        from node.training.data import DATA_ENV, DataUnavailable, resolve_pneumoniamnist
+
+        if self.custom_loader:
+            return None  # the loader knows its data; PneumoniaMNIST is not needed
+        path = self.opts.data or os.environ.get(DATA_ENV) or None
         if path is None:
             raise DataUnavailable(
-                "no data: pass --data PATH/pneumoniamnist.npz or set FEDBUS_DATA.\n" + _how_to_get()
+                f"no data: pass --data PATH/pneumoniamnist.npz or set {DATA_ENV}.\n" + _how_to_get()
             )
         self.data_path = resolve_pneumoniamnist(path).resolve()
         return self.data_path
@@ -165,12 +184,12 @@ class Federation:
         if self.opts.envoys < 2:
             raise DemoError("--envoys must be at least 2 (secure aggregation needs a crowd)")
         if self.opts.faults:
-            self.plan = FaultPlan.load(self.opts.faults)
+            self.plan = FaultPlan.load(fault_plan_file(self.opts.faults))
         if (self.director_state / "checkpoint.msgpack").exists():
             raise DemoError(f"{self.out} already holds a run; choose a new --out")
         if self.opts.transport == "mqtt":
             mosquitto_binary()  # a clear error now if it is not installed
-        if self.data_path is None:
+        if self.data_path is None and not self.custom_loader:
             self.resolve_data()
         self.logs.mkdir(parents=True, exist_ok=True)
         self._provision(free_port())
@@ -178,7 +197,6 @@ class Federation:
             self.plan.save(self.faults_file)
 
     def _provision(self, port: int) -> None:
-        assert self.data_path is not None
         plan = Plan(
             federation=FEDERATION,
             envoys=list(self.names),
@@ -193,7 +211,8 @@ class Federation:
             # Started as root, Mosquitto would switch to a user that cannot read the kit.
             mosquitto_user=getpass.getuser() if os.geteuid() == 0 else None,
             rounds=self.opts.rounds,
-            data_path=str(self.data_path),
+            # With a team's own loader the envoys' [data] is theirs (write_configs).
+            data_path=str(self.data_path or self.out),
             max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
             heartbeat=HEARTBEAT,
         )
@@ -219,7 +238,10 @@ class Federation:
             "audit": self.opts.audit,
             "insecure_plain_aggregation": self.opts.insecure_plain,
         }
-        return {**settings, **nested(self.opts.director_set)}
+        if "model.factory" in self.opts.director_set:
+            # The provisioned [model] configures the bundled CNN, which the factory replaces.
+            settings["model"] = dict.fromkeys(BUNDLED_MODEL_FIELDS)
+        return nested({**flatten_keys(settings), **self.opts.director_set})
 
     def _envoy_settings(self, index: int, model: dict[str, Any]) -> dict[str, Any]:
         settings: dict[str, Any] = {
@@ -239,11 +261,16 @@ class Federation:
                     "seed": self.opts.seed,
                 },
             },
-            "model": model,
+            # The director's [model] exactly: what it leaves out, the envoys leave out too.
+            "model": {**dict.fromkeys(BUNDLED_MODEL_FIELDS), **model},
         }
         if self.plan is not None:
             settings["faults"] = str(self.faults_file)
-        return {**settings, **nested(self.opts.envoy_set)}
+        if self.custom_loader:
+            # A team's loader reads its own data (data.path only if --set gives one); the
+            # demo shares it out between the envoys like the npz (limit, partition).
+            settings["data"].update(dict.fromkeys(("path", *BUNDLED_DATA_FIELDS)))
+        return nested({**flatten_keys(settings), **self.opts.envoy_set})
 
     # -- processes --------------------------------------------------------------------------
 
@@ -257,12 +284,13 @@ class Federation:
         log = self.logs / f"{name}.log"
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
-        )
+        # The same interpreter and installed fedbus as this process: no PYTHONPATH needed.
+        # node.cli takes the level as its global flag; node.swarm is given its own in `args`.
+        level = ["--log-level", configured_level()] if module == "node.cli" else []
+        command = [sys.executable, "-m", module, *level, *args]
         with open(log, "ab") as fh:  # the child's stdout: a stream, not a saved file
             popen = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                command,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -410,6 +438,21 @@ class Federation:
     def records(self) -> list[dict[str, Any]]:
         """The director's completed rounds so far (rounds.jsonl)."""
         return read_records(self.director_state)
+
+
+def shipped_fault_plans() -> list[str]:
+    """Names of the fault plans fedbus ships (configs/faults/NAME.toml)."""
+    return sorted(p.stem for p in (SHIPPED_CONFIGS / "faults").glob("*.toml"))
+
+
+def fault_plan_file(plan: str | os.PathLike[str]) -> Path:
+    """A fault plan file, or the name of a shipped plan (`chaos`), which an installed fedbus
+    finds without the repository's configs/ folder."""
+    path = Path(plan)
+    shipped = SHIPPED_CONFIGS / "faults" / f"{plan}.toml"
+    if not path.exists() and path.name == str(plan) and shipped.is_file():
+        return shipped
+    return path
 
 
 class _PortTaken(Exception):

@@ -59,15 +59,13 @@ def _round_verified(fed: Federation, r: int) -> bool:
 
 
 def final_evaluation(fed: Federation) -> dict[str, Any]:
-    """The best-by-validation model and threshold, scored on the official test split."""
+    """The best-by-validation model and threshold, scored on the test split: PneumoniaMNIST's,
+    or the one a team's loader returns ("test"); without one, `test` is None."""
     import torch
 
     from node.checkpoint import load_checkpoint
-    from node.config import load_director_config, model_kwargs
-    from node.training.data import load_pneumoniamnist
-    from node.training.metrics import binary_metrics, roc_auc
-    from node.training.model import build_model
-    from node.training.train import predict_scores
+    from node.config import load_director_config
+    from node.models import build_configured_model
     from node.training.weights import set_weights
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -76,28 +74,80 @@ def final_evaluation(fed: Federation) -> dict[str, Any]:
     if ckpt is None:
         raise DemoError("the director left no checkpoint")
     weights = ckpt.best_weights_numpy() or ckpt.weights_numpy()
-    threshold = ckpt.best_threshold if ckpt.best_threshold is not None else 0.5
-    model = build_model(**model_kwargs(cfg.model))
+    binary = cfg.model.num_classes == 2
+    threshold = (
+        (ckpt.best_threshold if ckpt.best_threshold is not None else 0.5) if binary else None
+    )
+    model = build_configured_model(cfg.model)
     set_weights(model, weights)
-    assert fed.data_path is not None
-    ds = load_pneumoniamnist(fed.data_path)
-    scores = np.asarray(predict_scores(model, ds.test.images), dtype=np.float64)
-    test = {
-        k: _plain(v) for k, v in dict(binary_metrics(scores, ds.test.labels, threshold)).items()
-    }
-    test["auc"] = float(roc_auc(scores, ds.test.labels))
-    test["threshold"] = float(threshold)
-    test["num_samples"] = len(ds.test.labels)
     val = {k: _plain(v) for k, v in (ckpt.best_metrics or {}).items()}
-    return {
+    out: dict[str, Any] = {
         "best_round": ckpt.best_round,
         "last_round": ckpt.round,
-        "threshold": float(threshold),
-        "test": test,
+        "threshold": threshold,
+        "test": None,
         "val": val,
-        "_test_scores": scores,
-        "_test_labels": ds.test.labels,
     }
+    predicted = _test_predictions(fed, model)
+    if predicted is None:
+        return out
+    probabilities, labels = predicted
+    out["test"], out["_test_roc"] = _test_metrics(
+        probabilities, labels, threshold, class_names=cfg.model.classes
+    )
+    return out
+
+
+def _test_predictions(fed: Federation, model: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(class probabilities, labels) of the test split, None when there is none."""
+    import torch
+
+    from node.config import load_envoy_config
+    from node.localdata import call_loader
+    from node.training.data import load_pneumoniamnist
+    from node.training.train import predict_dataset, predict_logits
+
+    if fed.custom_loader:
+        splits = call_loader(load_envoy_config(fed.config(fed.names[0])).data)
+        if "test" not in splits:
+            return None
+        logits, labels = predict_dataset(model, splits["test"])
+    else:
+        assert fed.data_path is not None
+        test = load_pneumoniamnist(fed.data_path).test
+        logits, labels = predict_logits(model, test.images), test.labels
+    probabilities = torch.softmax(logits.double(), dim=1).numpy()
+    return probabilities, np.asarray(labels, np.int64)
+
+
+def _test_metrics(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    threshold: float | None,
+    *,
+    class_names: list[str] | None,
+) -> tuple[dict[str, Any], tuple[list[float], list[float]]]:
+    """Test metrics and the test ROC (the micro-average one for more than two classes)."""
+    from node.training.histograms import histogram_vector, metrics_from_vector
+    from node.training.metrics import binary_metrics, roc_auc, roc_from_histograms, score_histograms
+
+    fine = 1000  # bins of the plotted curves and of the multi-class AUCs: all but exact
+    classes = probabilities.shape[1]
+    if classes == 2:
+        assert threshold is not None
+        scores = probabilities[:, 1]
+        test = {k: _plain(v) for k, v in binary_metrics(scores, labels, threshold).items()}
+        test["auc"] = float(roc_auc(scores, labels))
+        test["threshold"] = float(threshold)
+        fpr, tpr = roc_from_histograms(*score_histograms(scores, labels, fine))
+        roc = (fpr.tolist(), tpr.tolist())
+    else:
+        vector = histogram_vector(probabilities, labels, fine)
+        full = metrics_from_vector(vector, classes, fine, class_names)
+        roc = (full["roc_fpr"], full["roc_tpr"])
+        test = {k: _plain(v) for k, v in _without_curves(full).items()}
+    test["num_samples"] = len(labels)
+    return test, roc
 
 
 def _plain(v: Any) -> Any:
@@ -141,12 +191,12 @@ def _plot_rounds(plt: Any, path: Path, rounds: list[dict[str, Any]], final: dict
 
 
 def _plot_roc(plt: Any, path: Path, final: dict[str, Any]) -> None:
-    from node.training.metrics import roc_from_histograms, score_histograms
-
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    neg, pos = score_histograms(final["_test_scores"], final["_test_labels"], 1000)
-    fpr, tpr = roc_from_histograms(neg, pos)
-    ax.plot(fpr, tpr, label=f"test (AUC {final['test']['auc']:.3f})")
+    t = final["test"]
+    if t is not None:
+        fpr, tpr = final["_test_roc"]
+        micro = " micro-average" if t.get("num_classes", 2) > 2 else ""
+        ax.plot(fpr, tpr, label=f"test{micro} (AUC {t['auc']:.3f})")
     if final["val"].get("roc_fpr"):
         ax.plot(
             final["val"]["roc_fpr"],
@@ -154,10 +204,13 @@ def _plot_roc(plt: Any, path: Path, final: dict[str, Any]) -> None:
             "--",
             label=f"validation (AUC {final['val'].get('auc', float('nan')):.3f})",
         )
-    t = final["test"]
-    ax.plot(
-        1 - t["specificity"], t["sensitivity"], "ko", label=f"threshold {final['threshold']:.2f}"
-    )
+    if t is not None and final["threshold"] is not None:
+        ax.plot(
+            1 - t["specificity"],
+            t["sensitivity"],
+            "ko",
+            label=f"threshold {final['threshold']:.2f}",
+        )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -177,7 +230,10 @@ def _save(plt: Any, fig: Any, path: Path) -> None:
 
 
 def _without_curves(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k not in _CURVE_KEYS}
+    out = {k: v for k, v in metrics.items() if k not in _CURVE_KEYS}
+    if isinstance(out.get("per_class"), list):
+        out["per_class"] = [_without_curves(c) for c in out["per_class"]]
+    return out
 
 
 def _round_summary(rec: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +265,7 @@ def build_report(
     return {
         "envoys": opts.envoys,
         "rounds_requested": opts.rounds,
-        "data": str(fed.data_path),
+        "data": str(fed.data_path) if fed.data_path else "the envoys' own data.loader",
         "partition": {"scheme": opts.partition, "alpha": opts.alpha, "seed": opts.seed},
         "faults": opts.faults,
         "audit": opts.audit,

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from node.errors import ExitCode, FedbusError
+
 log = structlog.get_logger(__name__)
 
 PNEUMONIAMNIST_FILENAME = "pneumoniamnist.npz"
@@ -45,8 +47,10 @@ Then pass its path (the file or the folder holding it) with --data PATH, the `da
 envoy config, or the {DATA_ENV} environment variable."""
 
 
-class DataUnavailable(Exception):
+class DataUnavailable(FedbusError):
     """The data set is missing, unreadable or not the expected file; says how to get it."""
+
+    exit_code = ExitCode.CONFIG
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradient_leakage.bottleneck import Bottleneck, ConvVariationalBottleneck, VariationalBottleneck
+from node.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 ARCHS = ("cnn", "resnet18")
 DEFENSES = ("cvb", "precode", "none")
@@ -245,8 +246,8 @@ def build_model(
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if defense not in DEFENSES:
         raise ValueError(f"defense must be one of {DEFENSES}, got {defense!r}")
-    if not 16 <= image_size <= 256:
-        raise ValueError(f"image_size must be 16..256, got {image_size}")
+    if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}, got {image_size}")
     if norm is not None and norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     with torch.random.fork_rng(devices=[], enabled=seed is not None):

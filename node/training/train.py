@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from node.training.batches import batch_source, images_to_tensor, loader_context
 from node.training.metrics import DEFAULT_BINS, score_histograms
 from protocol.messages import TrainPlan
 
@@ -52,18 +54,6 @@ class EvalResult:
     loss_sum: float
     hist_negative: list[int]
     hist_positive: list[int]
-
-
-def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 N x H x W (or N x C x H x W) -> float32 N x C x H x W in [0, 1]."""
-    t = torch.as_tensor(images)
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    if t.dim() != 4:
-        raise ValueError(f"images must be N x H x W or N x C x H x W, got {tuple(t.shape)}")
-    if t.dtype == torch.uint8:
-        return t.float().div_(255.0)
-    return t.float()
 
 
 def augment_batch(
@@ -136,8 +126,8 @@ def make_optimizer(model: nn.Module, plan: TrainPlan) -> torch.optim.Optimizer:
 
 def train_local(
     model: nn.Module,
-    images: np.ndarray | Tensor,
-    labels: np.ndarray,
+    images: np.ndarray | Tensor | Dataset,
+    labels: np.ndarray | None,
     plan: TrainPlan,
     *,
     seed: int,
@@ -147,6 +137,7 @@ def train_local(
     max_grad_norm: float | None = 5.0,
     augment_strength: float = 1.0,
     device: torch.device | str | None = None,
+    workers: int = 0,
 ) -> TrainResult:
     """Train `model` in place on (images, labels) as `plan` says; return sample count and loss.
 
@@ -156,21 +147,20 @@ def train_local(
     momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
     the rotation, scale, shift and jitter ranges of `augment_batch` together. `device`
     moves the model there first (node.training.device.select_device); the images stay in
-    host memory and travel one batch at a time.
+    host memory and travel one batch at a time. `images` may also be a torch Dataset
+    (labels None): it is then read batch by batch, `workers` processes ahead, never held
+    whole (node.training.batches).
     """
     if device is not None:
         model.to(device)
     dev = model_device(model)
-    x_all = images_to_tensor(images)
-    y_all = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
-    n = int(y_all.shape[0])
+    source = batch_source(images, labels, workers=workers)
+    n = len(source)
     if n == 0:
         raise ValueError("no training samples")
-    if x_all.shape[0] != n:
-        raise ValueError(f"{x_all.shape[0]} images but {n} labels")
-    size = int(getattr(model, "image_size", x_all.shape[-1]))
+    size = int(getattr(model, "image_size", 0) or source.image_size)
     num_classes = int(getattr(model, "num_classes", 2))
-    weight = class_weights(y_all.numpy(), num_classes, class_weighting)
+    weight = class_weights(source.labels, num_classes, class_weighting)
     if weight is not None:
         weight = weight.to(dev)
     kl_fn = getattr(model, "kl_loss", None)
@@ -192,10 +182,7 @@ def train_local(
             perm = torch.randperm(n, generator=gen)
             epoch_loss = epoch_kl = 0.0
             seen = 0
-            for b in range(steps_per_epoch):
-                idx = perm[b * batch : (b + 1) * batch if b < steps_per_epoch - 1 else n]
-                x = x_all[idx].to(dev)
-                y = y_all[idx].to(dev)
+            for idx, x, y in source.batches(perm, batch, steps_per_epoch, dev):
                 if plan.augment:
                     x = augment_batch(
                         x,
@@ -266,6 +253,37 @@ def predict_scores(
     """P(pneumonia) per image, float64 in [0, 1], eval mode (bottleneck at its mean)."""
     logits = predict_logits(model, images, batch_size)
     return torch.softmax(logits.double(), dim=1)[:, 1].numpy()
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, *, workers: int = 0
+) -> tuple[Tensor, np.ndarray]:
+    """Eval-mode logits (on the CPU) and labels of every item of `dataset`, in order, read
+    batch by batch like training reads it (node.training.batches)."""
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    logits: list[Tensor] = []
+    labels: list[np.ndarray] = []
+    try:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            multiprocessing_context=loader_context(workers),
+            generator=torch.Generator().manual_seed(0),  # the global RNG is not its to draw
+        )
+        for x, y in loader:
+            logits.append(model(images_to_tensor(x).to(dev)).cpu())
+            labels.append(np.asarray(y, np.int64).reshape(-1))
+    finally:
+        model.train(was_training)
+    num_classes = int(getattr(model, "num_classes", 2))
+    if not logits:
+        return torch.zeros(0, num_classes), np.zeros(0, np.int64)
+    return torch.cat(logits), np.concatenate(labels)
 
 
 def evaluate(

@@ -15,7 +15,9 @@ Protections, outermost first:
 
 The event stream polls the feed every `poll_s` and sends a snapshot only when it changed
 (the page ticks its "seconds ago" and deadline countdowns itself between snapshots), with a
-comment line every `keepalive_s` so proxies and browsers keep the connection open.
+comment line every `keepalive_s` so proxies and browsers keep the connection open. When the
+host stops the page (`app.state.closing`), each stream sends the feed's last state once more
+if it changed, then ends: a director that finished is seen to have finished.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def create_app(
             quiet = 0.0
             try:
                 yield f"retry: {int(max(poll_s, 1.0) * 1000)}\n\n"
-                while not app.state.closing and not await request.is_disconnected():
+                while not await request.is_disconnected():
+                    closing = app.state.closing  # read first: what follows is the last word
                     data = await view()
                     key = json.dumps({k: v for k, v in data.items() if k != "now"}, sort_keys=True)
                     if key != last:
@@ -171,6 +174,8 @@ def create_app(
                     elif quiet >= keepalive_s:
                         quiet = 0.0
                         yield ": keep-alive\n\n"
+                    if closing:
+                        break  # the host stops: its final state (say, "finished") was sent
                     await asyncio.sleep(poll_s)
                     quiet += poll_s
             finally:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from node.status import ROUNDS_LOG, STATUS_FILE, read_records
+from node.training.histograms import MAX_CLASS_CURVES
 from node.training.metrics import SUMMARY_METRICS
 
 __all__ = ["MemoryFeed", "OperatorFeed", "StateDirFeed", "public_view"]
@@ -75,12 +76,29 @@ def _val(metrics: Any) -> dict[str, Any] | None:
 
 
 def _roc(metrics: Any) -> dict[str, Any] | None:
+    """A ROC curve: the binary one, or for more classes the micro-average one with each
+    class's one-vs-rest curve where the director kept them (node.training.histograms)."""
     if not isinstance(metrics, Mapping):
         return None
     fpr, tpr = _curve(metrics.get("roc_fpr")), _curve(metrics.get("roc_tpr"))
     if fpr is None or tpr is None or len(fpr) != len(tpr) or not fpr:
         return None
-    return {"fpr": fpr, "tpr": tpr, "auc": _num(metrics.get("auc"))}
+    out: dict[str, Any] = {"fpr": fpr, "tpr": tpr, "auc": _num(metrics.get("auc"))}
+    per_class = metrics.get("per_class")
+    if isinstance(per_class, list | tuple):
+        out["classes"] = [
+            {"name": _text(c.get("class")) or str(i), "auc": _num(c.get("auc")), **curve}
+            for i, c in enumerate(per_class[:MAX_CLASS_CURVES])
+            if isinstance(c, Mapping) and (curve := _roc_points(c)) is not None
+        ]
+    return out
+
+
+def _roc_points(metrics: Mapping[str, Any]) -> dict[str, list[float]] | None:
+    fpr, tpr = _curve(metrics.get("roc_fpr")), _curve(metrics.get("roc_tpr"))
+    if fpr is None or tpr is None or len(fpr) != len(tpr) or not fpr:
+        return None
+    return {"fpr": fpr, "tpr": tpr}
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -116,6 +134,7 @@ def public_view(
             "online": bool(e.get("online")),
             "last_seen": _num(e.get("last_seen")),
             "stage": _text(e.get("stage")) or "",
+            "refused": _text(e.get("refused")) or "",
         }
         for name, e in sorted(envoys_in.items())[:MAX_ENVOYS]
         if isinstance(name, str) and isinstance(e, Mapping)

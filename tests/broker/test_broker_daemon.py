@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,8 +19,9 @@ from broker.client.connect import connect
 from broker.client.zmq_bus import ZmqBus
 from broker.keys import write_key_file
 from broker.server.config import BrokerConfig
-from broker.server.daemon import main
 from broker.topics import Topics
+from node.cli import main as fedbus
+from node.errors import ExitCode
 from protocol.configfile import ConfigError
 from tests.broker.broker_testkit import FEDERATION, Keys, free_port
 
@@ -60,7 +62,8 @@ def start_daemon(config: Path, ready: Path) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "broker.server.daemon",
+            "node.cli",
+            "broker",
             "--config",
             str(config),
             "--ready-file",
@@ -204,8 +207,8 @@ def test_config_errors_name_file_and_field(tmp_path: Path, keys: Keys, edit, fie
         BrokerConfig.load(path)
     assert str(path) in str(info.value)
     assert field in str(info.value)
-    # main() turns the same error into exit status 2 and a message, not a traceback.
-    assert main(["--config", str(path)]) == 2
+    # `fedbus broker` turns the same error into exit status 3 (CONFIG) and a message.
+    assert fedbus(["broker", "--config", str(path)]) == ExitCode.CONFIG == 3
 
 
 def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> None:
@@ -214,7 +217,8 @@ def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "broker.server.daemon",
+            "node.cli",
+            "broker",
             "--insecure-no-auth",
             "--bind",
             "tcp://127.0.0.1:0",
@@ -232,7 +236,12 @@ def test_insecure_mode_prints_a_warning_and_needs_no_keys(tmp_path: Path) -> Non
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate()
-    assert "WARNING: --insecure-no-auth" in err.decode()
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "insecure_no_auth")
+    assert warning["level"] == "warning" and warning["node"] == "broker"
+    assert "--insecure-no-auth" in warning["warning"]
+    # Every line the broker logs is a JSON event with its node bound.
+    assert all(e["node"] == "broker" for e in events) and len(events) >= 2
 
 
 def test_broker_and_daemon_help_load_no_torch() -> None:
@@ -254,7 +263,7 @@ def test_broker_and_daemon_help_load_no_torch() -> None:
     assert "--insecure-no-auth" in result.stdout
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "broker.server.daemon", "--help"],
+        [sys.executable, "-X", "importtime", "-m", "node.cli", "broker", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

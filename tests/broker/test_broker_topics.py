@@ -111,7 +111,7 @@ def allows(node: str, role: str, action: str, topic: str) -> bool:
     return acl_allows(federation=F, node_id=node, role=role, action=action, topic=topic)
 
 
-# (node, role, action, topic, expected): the DESIGN.md table, both ways.
+# (node, role, action, topic, expected): the table of docs/architecture.md, "The bus", both ways.
 ACL_MATRIX = [
     ("dir", "director", "publish", T.broadcast, True),
     ("dir", "director", "publish", T.envoy("e1"), True),

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from broker.client.bus import BusError
 from broker.client.connect import connect
 from broker.client.credentials import Credentials
+from broker.files import read_toml
 from broker.keys import read_key_file
 from broker.server.config import BrokerConfig, BrokerFile
 from broker.server.mosquitto_files import AclFile, parse_passwd, verify_password
@@ -27,11 +28,14 @@ from broker.server.ports import free_port
 from broker.topics import Topics
 from crypto.signing import sign, signing_public_key, verify
 from node.cli import _credentials
+from node.cli import main as fedbus
 from node.config import load_director_config, load_envoy_config
 from node.pki import cert_fingerprint
 from node.provision import ProvisionError, update_config
 from node.provision import main as provision
+from node.trainer import load_local_data
 from protocol.configfile import convert_config
+from tests.datafiles import KERMANY_SAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVATE = ["signing.key", "curve.key", "mqtt.password", "tls/client.key"]
@@ -443,3 +447,42 @@ def test_broker_toml_is_the_schema_written_back(kits: Path) -> None:
         *((e, "envoy", f"keys/{e}.pub") for e in ("a", "b", "c")),
     ]
     assert doc.bind == "tcp://0.0.0.0:5555" and doc.secret_key_file == "broker.key"
+
+
+def test_an_image_folder_kit_trains_on_all_of_the_hospitals_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kits"
+    assert run(out, "--data", str(KERMANY_SAMPLE), envoys="a,b") == 0
+    for envoy in ("a", "b"):
+        path = out / envoy / "envoy.toml"
+        assert "partition" not in path.read_text()
+        cfg = load_envoy_config(path)
+        assert cfg.data.source == "image_folder" and cfg.data.partition is None
+        data = load_local_data(cfg)
+        assert len(data.train.labels) + len(data.val.labels) == 16  # every image, both envoys
+        # The deployment guide's check: the hospital sees what its envoy would train on.
+        capsys.readouterr()
+        assert fedbus(["envoy", "--config", str(path), "--check"]) == 0
+        said = capsys.readouterr().out
+        assert "all of it (no partition)" in said and "config, keys and data are usable" in said
+        assert f"train {len(data.train.labels)} images" in said
+    # A .npz is one shared file: each envoy of the simulated federation gets its own part.
+    npz = tmp_path / "npz"
+    assert run(npz, envoys="a,b") == 0
+    parts = [load_envoy_config(npz / e / "envoy.toml").data.partition for e in ("a", "b")]
+    assert [(p.scheme, p.index, p.count) for p in parts if p] == [
+        ("dirichlet", 0, 2),
+        ("dirichlet", 1, 2),
+    ]
+    # --data-source overrides the guess from the name.
+    forced = tmp_path / "forced"
+    assert run(forced, "--data", "/srv/x.npz", "--data-source", "image_folder", envoys="a") == 0
+    assert load_envoy_config(forced / "a" / "envoy.toml").data.source == "image_folder"
+
+
+def test_kits_start_from_the_shipped_director_template(kits: Path) -> None:
+    template = read_toml(REPO / "configs" / "director.toml")
+    director = read_toml(kits / "director" / "director.toml")
+    for table in ("train", "lr_schedule", "model", "secagg", "deadlines"):
+        assert director[table] == template[table], table

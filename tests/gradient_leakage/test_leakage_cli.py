@@ -73,7 +73,8 @@ def test_attack_command_refuses_bad_arguments(
         main(["--images", "3", "--batch", "2", "--out", str(tmp_path), "--data", str(SHARED)]) == 2
     )
     assert "multiple" in capsys.readouterr().err
-    assert main(["--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
+    # Missing data is an unusable data file: exit status 3 (ExitCode.CONFIG).
+    assert main(["--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 3
     assert not (tmp_path / "results.json").exists()
     assert main(["--attack", "dlg", "--parameters", "conv1.weight", "--out", str(tmp_path)]) == 2
     assert "--parameters" in capsys.readouterr().err

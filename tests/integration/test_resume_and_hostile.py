@@ -91,7 +91,7 @@ def hostile(
     good = endpoint.seal(
         round=round,
         recipient=recipient,
-        body=EvaluateResult(num_samples=1, loss_sum=0.0, hist_negative=[1], hist_positive=[0]),
+        body=EvaluateResult(num_samples=1, loss_sum=0.0, histograms=[1, 0]),
     )
     return [
         os.urandom(rng.randrange(1, 400)),  # random bytes

@@ -126,8 +126,8 @@ class NumpyTrainer:
         new = {k: (v + 0.5 * (self.target - v)).astype(np.float32) for k, v in weights.items()}
         return new, self.num_samples, abs(self.target)
 
-    def evaluate(self, weights: Mapping[str, np.ndarray], bins: int):
-        from node.training.metrics import score_histograms
+    def evaluate(self, weights: Mapping[str, np.ndarray]):
+        from node.trainer import Predictions
 
-        neg, pos = score_histograms(self.val_scores, self.val_labels, bins)
-        return neg, pos, 1.0
+        scores = np.asarray(self.val_scores, np.float64)
+        return Predictions(np.stack([1 - scores, scores], axis=1), self.val_labels, 1.0)

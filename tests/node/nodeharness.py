@@ -38,7 +38,7 @@ class Fed:
     tasks: dict[str, asyncio.Task[int]] = field(default_factory=dict)
     crashed: list[tuple[str, int]] = field(default_factory=list)
 
-    def start_envoy(self, name: str, fault_plan: Any = None) -> Envoy:
+    def start_envoy(self, name: str, fault_plan: Any = None, model: Any = None) -> Envoy:
         cfg = self.envoy_cfgs[name]
         holder: dict[str, Envoy] = {}
 
@@ -50,7 +50,9 @@ class Fed:
             self.tasks[name].cancel()
             raise asyncio.CancelledError
 
-        envoy = Envoy(cfg, None, self.trainers[name], fault_plan=fault_plan, exit_fn=crash)
+        envoy = Envoy(
+            cfg, None, self.trainers[name], fault_plan=fault_plan, exit_fn=crash, model=model
+        )
         envoy.bus = self.broker.connect(name, envoy.will())
         envoy.endpoint.bus = envoy.bus
         holder["envoy"] = envoy

@@ -13,9 +13,13 @@ from hypothesis import strategies as st
 
 from node.config import (
     _PATH_FIELDS,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    EnvoyConfig,
     load_director_config,
     load_envoy_config,
     model_kwargs,
+    parse_config,
 )
 from protocol.configfile import ConfigError, dump_toml
 
@@ -187,3 +191,51 @@ def test_any_wrong_leaf_is_reported_with_its_path(tmp_path, which, data, value, 
     msg = str(info.value)
     assert str(path) in msg
     assert key in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        # "folder" is a hospital's own folder: meaningless for the one shared npz.
+        ({"source": "pneumoniamnist", "partition": {"scheme": "folder"}}, 'scheme "folder"'),
+        ({"partition": {"scheme": "dirichlet", "index": 3, "count": 3}}, "index 3"),
+        ({"partition": {"scheme": "iid", "count": 1}}, "count >= 2"),
+        ({"image_size": 300}, "image_size"),
+        ({"image_size": 8}, "image_size"),
+    ],
+)
+def test_data_sections_that_make_no_sense_are_refused(tmp_path, data, field):
+    bad = {**ENVOY, "data": {"path": "x.npz", **data}}
+    with pytest.raises(ConfigError) as info:
+        load_envoy_config(write(tmp_path, "e.toml", bad))
+    assert field in str(info.value) and "e.toml" in str(info.value)
+
+
+def test_an_image_folder_may_be_split_for_a_simulation_or_kept_whole(tmp_path):
+    folder = {"source": "image_folder", "path": "xr"}
+    whole = load_envoy_config(write(tmp_path, "a.toml", {**ENVOY, "data": folder}))
+    assert whole.data.partition is None
+    split = {**folder, "partition": {"scheme": "iid", "index": 1, "count": 2}}
+    assert load_envoy_config(write(tmp_path, "b.toml", {**ENVOY, "data": split})).data.partition
+
+
+@settings(max_examples=12, deadline=None)
+@given(size=st.integers(MIN_IMAGE_SIZE - 20, MAX_IMAGE_SIZE + 20))
+def test_one_set_of_image_size_bounds(size):
+    """A size the config accepts builds a model; a size it refuses, build_model refuses."""
+    from node.training.model import build_model
+
+    table = {**ENVOY, "model": {"image_size": size}, "data": {"path": "x", "image_size": size}}
+    try:
+        cfg = parse_config(table, EnvoyConfig, source="e.toml", base=Path("."))
+    except ConfigError:
+        accepted = False
+    else:
+        accepted = True
+        assert cfg.model.image_size == size
+    assert accepted == (MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE)
+    if accepted:
+        build_model("cnn", "none", size, width=2)
+    else:
+        with pytest.raises(ValueError, match="image_size"):
+            build_model("cnn", "none", size, width=2)

@@ -116,9 +116,7 @@ def hostile_frames(fed, round_hint: int) -> list[tuple[str, bytes]]:
             as_envoy.seal(
                 round=round_hint,
                 recipient="director",
-                body=EvaluateResult(
-                    num_samples=5, loss_sum=0.0, hist_negative=[5], hist_positive=[0]
-                ),
+                body=EvaluateResult(num_samples=5, loss_sum=0.0, histograms=[5, 0]),
             ),
         )
     )

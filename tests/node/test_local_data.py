@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from node.config import EnvoyConfig, parse_config
-from node.trainer import load_local_data
+from node.localdata import load_local_data
 from tests.datafiles import KERMANY_SAMPLE, PNEUMONIAMNIST
 
 NPZ = PNEUMONIAMNIST
@@ -48,12 +48,10 @@ def test_envoys_partition_pneumoniamnist_disjointly_and_completely(tmp_path, sch
 
     ds = load_pneumoniamnist(NPZ)
     for split, full in (("train", ds.train), ("val", ds.val)):
-        sizes = [len(getattr(p, f"{split}_labels")) for p in parts]
+        sizes = [len(getattr(p, split).labels) for p in parts]
         assert sum(sizes) == len(full.labels) and min(sizes) > 0
         # Same multiset of images: every image is held by exactly one envoy.
-        ours = np.concatenate([getattr(p, f"{split}_images") for p in parts]).reshape(
-            sum(sizes), -1
-        )
+        ours = np.concatenate([getattr(p, split).images for p in parts]).reshape(sum(sizes), -1)
         keys = sorted(map(bytes, ours))
         assert keys == sorted(map(bytes, full.images.reshape(len(full.labels), -1)))
     # Deterministic: a second load gives the same share.
@@ -63,12 +61,12 @@ def test_envoys_partition_pneumoniamnist_disjointly_and_completely(tmp_path, sch
             {"path": str(NPZ), "partition": {"scheme": scheme, "index": 2, "count": n, "seed": 3}},
         )
     )
-    assert np.array_equal(again.train_labels, parts[2].train_labels)
+    assert np.array_equal(again.train.labels, parts[2].train.labels)
 
 
 def test_limit_takes_a_subset(tmp_path):
-    d = load_local_data(cfg(tmp_path, {"path": str(NPZ), "limit": 100, "partition": {"count": 1}}))
-    assert len(d.train_labels) == 100 and len(d.val_labels) == 100
+    d = load_local_data(cfg(tmp_path, {"path": str(NPZ), "limit": 100}))
+    assert len(d.train.labels) == 100 and len(d.val.labels) == 100
 
 
 def test_image_folder_is_one_hospitals_data(tmp_path):
@@ -84,6 +82,19 @@ def test_image_folder_is_one_hospitals_data(tmp_path):
             },
         )
     )
-    assert d.train_images.shape[1:] == (28, 28) and d.train_images.dtype == np.uint8
-    assert len(d.train_labels) + len(d.val_labels) == 16
-    assert set(d.val_labels.tolist()) == {0, 1}  # stratified hold-out
+    assert d.train.images.shape[1:] == (28, 28) and d.train.images.dtype == np.uint8
+    assert len(d.train.labels) + len(d.val.labels) == 16
+    assert set(d.val.labels.tolist()) == {0, 1}  # stratified hold-out
+
+
+def test_an_image_folder_without_a_partition_is_trained_whole(tmp_path):
+    # What `fedbus provision --data FOLDER` writes into a hospital's kit: no [data.partition].
+    c = cfg(tmp_path, {"source": "image_folder", "path": str(KERMANY_SAMPLE), "val_fraction": 0.25})
+    assert c.data.partition is None
+    d = load_local_data(c)
+    assert len(d.train.labels) + len(d.val.labels) == 16
+
+
+def test_pneumoniamnist_without_a_partition_is_the_whole_file(tmp_path):
+    d = load_local_data(cfg(tmp_path, {"path": str(NPZ)}))
+    assert (len(d.train.labels), len(d.val.labels)) == (4708, 524)

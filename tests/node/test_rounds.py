@@ -233,6 +233,27 @@ async def test_an_envoy_back_before_the_quorum_bound_lets_the_round_complete(tmp
     assert rec["attempt"] == 1 and rec["survivors"] == ["envoy-1", "envoy-2"]
 
 
+class CrashAll:
+    """Every envoy but `spared` exits entering training in round 1."""
+
+    def __init__(self, spared: str) -> None:
+        self.spared = spared
+
+    def crash_point(self, node: str, round: int, stage: str) -> bool:
+        return node != self.spared and (round, stage) == (1, "training")
+
+
+async def test_a_round_that_fails_every_attempt_exits_round_failed(tmp_path):
+    fed = make_fed(tmp_path, 3, secure=True, rounds=2, max_attempts=1, deadlines={"training": 1.0})
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name, CrashAll("envoy-1"))
+    rc = await run_director(fed)
+    await fed.stop()
+    assert rc == ExitCode.ROUND_FAILED == 5
+    assert fed.records() == []  # nothing was aggregated from the lone survivor
+    assert json.loads((tmp_path / "director" / "status.json").read_text())["stage"] == "failed"
+
+
 async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_path):
     """Reordered frames: RoundEnd(aborted, attempt 0) arrives after RoundStart(attempt 1)."""
     from broker.keys import read_key_file

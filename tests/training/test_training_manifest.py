@@ -373,6 +373,8 @@ def test_memory_stays_flat_while_streaming_ten_times_more_files(tmp_path: Path) 
             "512",
             "--size",
             "128",
+            "--modes",
+            "stream,hold,train",
             "--out",
             str(out),
         ],
@@ -387,3 +389,7 @@ def test_memory_stays_flat_while_streaming_ten_times_more_files(tmp_path: Path) 
     assert large["growth_mib"] - small["growth_mib"] < 4, (small, large)
     # The control holds 290 decoded 128 x 128 images (18 MiB): the measurement sees it.
     assert rows[("hold", 300)]["growth_mib"] > 15, rows[("hold", 300)]
+    # An epoch of the training step streaming the same files keeps none of them either.
+    trained = rows[("train", 300)]
+    assert trained["steps"] == 38 and trained["items"] == 300
+    assert trained["growth_mib"] < rows[("hold", 300)]["growth_mib"] / 2, (trained, rows)

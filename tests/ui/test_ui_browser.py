@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from node.ui.feed import MemoryFeed, StateDirFeed
+from node.ui.feed import MemoryFeed
 from node.ui.server import UiConfig
 from tests.ui.uiharness import director_status, round_record, serving
 
@@ -141,6 +143,25 @@ def test_a_person_watches_the_federation_change_live(page, tmp_path: Path) -> No
     assert (tmp_path / "operator-page.png").stat().st_size > 10_000
 
 
+def test_a_finished_federation_ends_the_stream_without_reconnecting(page) -> None:
+    """Once the director says "finished" the page stops listening: the director going away
+    afterwards is no error (the page fixture fails on any refused connection it logs)."""
+    from playwright.sync_api import expect
+
+    feed = MemoryFeed()
+    online = {"envoy-1": True, "envoy-2": True}
+    feed.publish_status(director_status(5, "evaluate", online=online))
+    with serving(feed, UiConfig(bind="127.0.0.1:0", poll_s=0.1)) as server:
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        expect(page.locator("#connection")).to_have_text("live")
+        feed.publish_status(director_status(5, "finished", online=online))
+        expect(page.locator("#connection")).to_have_text("ended")
+        expect(page.locator("#stage")).to_have_text("finished")
+        server.stop()
+        page.wait_for_timeout(3_000)  # long enough for EventSource's retry, had it one
+        expect(page.locator("#connection")).to_have_text("ended")
+
+
 def test_a_plain_federation_is_flagged(page) -> None:
     from playwright.sync_api import expect
 
@@ -154,9 +175,35 @@ def test_a_plain_federation_is_flagged(page) -> None:
         expect(page.locator("#secure")).to_have_class(re.compile(r"\bplain\b"))
 
 
+def _page_of(out: Path, proc) -> str:
+    """The address of the page the demo's director serves (status.json's ui_url)."""
+    from tests.integration.fedprocs import read_json, wait_for
+
+    return wait_for(
+        lambda: (read_json(out / "director" / "status.json") or {}).get("ui_url"),
+        what="the director's operator page",
+        proc=proc,
+        poll=0.2,
+    )
+
+
+def _photograph_until_finished(page, shot: Path, kind: str, rounds: int) -> None:
+    """Screenshot (kept where $FEDBUS_KEEP_SCREENSHOT{kind} says), then wait for the
+    director's last word before its page closes: the federation finished, every round in."""
+    from playwright.sync_api import expect
+
+    page.screenshot(path=str(shot), full_page=True)
+    keep = os.environ.get(f"FEDBUS_KEEP_SCREENSHOT{kind}")
+    if keep:
+        shutil.copyfile(shot, keep)
+    expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
+    expect(page.locator("#rounds tbody tr")).to_have_count(rounds)
+    page.goto("about:blank")  # the page is gone with the director: no reconnection logs
+
+
 @pytest.mark.slow
-def test_the_page_follows_a_real_demo_federation(page, tmp_path: Path) -> None:
-    """`fedbus demo` in real processes; the page reads its director's state folder."""
+def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: Path) -> None:
+    """`fedbus demo` in real processes; the director serves the page (`[ui] bind`)."""
     from playwright.sync_api import expect
 
     from tests.integration.fedprocs import SMALL, start_demo
@@ -164,31 +211,83 @@ def test_the_page_follows_a_real_demo_federation(page, tmp_path: Path) -> None:
     plan = tmp_path / "plan.toml"
     plan.write_text('seed = 1\n[[crash]]\nenvoy = "envoy-3"\nround = 2\nstage = "share_keys"\n')
     out = tmp_path / "run"
-    proc = start_demo(out, "--envoys", "3", "--rounds", "3", "--faults", str(plan), *SMALL)
+    proc = start_demo(
+        out,
+        "--envoys",
+        "3",
+        "--rounds",
+        "3",
+        "--faults",
+        str(plan),
+        *SMALL,
+        "--set",
+        "ui.bind=127.0.0.1:0",
+        "--set",
+        "ui.poll_s=0.2",
+    )
     try:
-        with serving(StateDirFeed(out / "director")) as server:
-            page.goto(f"http://127.0.0.1:{server.port}/")
-            expect(page.locator("#federation")).not_to_have_text("fedbus")
-            expect(page.locator("#envoys tbody tr")).to_have_count(3, timeout=300_000)
-            expect(page.locator("#rounds tbody tr[data-round='1']")).to_contain_text(
-                "3 of 3", timeout=300_000
-            )
-            expect(page.locator("#roc path.roc")).to_have_count(1)
-            last = page.locator("#rounds tbody tr[data-round='3']")
-            expect(last).to_have_count(1, timeout=300_000)
-            expect(page.locator("#rounds tbody tr[data-round='2']")).to_contain_text("envoy-3")
-            expect(page.locator("#dropouts rect[data-round='2']")).to_have_attribute(
-                "data-dropped", "1"
-            )
-            expect(page.locator("#stage")).to_have_text("finished", timeout=300_000)
-            expect(page.locator("#secure")).to_have_text("secure")
-            shot = tmp_path / "operator-page-demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            keep = os.environ.get("FEDBUS_KEEP_SCREENSHOT")
-            if keep:
-                shutil.copyfile(shot, keep)
-            page.goto("about:blank")
+        page.goto(_page_of(out, proc))
+        expect(page.locator("#connection")).to_have_text("live")
+        expect(page.locator("#federation")).to_have_text("demo")
+        expect(page.locator("#envoys tbody tr")).to_have_count(3, timeout=300_000)
+        expect(page.locator("#rounds tbody tr[data-round='1']")).to_contain_text(
+            "3 of 3", timeout=300_000
+        )
+        expect(page.locator("#roc path.roc")).to_have_count(1)
+        expect(page.locator("#rounds tbody tr[data-round='2']")).to_contain_text(
+            "envoy-3", timeout=300_000
+        )
+        expect(page.locator("#dropouts rect[data-round='2']")).to_have_attribute(
+            "data-dropped", "1"
+        )
+        expect(page.locator("#envoys tr[data-envoy='envoy-3']")).to_contain_text("offline")
+        expect(page.locator("#secure")).to_have_text("secure")
+        # Still connected, or the federation already finished and the page stopped listening.
+        expect(page.locator("#connection")).to_have_text(re.compile("^(live|ended)$"))
+        _photograph_until_finished(page, tmp_path / "operator-page-demo.png", "", rounds=3)
         assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_a_three_class_federation_shows_each_classs_roc(page, tmp_path: Path) -> None:
+    """docs/bring-your-own.md's package and command in real processes, watched live."""
+    from playwright.sync_api import expect
+
+    from tests.byo.docexample import CLASSES, demo_args, set_value, write_images, write_package
+    from tests.integration.fedprocs import env as demo_env
+
+    package = write_package(tmp_path / "team")
+    # A weak signal: the classes overlap, so the per-class curves differ from each other.
+    write_images(tmp_path / "xrays", per_class={"train": 30, "val": 20, "test": 4}, signal=30)
+    args = set_value(demo_args(), "ui.bind", "127.0.0.1:0")
+    args = set_value(args, "data.path", str(tmp_path / "xrays"))
+    out = tmp_path / "runs" / "hospital"
+    env = demo_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(package), env["PYTHONPATH"]])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", *args, "--quiet", "--set", "ui.poll_s=0.2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        page.goto(_page_of(out, proc))
+        expect(page.locator("#connection")).to_have_text("live")
+        expect(page.locator("#rounds tbody tr[data-round='2']")).to_have_count(1, timeout=300_000)
+        curves = page.locator("#roc path.roc-class")
+        expect(curves).to_have_count(3)
+        assert [curves.nth(i).get_attribute("data-class") for i in range(3)] == list(CLASSES)
+        expect(page.locator("#roc text.roc-key")).to_have_count(3)
+        expect(page.locator("#roc-caption")).to_contain_text("macro AUC")
+        expect(page.locator("#roc-caption")).to_contain_text("one-vs-rest, 3 classes")
+        _photograph_until_finished(page, tmp_path / "page-3.png", "_MULTICLASS", rounds=3)
+        assert proc.wait(timeout=600) == 0, proc.stdout.read().decode(errors="replace")[-3000:]
     finally:
         if proc.poll() is None:
             proc.terminate()

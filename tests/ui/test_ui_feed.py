@@ -39,12 +39,14 @@ def test_nothing_outside_the_allow_list_reaches_the_page() -> None:
             "online": True,
             "last_seen": view["envoys"][0]["last_seen"],
             "stage": "masked_input",
+            "refused": "",
         },
         {
             "name": "envoy-2",
             "online": False,
             "last_seen": view["envoys"][1]["last_seen"],
             "stage": "masked_input",
+            "refused": "",
         },
     ]
     assert view["rounds"][0]["dropped"] == ["envoy-3"]
@@ -127,3 +129,31 @@ def test_memory_feed_copies_what_is_published() -> None:
     assert got_status["round"] == 1 and got_records[0]["round"] == 1
     feed.replace_records([round_record(5)])
     assert [r["round"] for r in feed.snapshot()[1]] == [5]
+
+
+def test_a_three_class_round_sends_each_classs_curve_and_a_refused_envoy_says_so() -> None:
+    import numpy as np
+
+    from node.training.histograms import histogram_vector, metrics_from_vector
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 90)
+    logits = rng.normal(size=(90, 3))
+    logits[np.arange(90), labels] += 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    record = round_record(1)
+    record["metrics"]["val"] = metrics_from_vector(
+        histogram_vector(probs, labels, 20), 3, 20, ["a", "b", "c"]
+    )
+    status = director_status(2, "training", online={"envoy-1": True, "envoy-9": False})
+    status["envoys"]["envoy-9"]["refused"] = "model mismatch"
+    view = public_view(status, [record], now=1.0)
+    roc = view["roc_latest"]
+    assert [c["name"] for c in roc["classes"]] == ["a", "b", "c"]
+    assert all(len(c["fpr"]) == len(c["tpr"]) == 21 for c in roc["classes"])
+    assert roc["auc"] == record["metrics"]["val"]["auc"]  # the macro AUC
+    assert [c["auc"] for c in roc["classes"]] == [
+        c["auc"] for c in record["metrics"]["val"]["per_class"]
+    ]
+    assert view["envoys"][1]["refused"] == "model mismatch"
+    assert view["envoys"][0]["refused"] == ""

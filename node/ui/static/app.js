@@ -18,6 +18,9 @@ const STAGES = {
   starting: "starting",
 };
 
+// Per-class ROC curves of a multi-class federation: colours k0..k7 in style.css.
+const PALETTE_SIZE = 8;
+
 let snap = null;       // the last snapshot
 let receivedAt = 0;    // browser time (s) when it arrived
 
@@ -86,7 +89,8 @@ function renderEnvoys() {
     row.dataset.envoy = e.name;
     row.dataset.lastSeen = e.last_seen ?? "";
     row.appendChild(el("td", e.name));
-    row.appendChild(el("td", e.online ? "online" : "offline", e.online ? "online" : "offline"));
+    const state = e.refused ? `refused: ${e.refused}` : e.online ? "online" : "offline";
+    row.appendChild(el("td", state, e.refused ? "refused" : e.online ? "online" : "offline"));
     row.appendChild(el("td", ago(e.last_seen), "num"));
     row.appendChild(el("td", STAGES[e.stage] || e.stage || ""));
     body.appendChild(row);
@@ -164,9 +168,18 @@ function renderRoc() {
   if (best && latest && best.round !== latest.round) {
     svg(root, "path", { d: rocPath(best, x, y), class: "roc-best", "data-round": best.round });
   }
+  const classes = latest && latest.classes ? latest.classes : [];
+  classes.forEach((c, i) => {
+    const key = `k${i % PALETTE_SIZE}`;  // style.css colours k0..k7
+    const path = svg(root, "path", { d: rocPath(c, x, y), class: `roc-class ${key}`, "data-class": c.name });
+    svg(path, "title", {}, `${c.name}: AUC ${fmt(c.auc)}`);
+    svg(root, "text", { x: x0 + s - 2, y: y0 + s - 8 - 12 * (classes.length - 1 - i), "text-anchor": "end", class: `roc-key ${key}` }, `${c.name} ${fmt(c.auc)}`);
+  });
   if (latest) {
     svg(root, "path", { d: rocPath(latest, x, y), class: "roc", "data-round": latest.round });
-    let caption = `round ${latest.round}: AUC ${fmt(latest.auc)}`;
+    let caption = classes.length
+      ? `round ${latest.round}: macro AUC ${fmt(latest.auc)} (one-vs-rest, ${classes.length} classes; solid: micro-average)`
+      : `round ${latest.round}: AUC ${fmt(latest.auc)}`;
     if (best && best.round !== latest.round) caption += ` · dashed: best, round ${best.round} (AUC ${fmt(best.auc)})`;
     $("roc-caption").textContent = caption;
   } else {
@@ -215,6 +228,8 @@ function accept(data) {
   render();
 }
 
+const FINAL_STAGES = new Set(["finished", "failed"]);
+
 function connection(state, text) {
   const pill = $("connection");
   pill.className = `pill ${state}`;
@@ -229,8 +244,16 @@ function start() {
   const source = new EventSource("/api/events");
   source.addEventListener("open", () => connection("live", "live"));
   source.addEventListener("snapshot", (e) => {
-    connection("live", "live");
-    accept(JSON.parse(e.data));
+    const data = JSON.parse(e.data);
+    accept(data);
+    if (FINAL_STAGES.has(data.stage)) {
+      // The director has said its last word and is going away: reconnecting would only
+      // fill the console with refused connections while the page shows the final state.
+      source.close();
+      connection("ended", "ended");
+    } else {
+      connection("live", "live");
+    }
   });
   source.addEventListener("error", () => connection("down", "reconnecting"));
   setInterval(renderClock, 1000);
