@@ -15,6 +15,7 @@ broker publishes its last will.
 
     python -m node.swarm --config kits/envoy-1/envoy.toml --config kits/envoy-2/envoy.toml \\
         [--faults plan.toml --faults-start T] [--audit] [--train-seconds S] [--log-level warning]
+        [--poison envoy-2=nan]
 
 The process ends when every envoy has ended (the director's Shutdown, or a crash each).
 """
@@ -42,7 +43,7 @@ from node.logs import setup_logging
 from node.trainer import Predictions
 from protocol.messages import TrainPlan
 
-__all__ = ["SyntheticTrainer", "main", "run_swarm"]
+__all__ = ["SyntheticTrainer", "main", "parse_poison", "run_swarm"]
 
 
 class SyntheticTrainer:
@@ -51,12 +52,22 @@ class SyntheticTrainer:
     The target, sample count and validation scores follow from the envoy's id, so a run
     replays exactly and FedAvg of the updates has a closed form (like the unit tests'
     NumpyTrainer); any weights' names and shapes work, whatever [model] the director runs.
+
+    `poison` makes it a poisoning envoy, for robustness tests: "nan" (every new weight NaN)
+    or "add:X" (X added to every new weight, e.g. "add:1e6"). See `parse_poison`.
     """
 
     def __init__(
-        self, node_id: str, *, step: float = 0.5, val_samples: int = 40, seconds: float = 0.0
+        self,
+        node_id: str,
+        *,
+        step: float = 0.5,
+        val_samples: int = 40,
+        seconds: float = 0.0,
+        poison: str | None = None,
     ) -> None:
         self.seconds = seconds  # how long "training" takes (a worker thread sleeps)
+        self.poison = parse_poison(poison) if poison else None
         seed = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:8], "big")
         rng = np.random.default_rng(seed)
         self.target = float(rng.uniform(-0.5, 0.5))
@@ -74,12 +85,29 @@ class SyntheticTrainer:
         new = {
             k: (v + self.step * (self.target - v)).astype(np.float32) for k, v in weights.items()
         }
+        if self.poison is not None:
+            add = self.poison
+            new = {k: (v + np.float32(add)).astype(np.float32) for k, v in new.items()}
         return new, self.num_samples, abs(self.target)
 
     def evaluate(self, weights: Mapping[str, np.ndarray]) -> Predictions:
         scores = self.val_scores
         probabilities = np.stack([1.0 - scores, scores], axis=1)
         return Predictions(probabilities, self.val_labels, float(len(scores)) * 0.5)
+
+
+def parse_poison(spec: str) -> float:
+    """A poison spec as the value added to every new weight: "nan" or "add:X" (X finite or
+    not: "add:inf" works too). ValueError names the spec."""
+    if spec == "nan":
+        return float("nan")
+    kind, _, value = spec.partition(":")
+    if kind == "add":
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"poison {spec!r}: expected 'nan' or 'add:NUMBER'")
 
 
 class _Severable(Bus):
@@ -121,6 +149,7 @@ async def _run_envoy(
     faults_start: float | None,
     zmq_context: Any,
     train_seconds: float,
+    poison: str | None = None,
 ) -> int:
     """One envoy of the swarm, start to end (in its own task, so its logs name it)."""
     from node.cli import _credentials, _faulty
@@ -134,7 +163,7 @@ async def _run_envoy(
         holder["task"].cancel()
         raise asyncio.CancelledError
 
-    trainer = SyntheticTrainer(cfg.node_id, seconds=train_seconds)
+    trainer = SyntheticTrainer(cfg.node_id, seconds=train_seconds, poison=poison)
     envoy = Envoy(cfg, None, trainer, fault_plan=plan, exit_fn=crash)
     credentials = None if cfg.insecure_no_auth else _credentials(cfg)
     inner = await connect(
@@ -166,8 +195,11 @@ async def run_swarm(
     plan: Any = None,
     faults_start: float | None = None,
     train_seconds: float = 0.0,
+    poison: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
-    """Run every envoy until it ends; {node_id: exit status} (137 for a planned crash)."""
+    """Run every envoy until it ends; {node_id: exit status} (137 for a planned crash).
+
+    `poison` maps an envoy to its poison spec (SyntheticTrainer)."""
     import zmq.asyncio
 
     context = zmq.asyncio.Context()
@@ -180,6 +212,7 @@ async def run_swarm(
                     faults_start=faults_start,
                     zmq_context=context,
                     train_seconds=train_seconds,
+                    poison=(poison or {}).get(cfg.node_id),
                 )
             )
             for cfg in configs
@@ -206,6 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--audit", action="store_true", help="keep quantised updates (--audit)")
     p.add_argument("--train-seconds", type=float, default=0.0, help="simulated training time")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--poison",
+        action="append",
+        default=[],
+        metavar="ENVOY=SPEC",
+        help="a poisoning envoy: SPEC is nan or add:X (X added to every weight it trains)",
+    )
     args = p.parse_args(argv)
     from node.cli import _load_fault_plan, _run_async
     from protocol.configfile import ConfigError
@@ -215,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.audit:
             configs = [msgspec.structs.replace(c, audit=True) for c in configs]
         plan = _load_fault_plan(args.faults)
+        poison = dict(_poison_arg(a) for a in args.poison)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"fedbus swarm: {exc}", file=sys.stderr)
         return 2
@@ -226,11 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan=plan,
             faults_start=args.faults_start,
             train_seconds=args.train_seconds,
+            poison=poison,
         )
         unplanned = {n: rc for n, rc in results.items() if rc not in (0, 137)}
         return 1 if unplanned else 0
 
     return _run_async(run)
+
+
+def _poison_arg(arg: str) -> tuple[str, str]:
+    name, sep, spec = arg.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--poison {arg!r}: expected ENVOY=SPEC")
+    parse_poison(spec)
+    return name, spec
 
 
 if __name__ == "__main__":

@@ -377,11 +377,16 @@ class Federation:
         *,
         log_level: str = "info",
         train_seconds: float = 0.0,
+        poison: Mapping[str, str] | None = None,
     ) -> Proc:
         """Envoys `envoys` as light envoys in one process (node.swarm: the real envoy, bus
-        and SecAgg client each, a synthetic trainer), for scale runs and quick harnesses."""
+        and SecAgg client each, a synthetic trainer), for scale runs and quick harnesses;
+        `poison`: envoy -> poison spec (node.swarm.SyntheticTrainer)."""
         args = [arg for envoy in envoys for arg in ("--config", str(self.config(envoy)))]
         args += ["--log-level", log_level, "--train-seconds", repr(train_seconds)]
+        for envoy, spec in (poison or {}).items():
+            if envoy in envoys:
+                args += ["--poison", f"{envoy}={spec}"]
         if self.opts.audit:
             args.append("--audit")
         if self.plan is not None:

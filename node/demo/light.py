@@ -78,13 +78,15 @@ def run_light_federation(
     swarm_log_level: str = "info",
     watch: Callable[[Federation], dict[str, Any] | None] | None = None,
     watch_every_s: float = 1.0,
+    poison: dict[str, str] | None = None,
 ) -> LightRun:
     """Run a whole light federation to its end (or `timeout_s`, the deadlock guard).
 
     `data` only goes into the kits (light envoys read none). The plan's clock starts
     `plan_lead_s` after the processes do (about when round 1 does). `watch(fed)` is called
     every `watch_every_s` while the director runs (e.g. to sample memory); what it returns
-    is collected in `LightRun.samples`.
+    is collected in `LightRun.samples`. `poison` makes envoys poisoners (envoy -> "nan" or
+    "add:X", node.swarm.SyntheticTrainer).
     """
     faults = None
     if plan is not None:
@@ -114,7 +116,11 @@ def run_light_federation(
         swarms = [fed.names[i : i + per_process] for i in range(0, envoys, per_process)]
         for k, names in enumerate(swarms):
             fed.start_swarm(
-                f"swarm-{k + 1}", names, train_seconds=train_seconds, log_level=swarm_log_level
+                f"swarm-{k + 1}",
+                names,
+                train_seconds=train_seconds,
+                log_level=swarm_log_level,
+                poison=poison,
             )
         director = fed.procs[DIRECTOR].popen
         next_watch = time.monotonic()

@@ -1,9 +1,10 @@
-"""Every shipped fault plan (configs/faults/*.toml) as a whole federation with real processes:
+"""The shipped fault plans (configs/faults/*.toml) as whole federations with real processes:
 the ZeroMQ broker daemon, `fedbus director`, and five light envoys (node.swarm), three rounds,
---audit, the plan's own seed (and a second one where the plan must already pass).
+--audit, the plan's own seed (and a second one for the crash plan). Plans with lossy links
+wait for retransmission (NOT_YET below).
 
 The plans' timelines are written for the 20-round demo; here they are compressed tenfold
-(partitions and broker restarts land inside the four rounds) and start with the first round.
+(partitions and broker restarts land inside the three rounds) and start with the first round.
 Whatever the plan does, every round must complete, secure, with its aggregate verified bit
 for bit, and only an envoy the plan crashes or cuts off may be missing from a round.
 """
@@ -34,23 +35,27 @@ DEADLINES = {f"deadlines.{stage}": 5.0 for stage in CRASH_STAGES} | {
 PLAN_LEAD_S = 4.0
 
 # Lost stage messages are not re-requested yet (issue #16 point 1, phase 2): one lost
-# broadcast or answer costs a stage, and the rounds it hits fail their attempts.
+# broadcast or answer costs a stage, so a plan with lossy links drops envoys that did not
+# crash (measured in benchmarks/faults). Such a run asserts nothing that holds today and costs
+# a minute or more of suite time, so these plans are listed here, not run, until stage
+# messages are re-requested; test_every_plan_is_covered keeps the list honest.
 NOT_YET = {
     "lossy-links": "lost stage messages are not re-requested yet (#16 point 1)",
     "chaos": "lost stage messages are not re-requested yet (#16 point 1)",
-    "broker-restart": "frames in flight during a broker restart are not re-requested yet",
 }
+# A second seed only where it changes what happens (which frames a crash or cut-off hits);
+# one seed elsewhere keeps the suite short.
+SECOND_SEED = {"dropouts"}
 
 
 def _cases():
     for path in PLANS:
-        plan = FaultPlan.load(path)
         if path.stem in NOT_YET:
-            mark = pytest.mark.xfail(reason=NOT_YET[path.stem], strict=False)
-            yield pytest.param(path, plan.seed, id=f"{path.stem}-seed{plan.seed}", marks=[mark])
             continue
-        for seed in (plan.seed, plan.seed + 100):
-            yield pytest.param(path, seed, id=f"{path.stem}-seed{seed}")
+        seed = FaultPlan.load(path).seed
+        seeds = (seed, seed + 100) if path.stem in SECOND_SEED else (seed,)
+        for s in seeds:
+            yield pytest.param(path, s, id=f"{path.stem}-seed{s}")
 
 
 def test_every_plan_is_covered():
@@ -62,6 +67,9 @@ def test_every_plan_is_covered():
         "partition",
     }
     assert set(NOT_YET) <= {p.stem for p in PLANS}
+    # Every plan without lossy links runs; only plans with [[link]] faults wait for point 1.
+    for path in PLANS:
+        assert bool(FaultPlan.load(path).links) == (path.stem in NOT_YET), path.stem
 
 
 @pytest.mark.parametrize(("path", "seed"), list(_cases()))
