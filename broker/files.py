@@ -23,12 +23,14 @@ from typing import Any
 from protocol.configfile import ConfigError
 
 __all__ = [
+    "PRIVATE_DIR_MODE",
     "PUBLIC_MODE",
     "SECRET_MODE",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "durable_append",
+    "private_dir",
     "read_toml",
 ]
 
@@ -36,6 +38,16 @@ __all__ = [
 # everything else (configs, certificates, public keys, reports) readable by all.
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
+# A folder of secrets (kits, audit files): only its owner may list or enter it.
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """`path` as a folder only its owner can list or enter (created with its parents)."""
+    path = Path(path)
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
 
 
 def _temp_name(path: Path) -> Path:
@@ -118,11 +130,18 @@ def atomic_path(path: str | os.PathLike[str], *, mode: int = PUBLIC_MODE) -> Ite
 
     For writers that only take a path (``fig.savefig(tmp)``, ``np.save(tmp, ...)``): the file
     is fsynced, given `mode` and renamed; on an exception it is removed and `path` untouched.
+    The temporary file exists with `mode` before the writer opens it (writers truncate, they
+    keep the mode), so a secret is never readable by others while it is being written.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(target)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)
         try:

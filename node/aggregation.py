@@ -5,40 +5,54 @@ it the participants' messages (`receive`), tells it when the current stage's dea
 passed (`close_stage`: whoever has not answered is a dropout), sends whatever it returns, logs
 what it refused (`take_refusals`), and reads `result()` once `done`. `SecureAggregation` (the
 default) runs the Bonawitz/SecAgg+ server of protocol.secagg and decodes the unmasked sum with
-the update format of protocol.secagg.update; `PlainAggregation` only exists behind
-`insecure_plain_aggregation`. The envoy's counterpart is node.contribution.
+the update format of protocol.secagg.update, refusing a sum outside that format
+(AggregateOutOfRange: logged, the round fails rather than apply it); `SecureEvaluation` does
+the same for the validation histograms after a round (protocol.secagg.evaluation);
+`PlainAggregation` only exists behind `insecure_plain_aggregation`. The envoy's counterpart is
+node.contribution.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-import msgspec
 import numpy as np
 
 from node.config import SecAggConfig
 from node.errors import ExitCode, FedbusError
 from protocol.base import Message
-from protocol.events import Outgoing, RefusalLog, Refused
+from protocol.events import Outgoing, Refusal, RefusalLog, Refused
 from protocol.messages import PlainUpdate
+from protocol.secagg.common import EVALUATE, TRAIN
+from protocol.secagg.evaluation import EvaluationLayout, EvaluationSum, decode_evaluation
 from protocol.secagg.messages import SecAggParams
-from protocol.secagg.params import ParameterError, find_parameters
+from protocol.secagg.params import Analysis, ParameterError, analyse, find_parameters
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.transitions import State
-from protocol.secagg.update import Layout, UpdateFormatError, decode_update, qrange_for
+from protocol.secagg.update import (
+    AggregateOutOfRange,
+    Layout,
+    UpdateFormatError,
+    decode_update,
+    qrange_for,
+)
 from protocol.stages import Stage
 from protocol.tensors import TensorError, state_to_numpy
 
 __all__ = [
+    "AggregateOutOfRange",
     "AggregateResult",
     "Aggregation",
     "AggregationError",
+    "Driven",
     "PlainAggregation",
     "SecureAggregation",
+    "SecureEvaluation",
+    "analysis_of",
     "params_for",
 ]
 
@@ -47,6 +61,32 @@ class AggregationError(FedbusError, ValueError):
     """An aggregation asked for a result it does not have (the round fails)."""
 
     exit_code = ExitCode.ROUND_FAILED
+
+
+class OutOfRangeAggregate(AggregationError):
+    """The unmasked sum is outside the format (protocol AggregateOutOfRange): refused."""
+
+
+class Driven(Protocol):
+    """What the director's round driver feeds, stage by stage, until it is done: an
+    Aggregation, or the SecureEvaluation after a round."""
+
+    @property
+    def stage(self) -> State: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def failure(self) -> str | None: ...
+
+    def receive(self, sender: str, body: Message) -> list[Outgoing]: ...
+
+    def close_stage(self) -> list[Outgoing]: ...
+
+    def awaiting(self) -> frozenset[str]: ...
+
+    def take_refusals(self) -> list[Refusal]: ...
 
 
 @dataclass
@@ -210,14 +250,14 @@ class PlainAggregation(Aggregation):
         )
 
 
-def params_for(cfg: SecAggConfig, n: int, *, graph_seed: bytes | None = None) -> SecAggParams:
+def params_for(cfg: SecAggConfig, n: int) -> SecAggParams:
     """SecAggParams for `n` participants: the cheapest (k, t) the parameter finder allows.
 
     Small rounds cannot always tolerate the configured dropout fraction (malicious mode needs
-    n - dropouts > n / 2): the tolerated fraction is then lowered one envoy at a time, which
-    only means a round with more dropouts aborts (and is retried) instead of completing.
+    n - dropouts > (n + corrupt) / 2): the tolerated fraction is then lowered one envoy at a
+    time, which only means a round with more dropouts aborts (and is retried) instead of
+    completing. The corrupt fraction is never lowered: the envoys would refuse the result.
     """
-    seed = graph_seed if graph_seed is not None else os.urandom(16)
     fraction = cfg.dropout_fraction
     while True:
         try:
@@ -227,7 +267,7 @@ def params_for(cfg: SecAggConfig, n: int, *, graph_seed: bytes | None = None) ->
                 corrupt_fraction=cfg.corrupt_fraction,
                 malicious=cfg.malicious,
                 clip=float(cfg.clip),
-                graph_seed=seed,
+                graph="complete" if cfg.graph == "complete" else "auto",
             )
             break
         except ParameterError:
@@ -235,55 +275,48 @@ def params_for(cfg: SecAggConfig, n: int, *, graph_seed: bytes | None = None) ->
             if dropouts <= 0:
                 raise
             fraction = (dropouts - 1) / n
-    if cfg.graph == "complete" and params.graph != "complete":
-        params = msgspec.structs.replace(params, graph="complete", k=n - 1)
     return params
 
 
-class SecureAggregation(Aggregation):
-    """The SecAgg+ server behind `Aggregation`: the director only ever holds the masked sum."""
+def analysis_of(cfg: SecAggConfig, params: SecAggParams, n: int) -> Analysis:
+    """The failure probabilities of `params` under the configured fractions (for the log)."""
+    k = params.k if params.graph == "harary" else n - 1
+    return analyse(
+        n,
+        k,
+        params.t,
+        dropouts=math.ceil(cfg.dropout_fraction * n - 1e-12),
+        corrupt=math.ceil(cfg.corrupt_fraction * n - 1e-12),
+        malicious=params.malicious,
+    )
 
-    secure = True
+
+class _SecAggDriver(RefusalLog):
+    """The SecAgg+ server of one session behind the director's round driver."""
 
     def __init__(
         self,
         *,
         round: int,
         participants: Sequence[str],
-        layout: Layout,
-        min_survivors: int,
+        vector_length: int,
         params: SecAggParams,
-        client_signing_keys: Mapping[str, bytes] | None = None,
+        client_signing_keys: Mapping[str, bytes] | None,
+        federation: str,
+        purpose: str,
     ) -> None:
-        super().__init__(participants, layout, min_survivors)
+        # Not super(): in SecureAggregation the next class is Aggregation, initialised apart.
+        RefusalLog.__init__(self, "fedbus.aggregation", "aggregation_refused")
         self._params = params
-        self.qrange = qrange_for(params, len(participants))
+        self.session = round
         self.server = SecAggServer(
             round,
             params,
             list(participants),
-            layout.vector_length,
+            vector_length,
             dict(client_signing_keys or {}) if params.malicious else None,
-        )
-
-    @classmethod
-    def for_round(
-        cls,
-        *,
-        round: int,
-        participants: Sequence[str],
-        layout: Layout,
-        min_survivors: int,
-        cfg: SecAggConfig,
-        client_signing_keys: Mapping[str, bytes] | None,
-    ) -> SecureAggregation:
-        return cls(
-            round=round,
-            participants=participants,
-            layout=layout,
-            min_survivors=min_survivors,
-            params=params_for(cfg, len(participants)),
-            client_signing_keys=client_signing_keys,
+            federation=federation,
+            purpose=purpose,
         )
 
     @property
@@ -298,18 +331,8 @@ class SecureAggregation(Aggregation):
     def done(self) -> bool:
         return self.server.done
 
-    @property
-    def failure(self) -> str | None:
-        if not self.server.done:
-            return None
-        if self.server.aborted:
-            return f"secure aggregation aborted: {self.server.abort_reason}"
-        if len(self.server.survivors) < self.min_survivors:
-            return (
-                f"{len(self.server.survivors)} survivors, fewer than the minimum "
-                f"{self.min_survivors}"
-            )
-        return None
+    def start(self) -> list[Outgoing]:
+        return []
 
     def awaiting(self) -> frozenset[str]:
         return self.server.awaiting
@@ -325,13 +348,91 @@ class SecureAggregation(Aggregation):
     def close_stage(self) -> list[Outgoing]:
         return self.server.close_stage()
 
+    def _aborted(self) -> str | None:
+        if not self.server.done:
+            return None
+        if self.server.aborted:
+            return f"secure aggregation aborted: {self.server.abort_reason}"
+        return None
+
+
+class SecureAggregation(_SecAggDriver, Aggregation):
+    """The SecAgg+ server behind `Aggregation`: the director only ever holds the masked sum."""
+
+    secure = True
+
+    def __init__(
+        self,
+        *,
+        round: int,
+        participants: Sequence[str],
+        layout: Layout,
+        min_survivors: int,
+        params: SecAggParams,
+        client_signing_keys: Mapping[str, bytes] | None = None,
+        federation: str = "",
+        update_norm: float | None = None,
+    ) -> None:
+        Aggregation.__init__(self, participants, layout, min_survivors)
+        _SecAggDriver.__init__(
+            self,
+            round=round,
+            participants=participants,
+            vector_length=layout.vector_length,
+            params=params,
+            client_signing_keys=client_signing_keys,
+            federation=federation,
+            purpose=TRAIN,
+        )
+        self.qrange = qrange_for(params, len(participants))
+        self.update_norm = update_norm
+
+    @classmethod
+    def for_round(
+        cls,
+        *,
+        round: int,
+        participants: Sequence[str],
+        layout: Layout,
+        min_survivors: int,
+        cfg: SecAggConfig,
+        client_signing_keys: Mapping[str, bytes] | None,
+        federation: str = "",
+    ) -> SecureAggregation:
+        return cls(
+            round=round,
+            participants=participants,
+            layout=layout,
+            min_survivors=min_survivors,
+            params=params_for(cfg, len(participants)),
+            client_signing_keys=client_signing_keys,
+            federation=federation,
+            update_norm=cfg.update_norm,
+        )
+
+    @property
+    def failure(self) -> str | None:
+        aborted = self._aborted()
+        if aborted or not self.server.done:
+            return aborted
+        if len(self.server.survivors) < self.min_survivors:
+            return (
+                f"{len(self.server.survivors)} survivors, fewer than the minimum "
+                f"{self.min_survivors}"
+            )
+        return None
+
     def result(self) -> AggregateResult:
         if self.failure or self.server.result is None:
             raise AggregationError(self.failure or "no aggregate")
         survivors = sorted(self.server.survivors)
         total = self.server.result
         try:
-            mean, loss, _samples = decode_update(self.layout, total, self.qrange, len(survivors))
+            mean, loss, _samples = decode_update(
+                self.layout, total, self.qrange, len(survivors), norm_bound=self.update_norm
+            )
+        except AggregateOutOfRange as exc:
+            raise OutOfRangeAggregate(f"aggregate out of range: {exc}") from None
         except UpdateFormatError as exc:
             raise AggregationError(f"aggregate does not decode: {exc}") from None
         return AggregateResult(
@@ -341,3 +442,51 @@ class SecureAggregation(Aggregation):
             train_loss=loss,
             unmasked_sum=total.copy(),
         )
+
+
+class SecureEvaluation(_SecAggDriver):
+    """The second SecAgg session of a round: the sum of the envoys' validation histograms."""
+
+    secure = True
+
+    def __init__(
+        self,
+        *,
+        round: int,
+        participants: Sequence[str],
+        num_classes: int,
+        bins: int,
+        params: SecAggParams,
+        client_signing_keys: Mapping[str, bytes] | None = None,
+        federation: str = "",
+    ) -> None:
+        self.layout = EvaluationLayout(num_classes, bins)
+        self.participants = list(participants)
+        super().__init__(
+            round=round,
+            participants=participants,
+            vector_length=self.layout.vector_length,
+            params=params,
+            client_signing_keys=client_signing_keys,
+            federation=federation,
+            purpose=EVALUATE,
+        )
+
+    @property
+    def failure(self) -> str | None:
+        return self._aborted()
+
+    def result(self) -> EvaluationSum:
+        if self.failure or self.server.result is None:
+            raise AggregationError(self.failure or "no evaluation sum")
+        try:
+            return decode_evaluation(
+                self.layout,
+                self.server.result,
+                participants=len(self.participants),
+                summands=len(self.server.survivors),
+            )
+        except AggregateOutOfRange as exc:
+            raise OutOfRangeAggregate(f"evaluation sum out of range: {exc}") from None
+        except UpdateFormatError as exc:
+            raise AggregationError(f"evaluation sum does not decode: {exc}") from None

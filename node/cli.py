@@ -26,8 +26,9 @@ commands:
   broker     the ZeroMQ broker daemon (no torch)         fedbus broker --config configs/broker.toml
   director   run the rounds of a federation              fedbus director --config configs/director.toml [--resume]
   envoy      a hospital's node                           fedbus envoy --config configs/envoy.toml
+             its keys, made on its own host              fedbus envoy init --node-id ID --out DIR
   demo       a whole federation on this machine          fedbus demo [--envoys 5] [--rounds N] [--data PATH] ...
-  provision  keys, configs and ACLs for a federation     fedbus provision --federation NAME --envoys a,b,c --out kits/
+  provision  kits from the envoys' public keys           fedbus provision --federation NAME --envoys a,b,c --public-keys DIR --out kits/
   attack     gradient-inversion attacks vs the defences  fedbus attack [--defense ...] [--attack ...]
   status     progress of a running director              fedbus status STATE_DIR | --config director.toml
   export     the model, its threshold and a model card   fedbus export STATE_DIR [--best] --format safetensors|onnx|torchscript
@@ -224,7 +225,14 @@ def director_main(argv: Sequence[str]) -> int:
 
 
 def envoy_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="fedbus envoy", description="Run a hospital's envoy.")
+    if argv and argv[0] == "init":
+        from node.identity import main as init_main
+
+        return init_main(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="fedbus envoy",
+        description="Run a hospital's envoy (`fedbus envoy init` makes its keys first).",
+    )
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--faults", type=Path, help="fault plan TOML (crashes, link faults)")
     p.add_argument("--faults-start", type=float, help="wall-clock origin of partition windows")

@@ -8,9 +8,11 @@ config file's folder, so a kit of configs and keys can be moved as a whole.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -20,6 +22,8 @@ from node.training.device import DEVICE_SPEC_PATTERN
 from node.ui.config import UiConfig
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import convert_config
+from protocol.messages import DEFAULT_UPDATE_NORM
+from protocol.secagg.policy import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, ClientPolicy
 from protocol.types import NodeId
 
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -230,6 +234,48 @@ def model_kwargs(m: ModelConfig) -> dict[str, Any]:
     return kw
 
 
+UnitFraction = Annotated[float, msgspec.Meta(ge=0, lt=1)]
+
+
+class PolicyConfig(_Section, frozen=True, kw_only=True):
+    """The envoy's own security policy (its [policy] section): what it accepts from the
+    director, whatever RoundStart says. Secure by default; every way to weaken it is named
+    insecure_*. See the README's "Threat model" and protocol.secagg.policy.
+    """
+
+    # At most this fraction of a round's participants colludes with the director; the envoy
+    # recomputes the least threshold it accepts for the announced n from it.
+    corrupt_fraction: UnitFraction = DEFAULT_CORRUPT_FRACTION
+    # At most this fraction drops out: the SecAgg+ graph must stay connected without them,
+    # and this envoy masks with at least (1 - dropout_fraction) k of its k neighbours.
+    dropout_fraction: UnitFraction = DEFAULT_DROPOUT_FRACTION
+    # The largest L2 norm bound of an update this envoy accepts from RoundStart.
+    max_update_norm: PosFloat = DEFAULT_UPDATE_NORM
+    # Send updates and validation histograms in the clear when the director asks for it.
+    insecure_plain_updates: bool = False
+    # Seed training, augmentation and the bottleneck's noise from `seed` and the round
+    # instead of the OS CSPRNG, so runs replay exactly. A director that knows the seed can
+    # regenerate the bottleneck's noise and invert the update: refused unless the bus is on
+    # this machine (a loopback address), i.e. a test or demo, never a deployment.
+    insecure_reproducible_seeds: bool = False
+
+    def client_policy(self) -> ClientPolicy:
+        return ClientPolicy(
+            corrupt_fraction=self.corrupt_fraction, dropout_fraction=self.dropout_fraction
+        )
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a bus URL points at this machine (127.0.0.0/8, ::1 or localhost)."""
+    host = urlsplit(url.replace("zmq+tcp://", "tcp://", 1)).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 ReservedFree = Annotated[
     str,
     msgspec.Meta(
@@ -269,12 +315,24 @@ class EnvoyConfig(_Section, frozen=True, kw_only=True):
     peer_signing_keys: dict[NodeId, PathStr] = msgspec.field(default_factory=dict)
     director_id: NodeId = "director"
     heartbeat_s: PosFloat = 2.0
+    # Only read under [policy] insecure_reproducible_seeds: every secret the director must
+    # not predict otherwise comes from the OS CSPRNG, fresh each round.
     seed: Seed = 0
     threads: PosInt = 1
     audit: bool = False
     faults: PathStr | None = None
     insecure_no_auth: bool = False
     max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+
+    def __post_init__(self) -> None:
+        # "Production" = the bus is not on this machine: no fixed seeds there.
+        if self.policy.insecure_reproducible_seeds and not is_loopback_url(self.bus_url):
+            raise ValueError(
+                "policy.insecure_reproducible_seeds: refused with the bus at "
+                f"{self.bus_url} (fixed seeds let the director regenerate the bottleneck's "
+                "noise); only a bus on a loopback address (tests, demos) may use them"
+            )
 
 
 class Deadlines(_Section, frozen=True, kw_only=True):
@@ -309,13 +367,26 @@ class LrSchedule(_Section, frozen=True, kw_only=True):
 
 class SecAggConfig(_Section, frozen=True, kw_only=True):
     graph: Literal["auto", "complete", "harary"] = "auto"
-    # Fractions the (k, t) finder must tolerate.
-    dropout_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.34
-    corrupt_fraction: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    # Fractions the (k, t) finder must tolerate (the envoys check them against their own
+    # [policy]: a director assuming fewer colluding envoys than they do is refused).
+    dropout_fraction: UnitFraction = DEFAULT_DROPOUT_FRACTION
+    corrupt_fraction: UnitFraction = DEFAULT_CORRUPT_FRACTION
+    # The malicious-director variant; envoys refuse any other (kept so configs say it).
     malicious: bool = True
     # Every coordinate of an envoy's weighted update is clipped to [-clip, clip] before
     # quantisation into Z_2^32.
     clip: PosFloat = 1.0
+    # Every envoy clips its update to this L2 norm before masking (announced in RoundStart,
+    # at most the envoys' [policy] max_update_norm); an aggregate whose mean is longer is
+    # refused.
+    update_norm: PosFloat = DEFAULT_UPDATE_NORM
+
+    def __post_init__(self) -> None:
+        if not self.malicious:
+            raise ValueError(
+                "secagg.malicious = false: envoys pin the malicious-director mode on and "
+                "refuse semi-honest rounds"
+            )
 
 
 class EvalConfig(_Section, frozen=True, kw_only=True):
@@ -365,6 +436,10 @@ class DirectorConfig(_Section, frozen=True, kw_only=True):
     audit: bool = False
     insecure_no_auth: bool = False
     max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
+    # Frames waiting for the round driver: at most this many per envoy, and in all at most
+    # this many times the envoys it may select (more are dropped, counted and logged), so a
+    # flooding envoy costs bounded memory and cannot crowd the others out.
+    inbox_per_sender: PosInt = 16
 
     def __post_init__(self) -> None:
         if self.target_envoys < self.min_envoys:

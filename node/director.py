@@ -3,12 +3,17 @@
 A round (docs/architecture.md, "One round, file by file"): select participants among online envoys (node.presence),
 broadcast RoundStart, drive one `Aggregation` (node.aggregation) with a deadline per stage,
 apply the weighted FedAvg, ask the online envoys to score the new model on their validation
-splits, turn the summed histograms into ROC/AUC/threshold, keep the best model by validation,
-checkpoint atomically and record the round (node.state).
+splits through a second SecAgg session (the director learns only the summed histograms),
+turn them into ROC/AUC/threshold, keep the best model by validation, checkpoint atomically
+and record the round (node.state). The SecAgg parameters of every session, with their
+failure probabilities, are logged (`secagg_parameters`); the envoys check them against
+their own policy.
 
 Everything from the bus is untrusted: `Endpoint` refuses malformed, forged, misaddressed and
-replayed frames, and the round loop drops wrong-round, wrong-type and non-participant
-messages with a log line. None of it can stop the director.
+replayed frames, the bounded `Inbox` drops (and counts) what one sender floods, the round
+loop drops wrong-round, wrong-type and non-participant messages with a log line, and an
+unmasked sum outside the update format is refused (`aggregate_out_of_range`), not applied.
+None of it can stop the director.
 """
 
 from __future__ import annotations
@@ -31,12 +36,18 @@ from node.aggregation import (
     AggregateResult,
     Aggregation,
     AggregationError,
+    Driven,
+    OutOfRangeAggregate,
     PlainAggregation,
     SecureAggregation,
+    SecureEvaluation,
+    analysis_of,
+    params_for,
 )
 from node.config import DirectorConfig
 from node.endpoint import Endpoint, subscribe_ready
 from node.errors import ExitCode, FedbusError
+from node.inbox import Inbox
 from node.logs import get_logger, set_round, set_stage
 from node.modelcheck import ModelGate, model_summary
 from node.monitoring import Monitor
@@ -64,7 +75,9 @@ from protocol.messages import (
     StatusRequest,
     TrainPlan,
 )
-from protocol.secagg.messages import SecAggUnmaskResponse
+from protocol.secagg.common import EVALUATE
+from protocol.secagg.messages import SECAGG_MESSAGES, SecAggParams
+from protocol.secagg.params import ParameterError
 from protocol.secagg.transitions import State
 from protocol.secagg.update import Layout, secagg_session
 from protocol.stages import Stage
@@ -182,7 +195,10 @@ class Director:
         self.envoys = Envoys(
             heartbeat_timeout_s=cfg.heartbeat_timeout_s, members=self.envoy_keys, clock=clock
         )
-        self.inbox: asyncio.Queue[Envelope] = asyncio.Queue()
+        self.inbox = Inbox(
+            per_sender=cfg.inbox_per_sender,
+            limit=cfg.inbox_per_sender * max(cfg.target_envoys, len(self.envoy_keys), 1),
+        )
         self.round = 0
         self.stage: str = "starting"
         self.state = FederationState(0, {})
@@ -279,7 +295,7 @@ class Director:
             elif isinstance(body, StatusRequest):
                 await self._answer_status(env.sender)
             else:
-                self.inbox.put_nowait(env)
+                self.inbox.put(env)
 
     async def _presence(self, sender: str, body: Presence) -> None:
         if self.envoys.update(sender, body):
@@ -368,6 +384,25 @@ class Director:
             min_survivors=self.cfg.min_envoys,
             cfg=self.cfg.secagg,
             client_signing_keys=self.envoy_keys or None,
+            federation=self.cfg.federation,
+        )
+
+    def _log_parameters(self, params: SecAggParams | None, n: int, purpose: str) -> None:
+        """(k, t) of a session and their failure probabilities under the configured fractions."""
+        if params is None:
+            return
+        a = analysis_of(self.cfg.secagg, params, n)
+        self.log.info(
+            "secagg_parameters",
+            purpose=purpose,
+            n=n,
+            graph=params.graph,
+            k=a.k,
+            t=a.t,
+            corrupt=a.corrupt,
+            dropouts=a.dropouts,
+            p_security=a.p_security,
+            p_correctness=a.p_correctness,
         )
 
     async def _wait_for_envoys(self) -> list[str]:
@@ -489,7 +524,8 @@ class Director:
         deadlines = _deadlines(self.cfg)
         await self._start_round(r, attempt, participants, agg, deadlines)
         missed: set[str] = set()
-        result = await self._drive(agg, r, participants, deadlines, stage_times, missed)
+        await self._drive(agg, r, participants, deadlines, stage_times, missed)
+        result = self._result(agg)
         if result is None:
             reason = agg.failure or "aggregation failed"
             self.log.warning("round_aborted", reason=reason, attempt=attempt)
@@ -499,7 +535,7 @@ class Director:
         self._apply(r, result)
         t_eval = self.clock()
         self._set_stage(Stage.EVALUATE, self.cfg.deadlines.evaluate)
-        metrics = await self._evaluate(r)
+        metrics = await self._evaluate(r, attempt)
         stage_times[Stage.EVALUATE] = round(self.clock() - t_eval, 3)
         val = metrics.get("val")
         self.state.consider_best(r, val)
@@ -539,6 +575,19 @@ class Director:
         self._set_stage("round_end")
         return True
 
+    def _result(self, agg: Aggregation) -> AggregateResult | None:
+        """The aggregation's result, or None (logged) if it has none or it is out of range."""
+        if agg.failure:
+            return None
+        try:
+            return agg.result()
+        except OutOfRangeAggregate as exc:
+            self.log.error("aggregate_out_of_range", reason=str(exc))
+            return None
+        except AggregationError as exc:
+            self.log.warning("aggregate_failed", reason=str(exc))
+            return None
+
     async def _start_round(
         self,
         r: int,
@@ -555,10 +604,12 @@ class Director:
             deadlines=deadlines,
             secagg=agg.params,
             attempt=attempt,
+            update_norm=self.cfg.secagg.update_norm,
         )
         self.log.info(
             "round_start", participants=participants, attempt=attempt, secure=agg.secure, lr=plan.lr
         )
+        self._log_parameters(agg.params, len(participants), "train")
         self._set_stage(agg.stage, deadlines.get(agg.stage))
         await self._send(BROADCAST, start, round=r)
         await self._send_all(agg.start(), r)
@@ -583,14 +634,16 @@ class Director:
 
     async def _drive(
         self,
-        agg: Aggregation,
+        agg: Driven,
         r: int,
         participants: list[str],
         deadlines: dict[str, float],
         stage_times: dict[str, float],
-        missed: set[str],
-    ) -> AggregateResult | None:
-        """Run `agg` to its end; `missed` gets every participant a stage closed without."""
+        missed: set[str] | None = None,
+    ) -> None:
+        """Feed `agg` (an Aggregation or SecureEvaluation) until it is done, a deadline per
+        stage; its result or failure is the caller's to read. `missed` gets every participant
+        a stage closed without."""
         stage: State = agg.stage
         stage_start = self.clock()
         deadline = stage_start + deadlines.get(stage, 60.0)
@@ -603,13 +656,18 @@ class Director:
                     self.log.info("stage_deadline", stage=stage, missing=waited_for)
                 else:
                     self.log.info("stage_closed_early", stage=stage, gone=waited_for)
-                missed.update(waited_for)
+                if missed is not None:
+                    missed.update(waited_for)
                 await self._send_all(agg.close_stage(), r)
             elif env.round != r:
                 self.log.warning("wrong_round", sender=env.sender, got=env.round, type=env.type)
                 continue
             elif env.sender not in members:
                 self.log.warning("not_a_participant", sender=env.sender, type=env.type)
+                continue
+            elif _other_session(env, getattr(agg, "session", None)):
+                # e.g. the unmask responses that arrive after the sum was recovered
+                self.log.debug("other_session", sender=env.sender, type=env.type)
                 continue
             else:
                 await self._send_all(self._receive(agg, env), r)
@@ -620,15 +678,8 @@ class Director:
                 deadline = stage_start + deadlines.get(stage, 60.0)
                 self._set_stage(stage, deadline - self.clock())
         stage_times[stage] = round(self.clock() - stage_start, 3)
-        if agg.failure:
-            return None
-        try:
-            return agg.result()
-        except AggregationError as exc:
-            self.log.warning("aggregate_failed", reason=str(exc))
-            return None
 
-    def _receive(self, agg: Aggregation, env: Envelope) -> list[Outgoing]:
+    def _receive(self, agg: Driven, env: Envelope) -> list[Outgoing]:
         """One participant's message into the aggregation; refusals are logged, not raised."""
         try:
             outs = agg.receive(env.sender, env.body)
@@ -643,11 +694,74 @@ class Director:
             )
         return outs
 
-    async def _evaluate(self, r: int) -> dict[str, Any]:
-        asked = set(self.online_envoys())
+    async def _evaluate(self, r: int, attempt: int) -> dict[str, Any]:
+        """Federated validation of the round's new model: the online envoys' histograms,
+        summed by a SecAgg session (in the clear only under insecure_plain_aggregation)."""
+        asked = sorted(self.online_envoys())
         if not asked:
             return {}
-        req = EvaluateRequest(weights=state_from_numpy(self.state.weights), bins=self.cfg.eval.bins)
+        if self.cfg.insecure_plain_aggregation:
+            return await self._evaluate_plain(r, attempt, asked)
+        bins = self.cfg.eval.bins
+        try:
+            params = params_for(self.cfg.secagg, len(asked))
+        except ParameterError as exc:
+            self.log.warning("evaluation_skipped", reason=str(exc), envoys=len(asked))
+            return {"val": None, "evaluated_by": []}
+        agg = SecureEvaluation(
+            round=secagg_session(r, attempt, EVALUATE),
+            participants=asked,
+            num_classes=self.cfg.model.num_classes,
+            bins=bins,
+            params=params,
+            client_signing_keys=self.envoy_keys or None,
+            federation=self.cfg.federation,
+        )
+        req = EvaluateRequest(
+            weights=state_from_numpy(self.state.weights),
+            bins=bins,
+            secagg=params,
+            selected=asked,
+            attempt=attempt,
+        )
+        self._log_parameters(params, len(asked), EVALUATE)
+        await self._send(BROADCAST, req, round=r)
+        deadlines = _deadlines(self.cfg)
+        # The envoys score the model while they exchange keys: that stage takes the time.
+        deadlines[Stage.MASKED_INPUT] = float(self.cfg.deadlines.evaluate)
+        await self._drive(agg, r, asked, deadlines, {})
+        if agg.failure:
+            self.log.warning("evaluation_failed", reason=agg.failure)
+            return {"val": None, "evaluated_by": []}
+        try:
+            total = agg.result()
+        except OutOfRangeAggregate as exc:
+            self.log.error("aggregate_out_of_range", reason=str(exc), purpose=EVALUATE)
+            return {"val": None, "evaluated_by": []}
+        except AggregationError as exc:
+            self.log.warning("evaluation_failed", reason=str(exc))
+            return {"val": None, "evaluated_by": []}
+        return self._val_metrics(total.histograms, total.loss_sum, sorted(agg.server.survivors))
+
+    def _val_metrics(
+        self, total: np.ndarray | None, loss_sum: float, evaluated_by: list[str]
+    ) -> dict[str, Any]:
+        """The metrics of the summed histogram vector (None without images of both kinds)."""
+        classes, bins = self.cfg.model.num_classes, self.cfg.eval.bins
+        n = vector_samples(total, classes, bins) if total is not None else 0
+        val = self.metrics_fn(total) if total is not None and n else None
+        if val is None or val.get("auc") is None or not np.isfinite(val["auc"]):
+            return {"val": None, "evaluated_by": evaluated_by}
+        val["loss"] = loss_sum / n
+        val["num_samples"] = n
+        return {"val": val, "evaluated_by": evaluated_by}
+
+    async def _evaluate_plain(self, r: int, attempt: int, asked_list: list[str]) -> dict[str, Any]:
+        """insecure_plain_aggregation: each envoy's histograms in the clear."""
+        asked = set(asked_list)
+        req = EvaluateRequest(
+            weights=state_from_numpy(self.state.weights), bins=self.cfg.eval.bins, attempt=attempt
+        )
         await self._send(BROADCAST, req, round=r)
         total: np.ndarray | None = None
         loss_sum = 0.0
@@ -658,10 +772,6 @@ class Director:
             if env is None:
                 break
             body = env.body
-            if env.round == r and isinstance(body, SecAggUnmaskResponse):
-                # The server unmasks as soon as t responses are in; the rest arrive late.
-                self.log.debug("late_unmask_response", sender=env.sender)
-                continue
             if env.round != r or not isinstance(body, EvaluateResult):
                 self.log.warning(
                     "unexpected_message", sender=env.sender, type=env.type, round=env.round
@@ -686,14 +796,16 @@ class Director:
             asked.add(env.sender)  # a late joiner's split counts too
             total = vector if total is None else total + vector
             loss_sum += body.loss_sum
-        classes, bins = self.cfg.model.num_classes, self.cfg.eval.bins
-        n = vector_samples(total, classes, bins) if total is not None else 0
-        val = self.metrics_fn(total) if total is not None and n else None
-        if val is None or val.get("auc") is None or not np.isfinite(val["auc"]):
-            return {"val": None, "evaluated_by": sorted(answered)}
-        val["loss"] = loss_sum / n
-        val["num_samples"] = n
-        return {"val": val, "evaluated_by": sorted(answered)}
+        return self._val_metrics(total, loss_sum, sorted(answered))
+
+
+def _other_session(env: Envelope, session: int | None) -> bool:
+    """A SecAgg message of another session than the one being driven."""
+    return (
+        session is not None
+        and isinstance(env.body, SECAGG_MESSAGES)
+        and getattr(env.body, "round", session) != session
+    )
 
 
 def participant_fates(

@@ -1,10 +1,18 @@
 """The envoy: one hospital's node. Trains on local data, sends only masked updates.
 
-On RoundStart (when selected) the envoy builds the round's `Contribution` (node.contribution:
-secure unless the director announced plain rounds) and sends what it starts with at once (the
-SecAgg keys), so key exchange overlaps local training; training runs in a worker thread so
-heartbeats and the protocol keep flowing. The trained update is submitted to the contribution,
-and every director message of the round goes to it; whatever it returns is sent.
+The envoy, not the director, holds the security policy ([policy] of its config, secure by
+default): on RoundStart (when selected) it checks the announced SecAgg parameters against
+that policy and its ledger (node.ledger: one training, one signed survivor set and one
+evaluation per round, rounds only forward), builds the round's `Contribution`
+(node.contribution) and sends what it starts with at once (the SecAgg keys), so key exchange
+overlaps local training. Training runs in a worker thread, from a fresh CSPRNG seed each
+round (node.training.seeds), so heartbeats and the protocol keep flowing; its update is kept,
+so a later attempt of the same round reuses it through a fresh SecAgg session. Whatever the
+policy refuses is logged (`round_refused`) and nothing of it is sent.
+
+After a completed round the director asks for an evaluation of the round's model: the envoy
+scores it once, and its validation histograms travel through a second SecAgg session of
+purpose "evaluate" (protocol.secagg.evaluation); that model must be the next round's.
 
 Fault hooks: a fault plan's `[[crash]]` makes the process exit at once (os._exit, as under
 kill -9) when it enters a stage, before that stage's message leaves; link faults are applied
@@ -14,28 +22,40 @@ by wrapping the bus in broker.faults.FaultyBus (see node.cli).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from broker.client import Bus, Will
-from broker.files import atomic_path
+from broker.files import SECRET_MODE, atomic_path, private_dir
 from broker.keys import read_key_file
 from broker.topics import Topics
 from node.config import EnvoyConfig
-from node.contribution import Contribution, LocalUpdate, contribution_for
+from node.contribution import (
+    Contribution,
+    LocalUpdate,
+    PlainContribution,
+    RoundRefused,
+    SecureContribution,
+    SecureEvaluation,
+    contribution_for,
+)
 from node.endpoint import Endpoint, subscribe_ready
 from node.errors import FedbusError
+from node.ledger import RoundLedger
 from node.logs import get_logger, set_round, set_stage
 from node.modelcheck import fingerprint, mismatch_error
 from node.trainer import Trainer
 from node.training.histograms import EvaluationError, histogram_vector
+from node.training.seeds import reproducible_seed, secret_seed
 from protocol.base import Message
 from protocol.codec import Codec
 from protocol.events import Outgoing
@@ -50,13 +70,22 @@ from protocol.messages import (
     RoundStart,
     Shutdown,
 )
-from protocol.secagg.update import Layout
+from protocol.secagg.update import Layout, UpdateNotFinite, update_norm
 from protocol.stages import Stage
-from protocol.tensors import TensorError, state_to_numpy
+from protocol.tensors import TensorError, state_digest, state_to_numpy
 
 # What the envoy reports (Presence.stage) between rounds and after its contribution.
 IDLE = "idle"
 DONE = "done"
+
+
+@dataclass(frozen=True)
+class KeptUpdate:
+    """The update of the latest round trained, kept for later attempts of that round."""
+
+    round: int
+    weights: str  # state_digest of the model it was trained on
+    update: LocalUpdate
 
 
 class CrashPlan(Protocol):
@@ -104,16 +133,25 @@ class Envoy:
             peer_keys=director_keys,
             require_signatures=bool(director_keys),
         )
+        self.policy = cfg.policy
+        self.client_policy = cfg.policy.client_policy()
+        self.ledger = RoundLedger.load(cfg.state_dir)
         self.stage = IDLE
         self.round: int | None = None
         self.attempt = 0
         self._round_task: asyncio.Task[None] | None = None
+        # SecAgg session number -> the contribution its messages go to (training and
+        # evaluation run as different sessions).
+        self._sessions: dict[int, Contribution] = {}
         self._contribution: Contribution | None = None
         self._contribution_round: int | None = None
+        self._kept: KeptUpdate | None = None
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.rounds_trained = 0
         self.evaluations = 0
+        # (round, why) of the latest refused requests of the director
+        self.refused: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -172,6 +210,10 @@ class Envoy:
         readers = [asyncio.create_task(self._read(sub)) for sub in subs]
         heartbeat = asyncio.create_task(self._heartbeat())
         self.log.info("envoy_started")
+        opted_in = [name for name in INSECURE_POLICY if getattr(self.policy, name)]
+        if opted_in:
+            # The hospital's own choice, but never a quiet one.
+            self.log.warning("insecure_policy", opted_in=opted_in)
         try:
             await self._stop.wait()
         finally:
@@ -233,6 +275,11 @@ class Envoy:
         else:
             await self._on_round_message(env.round, body)
 
+    def _refuse(self, round: int, reason: str) -> None:
+        """The policy refused a request of the director: log it, send nothing."""
+        self.refused.append((round, reason))
+        self.log.warning("round_refused", round=round, reason=reason)
+
     def _model_refused(self, body: ModelMismatch) -> None:
         """The director builds another model: a config error here, named, and the end."""
         if self.model is None or body.fingerprint == self.model_fingerprint:
@@ -249,6 +296,8 @@ class Envoy:
         if self._round_task is not None and not self._round_task.done():
             self._round_task.cancel()
         self._round_task = None
+        if self._contribution is not None and self._contribution.session is not None:
+            self._sessions.pop(self._contribution.session, None)
         self._contribution = None
         self._contribution_round = None
 
@@ -258,10 +307,57 @@ class Envoy:
             return
         # A new RoundStart supersedes whatever round was running (e.g. after a director restart).
         self._cancel_round()
+        self._sessions = {
+            s: c for s, c in self._sessions.items() if getattr(c, "round", -1) >= round - 1
+        }
         self.round = round
         self.attempt = body.attempt
         set_round(round, Stage.TRAINING)
         self._round_task = asyncio.create_task(self._run_round(round, body))
+
+    def _start_contribution(
+        self, round: int, rs: RoundStart, weights: dict[str, np.ndarray], digest: str
+    ) -> Contribution | None:
+        """The round's contribution if the policy and the ledger allow it (else None, logged)."""
+        kept = self._kept is not None and (self._kept.round, self._kept.weights) == (round, digest)
+        reason = self.ledger.refuse_round(round, digest, kept=kept)
+        if reason:
+            self._refuse(round, reason)
+            return None
+        try:
+            contribution = contribution_for(
+                rs,
+                round=round,
+                node_id=self.cfg.node_id,
+                director_id=self.cfg.director_id,
+                layout=Layout.of(weights),
+                signing_key=self.signing_key,
+                peer_signing_keys=self.peer_signing_keys,
+                federation=self.cfg.federation,
+                policy=self.client_policy,
+                max_update_norm=self.policy.max_update_norm,
+                allow_plain=self.policy.insecure_plain_updates,
+                guard=self.ledger,
+                audit=functools.partial(self._audit, round) if self.cfg.audit else None,
+            )
+        except RoundRefused as exc:
+            self._refuse(round, str(exc))
+            return None
+        if isinstance(contribution, SecureContribution):
+            v = contribution.verdict
+            self.log.info(
+                "secagg_accepted",
+                n=v.n,
+                k=v.k,
+                t=v.t,
+                min_threshold=v.min_threshold,
+                min_partners=v.min_partners,
+                corrupt=v.corrupt,
+                p_security=v.p_security,
+                attempt=rs.attempt,
+            )
+        self.ledger.begin(round, digest)
+        return contribution
 
     async def _run_round(self, round: int, rs: RoundStart) -> None:
         set_round(round, Stage.TRAINING)
@@ -270,35 +366,66 @@ class Envoy:
         except TensorError as exc:
             self.log.warning("bad_weights", reason=str(exc))
             return
+        digest = state_digest(weights)
         self._crash_point(round, Stage.TRAINING)
-        contribution = contribution_for(
-            rs,
-            round=round,
-            node_id=self.cfg.node_id,
-            director_id=self.cfg.director_id,
-            layout=Layout.of(weights),
-            signing_key=self.signing_key,
-            peer_signing_keys=self.peer_signing_keys,
-            audit=functools.partial(self._audit, round) if self.cfg.audit else None,
-        )
+        contribution = self._start_contribution(round, rs, weights, digest)
+        if contribution is None:
+            self._set_stage(IDLE)
+            return
         self._contribution, self._contribution_round = contribution, round
+        if contribution.session is not None:
+            self._sessions[contribution.session] = contribution
         await self._emit(round, contribution, contribution.start())
         self._set_stage(Stage.TRAINING)
-        update = await self._train(round, weights, rs)
+        update = await self._local_update(round, digest, weights, rs)
         if update is None or self._contribution is not contribution:
             return  # training failed, or the round was superseded meanwhile
         self._set_stage(Stage.MASKED_INPUT)
-        await self._emit(round, contribution, contribution.submit(update))
+        assert isinstance(contribution, SecureContribution | PlainContribution)
+        try:
+            outs = contribution.submit(update)
+        except UpdateNotFinite as exc:
+            self.log.error("update_not_finite", error=type(exc).__name__, reason=str(exc))
+            self._set_stage(IDLE)
+            return
+        await self._emit(round, contribution, outs)
         self._after(contribution)
+
+    async def _local_update(
+        self, round: int, digest: str, weights: dict[str, np.ndarray], rs: RoundStart
+    ) -> LocalUpdate | None:
+        """The round's update: the one kept from an earlier attempt, else trained now (once)."""
+        kept = self._kept
+        if kept is not None and (kept.round, kept.weights) == (round, digest):
+            self.log.info("update_reused", attempt=rs.attempt)
+            return kept.update
+        update = await self._train(round, weights, rs)
+        if update is None:
+            return None
+        try:
+            norm = update_norm(update.delta)
+        except UpdateNotFinite as exc:
+            # A broken training run is this envoy's error, not a silent dropout.
+            self.log.error("update_not_finite", error=type(exc).__name__, reason=str(exc))
+            return None
+        if norm > rs.update_norm:
+            self.log.info("update_clipped", norm=norm, bound=rs.update_norm)
+        self._kept = KeptUpdate(round, digest, update)
+        self.ledger.trained(round)
+        return update
+
+    def _seed(self, round: int) -> int:
+        if self.policy.insecure_reproducible_seeds:
+            return reproducible_seed(self.cfg.seed, round)
+        return secret_seed()
 
     async def _train(
         self, round: int, weights: dict[str, np.ndarray], rs: RoundStart
     ) -> LocalUpdate | None:
         t0 = time.monotonic()
-        seed = (self.cfg.seed * 1_000_003 + round) % 2**31
         try:
             new, num_samples, loss = await asyncio.to_thread(
-                self.trainer.train, weights, rs.plan, seed=seed
+                self.trainer.train, weights, rs.plan, seed=self._seed(round)
             )
         except Exception as exc:
             self.log.error("training_failed", reason=repr(exc)[:300])
@@ -308,17 +435,20 @@ class Envoy:
         self.log.info(
             "trained", samples=num_samples, loss=loss, seconds=round_(time.monotonic() - t0)
         )
-        return LocalUpdate(delta=delta, num_samples=num_samples, train_loss=loss)
+        return LocalUpdate(
+            delta=delta, num_samples=num_samples, train_loss=loss, rounding_seed=secret_seed()
+        )
 
     def _audit(self, round: int, vector: np.ndarray) -> None:
         """--audit: keep the quantised update, so the launcher can check the director's sum."""
-        path = Path(self.cfg.state_dir) / "audit" / f"round-{round}.npy"
-        with atomic_path(path, mode=0o600) as tmp:
+        path = private_dir(Path(self.cfg.state_dir) / "audit") / f"round-{round}.npy"
+        with atomic_path(path, mode=SECRET_MODE) as tmp:
             np.save(tmp, np.asarray(vector, dtype=np.uint32))
 
     async def _on_round_message(self, round: int, body: Message) -> None:
-        contribution = self._contribution
-        if contribution is None or self._contribution_round != round:
+        session = getattr(body, "round", None)
+        contribution = self._sessions.get(session) if isinstance(session, int) else None
+        if contribution is None or contribution.round != round:
             self.log.info("not_in_round", type=type(body).__name__, round=round)
             return
         stage = contribution.entered_on(body)
@@ -332,6 +462,8 @@ class Envoy:
         self._after(contribution)
 
     def _after(self, contribution: Contribution) -> None:
+        if contribution is not self._contribution:
+            return  # the evaluation session does not change the round's stage
         if contribution.aborted:
             self.log.warning("contribution_aborted")
             self._set_stage(IDLE)
@@ -353,8 +485,52 @@ class Envoy:
     # -- evaluation ---------------------------------------------------------------------------
 
     async def _evaluate(self, round: int, req: EvaluateRequest) -> None:
+        """Score the round's model once, and send the histograms through secure aggregation."""
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(req.weights).items()}
+        except TensorError as exc:
+            self.log.warning("bad_weights", reason=str(exc))
+            return
+        digest = state_digest(weights)
+        reason = self.ledger.refuse_evaluation(round, digest)
+        if not reason and req.secagg is None and not self.policy.insecure_plain_updates:
+            reason = (
+                "the director asks for plain validation histograms; this envoy's policy "
+                "requires secure aggregation (policy.insecure_plain_updates is off)"
+            )
+        if reason:
+            self._refuse(round, reason)
+            return
+        if req.secagg is not None and self.cfg.node_id not in req.selected:
+            self.log.info("not_selected_for_evaluation", round=round)
+            return
+        contribution: SecureEvaluation | None = None
+        if req.secagg is not None:
+            try:
+                contribution = SecureEvaluation(
+                    node_id=self.cfg.node_id,
+                    director_id=self.cfg.director_id,
+                    federation=self.cfg.federation,
+                    round=round,
+                    attempt=req.attempt,
+                    params=req.secagg,
+                    participants=req.selected,
+                    num_classes=self.cfg.model.num_classes,
+                    bins=req.bins,
+                    signing_key=self.signing_key,
+                    peer_signing_keys=self.peer_signing_keys,
+                    policy=self.client_policy,
+                )
+            except RoundRefused as exc:
+                self._refuse(round, str(exc))
+                return
+        # Once per round, whatever happens next: recorded before anything leaves.
+        self.ledger.evaluating(round, digest)
+        if contribution is not None:
+            assert contribution.session is not None
+            self._sessions[contribution.session] = contribution
+            await self._emit(round, contribution, contribution.start())
+        try:
             pred = await asyncio.to_thread(self.trainer.evaluate, weights)
             classes = self.cfg.model.num_classes
             if np.ndim(pred.probabilities) != 2 or np.shape(pred.probabilities)[1] != classes:
@@ -367,6 +543,14 @@ class Envoy:
             self.log.warning("evaluate_failed", reason=repr(exc)[:300])
             return
         self.evaluations += 1
+        if contribution is not None:
+            try:
+                outs = contribution.submit(histograms, float(pred.loss_sum))
+            except ValueError as exc:
+                self.log.error("evaluation_not_encodable", reason=str(exc))
+                return
+            await self._emit(round, contribution, outs)
+            return
         body = EvaluateResult(
             num_samples=len(pred.labels),
             loss_sum=float(pred.loss_sum),
@@ -375,6 +559,10 @@ class Envoy:
         await self.endpoint.send(
             self.topics.director, round=round, recipient=self.cfg.director_id, body=body
         )
+
+
+# The envoy's opt-outs of its own protections (node.config.PolicyConfig).
+INSECURE_POLICY = ("insecure_plain_updates", "insecure_reproducible_seeds")
 
 
 def round_(x: float) -> float:

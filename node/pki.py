@@ -1,6 +1,8 @@
 """The federation's TLS certificate authority: a CA, client and server certificates, the
 revocation list. `fedbus provision` issues every certificate Mosquitto's TLS listener and the
-nodes present; the CA key never leaves the operator's kit folder.
+nodes present; the CA key never leaves the operator's kit folder. An envoy makes its own TLS
+key and hands over a certificate request (`make_csr`, node.identity); the CA signs it
+(`issue_cert_for_csr`) without ever seeing the key.
 
 ECDSA P-256 throughout: what every TLS stack (OpenSSL under Mosquitto, Python's ssl) accepts.
 """
@@ -19,13 +21,23 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CA_DAYS",
     "CERT_DAYS",
+    "CsrError",
     "cert_fingerprint",
+    "cert_matches_request",
     "cert_names_cover",
     "cert_serial",
+    "csr_public_key",
     "issue_cert",
+    "issue_cert_for_csr",
     "make_ca",
     "make_crl",
+    "make_csr",
 ]
+
+
+class CsrError(ValueError):
+    """A certificate request that cannot be signed (bad signature, another name)."""
+
 
 CA_DAYS = 3650
 CERT_DAYS = 825
@@ -93,22 +105,87 @@ def issue_cert(
 ) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) signed by the CA: a server certificate when `server_names`
     (DNS names or IP addresses) are given, else a client certificate for `common_name`."""
+    if not client and not server_names:
+        raise ValueError("a certificate is either for a server (server_names) or a client")
+    key = _new_ec_key()
+    cert = _sign(
+        ca_key_pem,
+        ca_cert_pem,
+        key.public_key(),
+        common_name=common_name,
+        server_names=server_names,
+        days=days,
+    )
+    return _key_pem(key), cert
+
+
+def _subject(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_csr(common_name: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate request PEM) of a fresh client key, made where it will stay."""
+    key = _new_ec_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_subject(common_name))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def csr_public_key(csr_pem: bytes, *, common_name: str) -> ec.EllipticCurvePublicKey:
+    """The public key of a request for `common_name`; CsrError unless it is one, self-signed."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CsrError(f"not a PEM certificate request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise CsrError("the certificate request's signature is not valid")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [common_name]:
+        raise CsrError(f"the certificate request is not for {common_name!r}")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CsrError("the certificate request's key is not an EC key")
+    return key
+
+
+def issue_cert_for_csr(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    csr_pem: bytes,
+    *,
+    common_name: str,
+    days: int = CERT_DAYS,
+) -> bytes:
+    """The client certificate (PEM) for a request of `common_name`, signed by the CA."""
+    key = csr_public_key(csr_pem, common_name=common_name)
+    return _sign(ca_key_pem, ca_cert_pem, key, common_name=common_name, server_names=(), days=days)
+
+
+def _sign(
+    ca_key_pem: bytes,
+    ca_cert_pem: bytes,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    common_name: str,
+    server_names: Sequence[str],
+    days: int,
+) -> bytes:
     ca_key = serialization.load_pem_private_key(ca_key_pem, password=None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    key = _new_ec_key()
     now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedbus"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                ]
-            )
-        )
+        .subject_name(_subject(common_name))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
@@ -143,11 +220,18 @@ def issue_cert(
         usages = [ExtendedKeyUsageOID.SERVER_AUTH]
     else:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if not client and not server_names:
-        raise ValueError("a certificate is either for a server (server_names) or a client")
     builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    return _key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def cert_matches_request(cert_pem: bytes, csr_pem: bytes, *, common_name: str) -> bool:
+    """Whether the certificate certifies the key of the request (CsrError if the request
+    is not a valid one for `common_name`)."""
+    wanted = csr_public_key(csr_pem, common_name=common_name)
+    have = x509.load_pem_x509_certificate(cert_pem).public_key()
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return have.public_bytes(*der) == wanted.public_bytes(*der)
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:

@@ -1,8 +1,13 @@
 """`fedbus provision`: one startup kit per node of a federation, and the broker's.
 
-    fedbus provision --federation NAME --envoys a,b,c --out kits/ [--transport zmq|mqtt]
-                     [--broker-host H] [--port P] [--install-root /etc/fedbus]
-                     [--state-root /var/lib/fedbus] [--remove x,y]
+    fedbus provision --federation NAME --envoys a,b,c --public-keys DIR|FILE ... --out kits/
+                     [--transport zmq|mqtt] [--broker-host H] [--port P]
+                     [--install-root /etc/fedbus] [--state-root /var/lib/fedbus] [--remove x,y]
+
+Envoys make their own keys (`fedbus envoy init`, node.identity) and hand over only their
+public half, `<id>.public.toml`: provisioning never holds, makes or re-makes an envoy's
+secret. A new envoy without such a file is an error, so is one whose public keys differ from
+the roster's (an identity is replaced only by removing the envoy and adding it again).
 
 Kit layout (each folder is copied as a whole to its machine, under install-root/<name>):
 
@@ -12,12 +17,15 @@ Kit layout (each folder is copied as a whole to its machine, under install-root/
                                mosquitto.conf, mosquitto.passwd, mosquitto.acl, tls/
     kits/director/             director.toml, signing.key, curve.key, mqtt.password, tls/,
                                envoys/<id>.sign.pub (every envoy: secure aggregation needs them)
-    kits/<envoy>/              envoy.toml, signing.key, curve.key, mqtt.password, tls/,
-                               director.sign.pub, peers/<id>.sign.pub
+    kits/<envoy>/              envoy.toml, tls/client.crt (from its request), tls/ca.crt,
+                               broker.pub, director.sign.pub, peers/<id>.sign.pub: public files
+                               only, to add to the envoy's own folder (where `envoy init` put
+                               its keys, which envoy.toml names)
 
-Every private key is written 0600, atomically, once: running provision again ADDS envoys (the
-roster is the union of the old one and `--envoys`) and rewrites the public and derived files
-(configs, peer lists, ACL, allow-list), never an existing secret. Settings an operator edited
+The director's, broker's and CA's secrets are written 0600, atomically, once; a secret that
+went missing from an existing kit is an error, never silently replaced. Running provision
+again ADDS envoys (the roster is the union of the old one and `--envoys`) and rewrites the
+public and derived files (configs, peer lists, ACL, allow-list). Settings an operator edited
 in a node's config (its [data], training recipe, ...) are kept; only the fields provision
 manages are rewritten. `--remove` takes envoys out: their client certificates go on the CA's
 revocation list (broker/tls/crl.pem, enforced by Mosquitto), their kits move to removed/, and
@@ -31,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +47,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from broker.files import PUBLIC_MODE, SECRET_MODE, atomic_write_bytes, read_toml
+from broker.files import (
+    PRIVATE_DIR_MODE,
+    PUBLIC_MODE,
+    SECRET_MODE,
+    atomic_write_bytes,
+    private_dir,
+    read_toml,
+)
 from broker.keys import curve_public_key, generate_curve_keypair, read_key_file, write_key_file
 from broker.server.config import AllowEntry, BrokerFile, Heartbeat
 from broker.server.mosquitto_files import (
@@ -53,7 +67,18 @@ from broker.topics import validate_id
 from crypto.signing import generate_signing_keypair, signing_public_key
 from node.config import DirectorConfig, EnvoyConfig, parse_config
 from node.errors import ExitCode, FedbusError
-from node.pki import cert_fingerprint, cert_names_cover, cert_serial, issue_cert, make_ca, make_crl
+from node.identity import IdentityError, PublicIdentity, read_public_identity
+from node.pki import (
+    CsrError,
+    cert_fingerprint,
+    cert_matches_request,
+    cert_names_cover,
+    cert_serial,
+    issue_cert,
+    issue_cert_for_csr,
+    make_ca,
+    make_crl,
+)
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import ConfigError, dump_toml, parse_toml
 
@@ -62,7 +87,7 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 DIRECTOR_TEMPLATE = SHIPPED_CONFIGS / "director.toml"
 DEFAULT_PORTS = {"zmq": 5555, "mqtt": 8883}
 # Kit folders hold secrets: only their owner may list or enter them.
-KIT_DIR_MODE = 0o700
+KIT_DIR_MODE = PRIVATE_DIR_MODE
 
 NodeKind = Literal["director", "envoy"]
 DataSourceKind = Literal["pneumoniamnist", "image_folder"]
@@ -86,19 +111,23 @@ def _write_public(path: Path, data: str | bytes) -> None:
     atomic_write_bytes(path, data.encode() if isinstance(data, str) else data, mode=PUBLIC_MODE)
 
 
-def _ensure_secret(path: Path, make: Callable[[], bytes]) -> bytes:
-    """The secret at `path`, created by `make()` only if it does not exist yet."""
+def _ensure_secret(path: Path, make: Callable[[], bytes], *, existing_kit: bool) -> bytes:
+    """The secret at `path`, created by `make()` only the first time; in a kit that exists
+    already a missing secret is an error (a new one would be a new identity)."""
     if path.exists():
         return path.read_bytes()
+    if existing_kit:
+        raise ProvisionError(
+            f"{path} is missing from an existing kit: provision never makes a new identity "
+            "silently; restore it from a backup (or remove the node and add it again)"
+        )
     data = make()
     atomic_write_bytes(path, data, mode=SECRET_MODE)
     return data
 
 
 def _kit_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, KIT_DIR_MODE)
-    return path
+    return private_dir(path)
 
 
 def _read_toml_if_present(path: Path) -> dict[str, Any] | None:
@@ -115,6 +144,10 @@ class NodeKeys:
     signing_public: str  # hex
     curve_public: str  # z85
     cert_sha256: str
+    # Envoys: their MQTT password's hash and their certificate request (the secrets stay
+    # with them); the director's password is in its kit.
+    mqtt_password_hash: str = ""
+    tls_csr: str = ""
 
 
 @dataclass
@@ -138,6 +171,8 @@ class Plan:
     remove: list[str] = field(default_factory=list)
     # The ZeroMQ broker's heartbeat (broker.toml [heartbeat]); the daemon's defaults unless set.
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    # The public halves of the envoys' identities (`fedbus envoy init`), by node id.
+    public_keys: dict[str, PublicIdentity] = field(default_factory=dict)
 
     def kit(self, name: str) -> Path:
         return self.out / name
@@ -161,16 +196,21 @@ def provision(plan: Plan) -> dict[str, NodeKeys]:
     """Write or extend every kit under `plan.out`; returns the public keys per node."""
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
+    previous = _read_toml_if_present(out / "roster.toml")
     names = _settle_roster(plan)
-    ca = _ensure_ca(plan)
+    existing = previous is not None
+    ca = _ensure_ca(plan, existing_kit=existing)
     for name in plan.remove:
         _revoke(plan, name)
+    known = (previous or {}).get("nodes", {})
     keys: dict[str, NodeKeys] = {}
     for name in names:
-        role: NodeKind = "director" if name == plan.director_id else "envoy"
-        keys[name] = _node_secrets(plan, name, role, ca)
+        if name == plan.director_id:
+            keys[name] = _director_secrets(plan, name, ca, existing_kit=existing)
+        else:
+            keys[name] = _envoy_public(plan, name, ca, known.get(name))
 
-    _write_broker_kit(plan, keys, ca)
+    _write_broker_kit(plan, keys, ca, existing_kit=existing)
     broker_public = (plan.kit("broker") / "broker.pub").read_text()
     for name in names:
         _write_public(plan.kit(name) / "broker.pub", broker_public)
@@ -213,44 +253,120 @@ def _settle_roster(plan: Plan) -> list[str]:
     return names
 
 
-def _ensure_ca(plan: Plan) -> tuple[bytes, bytes]:
+def _ensure_ca(plan: Plan, *, existing_kit: bool) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) of the federation CA, made on the first run."""
     ca_dir = _kit_dir(plan.out / "ca")
     if not (ca_dir / "ca.key").exists():
+        if existing_kit:
+            raise ProvisionError(
+                f"{ca_dir / 'ca.key'} is missing from an existing federation: every "
+                "certificate hangs on it; restore it from a backup"
+            )
         key_pem, cert_pem = make_ca(plan.federation)
         atomic_write_bytes(ca_dir / "ca.key", key_pem, mode=SECRET_MODE)
         _write_public(ca_dir / "ca.crt", cert_pem)
     return (ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes()
 
 
-def _node_secrets(plan: Plan, name: str, role: NodeKind, ca: tuple[bytes, bytes]) -> NodeKeys:
-    """Create (once) and return the public side of a node's keys."""
+def _director_secrets(
+    plan: Plan, name: str, ca: tuple[bytes, bytes], *, existing_kit: bool
+) -> NodeKeys:
+    """Create (on the first run only) and return the public side of the director's keys:
+    the operator runs the director, so its kit holds its secrets."""
     kit = _kit_dir(plan.kit(name))
-    (kit / "tls").mkdir(exist_ok=True)
-    # Ed25519 signing key (hex) and CurveZMQ key pair (Z85): broker.keys formats.
-    if not (kit / "signing.key").exists():
-        seed = generate_signing_keypair().private
-        write_key_file(kit / "signing.key", seed, encoding="hex", secret=True)
+    _kit_dir(kit / "tls")
+    _ensure_secret(
+        kit / "signing.key",
+        lambda: (generate_signing_keypair().private.hex() + "\n").encode(),
+        existing_kit=existing_kit,
+    )
     seed = read_key_file(kit / "signing.key", encoding="hex", field="signing.key")
     signing_public = signing_public_key(seed)
     write_key_file(kit / "signing.pub", signing_public, encoding="hex", secret=False)
-    if not (kit / "curve.key").exists():
-        secret = generate_curve_keypair().secret
-        write_key_file(kit / "curve.key", secret, encoding="z85", secret=True)
+    _ensure_secret(
+        kit / "curve.key",
+        lambda: (generate_curve_keypair().secret + "\n").encode(),
+        existing_kit=existing_kit,
+    )
     curve_public = curve_public_key(
         read_key_file(kit / "curve.key", encoding="z85", field="curve.key")
     )
     write_key_file(kit / "curve.pub", curve_public, encoding="z85", secret=False)
-    # MQTT password: 256 random bits.
-    _ensure_secret(kit / "mqtt.password", lambda: (generate_password() + "\n").encode())
-    # TLS client certificate from the federation CA.
+    _ensure_secret(
+        kit / "mqtt.password",
+        lambda: (generate_password() + "\n").encode(),
+        existing_kit=existing_kit,
+    )
     if not (kit / "tls" / "client.key").exists() or not (kit / "tls" / "client.crt").exists():
+        if existing_kit:
+            raise ProvisionError(f"{kit / 'tls'}: the director's TLS key or certificate is missing")
         key_pem, cert_pem = issue_cert(*ca, common_name=name)
         atomic_write_bytes(kit / "tls" / "client.key", key_pem, mode=SECRET_MODE)
         _write_public(kit / "tls" / "client.crt", cert_pem)
     _write_public(kit / "tls" / "ca.crt", ca[1])
     fingerprint = cert_fingerprint((kit / "tls" / "client.crt").read_bytes())
-    return NodeKeys(name, role, signing_public.hex(), curve_public, fingerprint)
+    return NodeKeys(name, "director", signing_public.hex(), curve_public, fingerprint)
+
+
+def _envoy_public(
+    plan: Plan, name: str, ca: tuple[bytes, bytes], known: dict[str, Any] | None
+) -> NodeKeys:
+    """An envoy's public kit files from its public identity (given now, or in the roster)."""
+    given = plan.public_keys.get(name)
+    if known is not None and known.get("role") != "envoy":
+        known = None
+    if given is None and known is None:
+        raise ProvisionError(
+            f"envoy {name!r}: no public keys. Its host runs `fedbus envoy init --node-id "
+            f"{name} --out DIR` and hands over DIR/{name}.public.toml (--public-keys)"
+        )
+    if given is not None and known is not None and given != _identity_of(name, known):
+        raise ProvisionError(
+            f"envoy {name!r}: the public keys given differ from the roster's; an identity is "
+            f"never replaced silently: take it out (--remove {name}), then add it again"
+        )
+    identity = given if given is not None else _identity_of(name, known or {})
+    kit = _kit_dir(plan.kit(name))
+    _kit_dir(kit / "tls")
+    write_key_file(kit / "signing.pub", identity.signing_public, encoding="hex", secret=False)
+    write_key_file(kit / "curve.pub", identity.curve_public_key, encoding="z85", secret=False)
+    cert_path = kit / "tls" / "client.crt"
+    csr = identity.tls_csr.encode()
+    try:
+        # The certificate follows the envoy's key: issued again only if the key changed.
+        if not cert_path.exists() or not cert_matches_request(
+            cert_path.read_bytes(), csr, common_name=name
+        ):
+            _write_public(cert_path, issue_cert_for_csr(*ca, csr, common_name=name))
+    except CsrError as exc:
+        raise ProvisionError(f"envoy {name!r}: {exc}") from None
+    _write_public(kit / "tls" / "ca.crt", ca[1])
+    return NodeKeys(
+        name,
+        "envoy",
+        identity.signing_public_key,
+        identity.curve_public_key,
+        cert_fingerprint(cert_path.read_bytes()),
+        mqtt_password_hash=identity.mqtt_password_hash,
+        tls_csr=identity.tls_csr,
+    )
+
+
+def _identity_of(name: str, entry: dict[str, Any]) -> PublicIdentity:
+    """The public identity an envoy's roster entry records."""
+    try:
+        return PublicIdentity(
+            node_id=name,
+            signing_public_key=entry["signing_public_key"],
+            curve_public_key=entry["curve_public_key"],
+            mqtt_password_hash=entry["mqtt_password_hash"],
+            tls_csr=entry["tls_csr"],
+        )
+    except KeyError as exc:
+        raise ProvisionError(
+            f"roster entry of envoy {name!r} lacks {exc}: it predates envoy-made keys; "
+            f"add it again from its host's `fedbus envoy init` (--remove {name} first)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- revocation
@@ -288,13 +404,17 @@ def _load_revoked(path: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- the broker kit
 
 
-def _write_broker_kit(plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, bytes]) -> None:
+def _write_broker_kit(
+    plan: Plan, keys: dict[str, NodeKeys], ca: tuple[bytes, bytes], *, existing_kit: bool
+) -> None:
     kit = _kit_dir(plan.kit("broker"))
     (kit / "keys").mkdir(exist_ok=True)
     (kit / "tls").mkdir(exist_ok=True)
-    if not (kit / "broker.key").exists():
-        secret = generate_curve_keypair().secret
-        write_key_file(kit / "broker.key", secret, encoding="z85", secret=True)
+    _ensure_secret(
+        kit / "broker.key",
+        lambda: (generate_curve_keypair().secret + "\n").encode(),
+        existing_kit=existing_kit,
+    )
     public = curve_public_key(read_key_file(kit / "broker.key", encoding="z85", field="broker.key"))
     write_key_file(kit / "broker.pub", public, encoding="z85", secret=False)
     _write_broker_tls(plan, kit, ca)
@@ -354,12 +474,17 @@ def _write_mosquitto_kit(plan: Plan, kit: Path, keys: dict[str, NodeKeys]) -> No
     broker/topics.py. Paths are where the kit will live on the broker host."""
     mqtt_port = plan.port if plan.transport == "mqtt" else DEFAULT_PORTS["mqtt"]
     home = plan.installed("broker")
-    passwords = {name: (plan.kit(name) / "mqtt.password").read_text().strip() for name in keys}
+    passwords = {
+        name: (plan.kit(name) / "mqtt.password").read_text().strip()
+        for name, node in keys.items()
+        if not node.mqtt_password_hash
+    }
     write_broker_files(
         kit,
         federation=plan.federation,
         nodes={name: node.role for name, node in keys.items()},
         passwords=passwords,
+        password_hashes={n: k.mqtt_password_hash for n, k in keys.items() if k.mqtt_password_hash},
         listeners=(
             Listener(
                 port=mqtt_port,
@@ -537,18 +662,23 @@ def _write_roster(plan: Plan, keys: dict[str, NodeKeys]) -> None:
             "curve_public_key": (broker / "broker.pub").read_text().strip(),
             "tls_cert_sha256": cert_fingerprint((broker / "tls" / "server.crt").read_bytes()),
         },
-        "nodes": {
-            name: {
-                "role": node.role,
-                "signing_public_key": node.signing_public,
-                "curve_public_key": node.curve_public,
-                "tls_cert_sha256": node.cert_sha256,
-            }
-            for name, node in keys.items()
-        },
+        "nodes": {name: _roster_entry(node) for name, node in keys.items()},
     }
     header = "# The federation's public facts, written by `fedbus provision` (no secrets here).\n"
     _write_public(plan.out / "roster.toml", header + dump_toml(roster))
+
+
+def _roster_entry(node: NodeKeys) -> dict[str, str]:
+    entry = {
+        "role": node.role,
+        "signing_public_key": node.signing_public,
+        "curve_public_key": node.curve_public,
+        "tls_cert_sha256": node.cert_sha256,
+    }
+    if node.role == "envoy":
+        entry["mqtt_password_hash"] = node.mqtt_password_hash
+        entry["tls_csr"] = node.tls_csr
+    return entry
 
 
 # --------------------------------------------------------------------------- CLI
@@ -565,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--remove",
         default="",
         help="comma-separated envoy ids to take out (certificate revoked, keys dropped everywhere)",
+    )
+    p.add_argument(
+        "--public-keys",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="the envoys' <id>.public.toml files (`fedbus envoy init`), or folders holding them",
     )
     p.add_argument("--out", required=True, type=Path, help="folder of the kits (created)")
     p.add_argument("--transport", choices=("zmq", "mqtt"), default="zmq")
@@ -612,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = provision(plan)
     except ConfigError:
         raise  # a kit file that cannot be read: exit status 3 (node.cli)
-    except (ProvisionError, ValueError) as exc:
+    except (ProvisionError, IdentityError, ValueError) as exc:
         print(f"fedbus provision: error: {exc}", file=sys.stderr)
         return int(ProvisionError.exit_code)
     envoys = [k for k, v in keys.items() if v.role == "envoy"]
@@ -648,6 +785,7 @@ def _plan(args: argparse.Namespace) -> Plan:
     if not host or any(c.isspace() for c in host) or "/" in host:
         raise ProvisionError(f"--broker-host {host!r} is not a host name or address")
     return Plan(
+        public_keys=read_public_keys(args.public_keys),
         federation=federation,
         envoys=list(dict.fromkeys(envoys)),
         director_id=director,
@@ -665,6 +803,19 @@ def _plan(args: argparse.Namespace) -> Plan:
         max_frame_bytes=args.max_frame_bytes,
         remove=remove,
     )
+
+
+def read_public_keys(paths: Sequence[Path]) -> dict[str, PublicIdentity]:
+    """The public identities in `paths` (files, or folders searched for *.public.toml)."""
+    found: dict[str, PublicIdentity] = {}
+    for path in paths:
+        files = sorted(path.rglob("*.public.toml")) if path.is_dir() else [path]
+        for file in files:
+            identity = read_public_identity(file)
+            if identity.node_id in found and found[identity.node_id] != identity:
+                raise ProvisionError(f"two different public identities of {identity.node_id!r}")
+            found[identity.node_id] = identity
+    return found
 
 
 def _data_source_of(path: str) -> DataSourceKind:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.files import atomic_path, atomic_write_text
+from broker.files import atomic_path, atomic_write_text, private_dir
 from node.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -236,8 +236,8 @@ class StateStore:
 
     def write_audit(self, round: int, unmasked_sum: np.ndarray, survivors: list[str]) -> None:
         """--audit: the unmasked sum of `round`, bit for bit, and whose inputs it holds."""
-        folder = self.state_dir / AUDIT_DIR
         try:
+            folder = private_dir(self.state_dir / AUDIT_DIR)
             with atomic_path(folder / f"round-{round}-sum.npy", mode=PRIVATE) as tmp:
                 np.save(tmp, np.asarray(unmasked_sum, dtype=np.uint32))
             atomic_write_text(

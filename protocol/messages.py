@@ -12,18 +12,30 @@ from typing import Annotated, get_args
 import msgspec
 
 from protocol.base import Message
-from protocol.secagg.messages import SecAggMessage, SecAggParams
+from protocol.secagg.messages import MAX_PARTICIPANTS, SecAggMessage, SecAggParams
 from protocol.tensors import MAX_DIMS, Tensor
 from protocol.types import Count, FederationId, MessageId, NodeId, Round, ShortText
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Tries of one training round: a round aborted below the threshold is retried under the same
 # round number, at most this many times (RoundStart.attempt and RoundEnd.attempt are below it).
 MAX_ATTEMPTS = 64
 Attempt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPTS - 1)]
 
+# Every container a frame may carry is bounded in its type, so the validating decode refuses
+# an oversized one before building it (memory stays proportional to the frame's real content).
+MAX_TENSORS = 4096  # a ResNet-18 has ~120
+MAX_BINS = 10000
+# A histogram vector (node.training.histograms) has 2 C bins + C^2 entries for C > 2 classes:
+# 1.2 million for 1000 classes and 100 bins. A longer one is refused before it is built.
+MAX_HISTOGRAM = 2**21
 LayerName = Annotated[str, msgspec.Meta(max_length=256)]
-Weights = dict[LayerName, Tensor]
+Weights = Annotated[dict[LayerName, Tensor], msgspec.Meta(max_length=MAX_TENSORS)]
+NodeIds = Annotated[list[NodeId], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
+Histograms = Annotated[list[Count], msgspec.Meta(max_length=MAX_HISTOGRAM)]
+# The L2 bound of an envoy's update when the director's config names none.
+DEFAULT_UPDATE_NORM = 100.0
+UpdateNorm = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
 # A model fingerprint: 32 hex digits of SHA-256 over a ModelSummary (node.modelcheck).
 Fingerprint = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")]
 MAX_LAYERS = 100_000
@@ -72,13 +84,18 @@ class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RoundStart(Message, frozen=True):
     weights: Weights
-    selected: list[NodeId]
+    selected: NodeIds
     plan: TrainPlan
-    deadlines: dict[ShortText, Annotated[float, msgspec.Meta(gt=0)]]
+    deadlines: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=32)], Annotated[float, msgspec.Meta(gt=0)]],
+        msgspec.Meta(max_length=16),
+    ]
     secagg: SecAggParams | None = None
     # A round aborted below the threshold is retried under the same round number; the attempt
     # tells the tries apart (late frames of an aborted try must not touch the next one).
     attempt: Attempt = 0
+    # Every envoy clips its update to this L2 norm (at most its policy's bound) before masking.
+    update_norm: UpdateNorm = DEFAULT_UPDATE_NORM
 
 
 class PlainUpdate(Message, frozen=True):
@@ -90,12 +107,26 @@ class PlainUpdate(Message, frozen=True):
 
 
 class EvaluateRequest(Message, frozen=True):
+    """Score the model the round (of the envelope) produced on the validation splits.
+
+    With `secagg` (the default), the envoys in `selected` run a SecAgg session of purpose
+    "evaluate" (protocol.secagg.evaluation) and the director learns only the summed
+    histograms; without, each envoy answers an EvaluateResult in the clear, which an envoy
+    only does under its own insecure opt-in.
+    """
+
     weights: Weights
-    bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
+    bins: Annotated[int, msgspec.Meta(ge=2, le=MAX_BINS)] = 100
+    secagg: SecAggParams | None = None
+    selected: NodeIds = msgspec.field(default_factory=list)
+    # The attempt of the round that produced the model (it numbers the evaluation session).
+    attempt: Attempt = 0
 
 
 class EvaluateResult(Message, frozen=True):
-    """Per-class score histograms of the envoy's validation split, as one flat vector.
+    """Per-class score histograms of the envoy's validation split, as one flat vector, in the
+    clear: only sent under the envoy's insecure plain-update opt-in (otherwise the same vector
+    goes through the evaluation SecAgg session, protocol.secagg.evaluation).
 
     Histograms, not per-image scores, so the director learns the ROC and nothing per patient.
     The layout (node.training.histograms) depends on the number of classes and bins: for two
@@ -104,7 +135,7 @@ class EvaluateResult(Message, frozen=True):
 
     num_samples: Count
     loss_sum: float
-    histograms: list[Count]
+    histograms: Histograms
 
 
 class RoundEnd(Message, frozen=True):
@@ -131,7 +162,7 @@ class StatusReply(Message, frozen=True):
     round: Round
     stage: ShortText
     rounds_total: Round
-    envoys: dict[NodeId, EnvoyStatus]
+    envoys: Annotated[dict[NodeId, EnvoyStatus], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
 CoreMessage = (

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from collections.abc import Mapping
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -13,6 +16,11 @@ from protocol.errors import ProtocolError
 # Only plain numeric dtypes travel; anything else (objects, strings, big-endian) is refused.
 ALLOWED_DTYPES = frozenset({"<f4", "<f8", "<f2", "<u4", "<i4", "<i8", "<u8", "|u1", "|i1"})
 MAX_DIMS = 8
+# Bounded in the type, so the decoder refuses a long shape before building it: an unbounded
+# tuple of small ints decodes to ~36 bytes of Python objects per byte of frame.
+Dim = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+Shape = Annotated[tuple[Dim, ...], msgspec.Meta(max_length=MAX_DIMS)]
+DType = Annotated[str, msgspec.Meta(max_length=8)]
 
 
 class TensorError(ProtocolError):
@@ -20,8 +28,8 @@ class TensorError(ProtocolError):
 
 
 class Tensor(msgspec.Struct, frozen=True, array_like=True):
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: DType
+    shape: Shape
     data: bytes
 
 
@@ -57,3 +65,18 @@ def state_from_numpy(state: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
 
 def state_to_numpy(state: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     return {name: to_numpy(value) for name, value in state.items()}
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a model state: names, dtypes, shapes and bytes, in order. What an envoy
+    compares to recognise the model it trained on or evaluated."""
+    h = hashlib.sha256(b"fedbus/state/v1")
+    for name, value in state.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        header = f"{name}|{array.dtype.str}|{array.shape}".encode()
+        h.update(struct.pack(">I", len(header)) + header)
+        h.update(struct.pack(">Q", array.nbytes))
+        h.update(array.tobytes())
+    return h.hexdigest()

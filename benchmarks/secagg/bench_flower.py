@@ -19,7 +19,16 @@ Per-party times are CPU seconds (time.process_time) so that other users of the s
 machine do not pollute the split; the totals are given as wall and CPU seconds. Each
 implementation runs --reps times, alternating, and the median is reported.
 
-Run: .venv/bin/python benchmarks/secagg/bench_flower.py [--reps 2]
+Flower's (11 shares, threshold 6) is weaker than an envoy's default policy accepts at
+n = 100 (2t n <= (k + 1)(n + C) with C = 10): those rows run the clients with a policy that
+lets any threshold through, to compare the same protocol work. "fedbus-default" runs what a
+default federation does at n = 100 (find_parameters with dropout 0.1 and the default corrupt
+fraction 0.1, malicious mode, default client policy): the cost of the stricter parameters.
+
+Without /work/flwr-venv, `--flower-results results/flower.json` takes Flower's figures from
+an earlier run on this machine instead of running it (the output says so).
+
+Run: .venv/bin/python benchmarks/secagg/bench_flower.py [--reps 2] [--flower-results PATH]
 """
 
 from __future__ import annotations
@@ -39,18 +48,26 @@ from _common import machine, quiet, write
 
 from crypto.quantize import QuantizationRange, dequantize_sum, quantize
 from protocol.secagg.messages import SecAggParams
+from protocol.secagg.params import find_parameters
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.simulate import node_names, simulate_round
 
 HERE = Path(__file__).resolve().parent
 FLOWER_PYTHON = "/work/flwr-venv/bin/python"
 
 
-def fedbus_round(n: int, d: int, k: int, t: int, *, malicious: bool, seed: int) -> dict:
+# Flower's parameters, on the same protocol work (see the module docstring).
+FLOWER_POLICY = ClientPolicy(insecure_semi_honest=True, insecure_any_threshold=True)
+
+
+def fedbus_round(
+    n: int, d: int, params: SecAggParams, *, impl: str, seed: int, policy: ClientPolicy
+) -> dict:
     gen = np.random.default_rng(seed)
     names = node_names(n)
     updates = {u: gen.uniform(-1, 1, d).astype(np.float32) for u in names}
     drop = {u: "masked_input" for u in gen.choice(names, int(0.1 * n), replace=False)}
-    params = SecAggParams(graph="harary", k=k, t=t, clip=8.0, malicious=malicious)
+    k, t = params.k, params.t
     qrange = QuantizationRange(clip=8.0, max_summands=n)
     w0, c0 = time.perf_counter(), time.process_time()
     quant_cpu: dict[str, float] = {}
@@ -67,6 +84,7 @@ def fedbus_round(n: int, d: int, k: int, t: int, *, malicious: bool, seed: int) 
         dropouts=drop,
         record_view=False,
         clock=time.process_time,
+        policy=policy,
     )
     q0 = time.process_time()
     mean = dequantize_sum(sim.result, qrange, len(sim.survivors)) / len(sim.survivors)
@@ -77,7 +95,7 @@ def fedbus_round(n: int, d: int, k: int, t: int, *, malicious: bool, seed: int) 
     survivors = sorted(sim.survivors)
     client = [sim.client_seconds[u] + quant_cpu[u] for u in survivors]
     return {
-        "impl": "fedbus-malicious" if malicious else "fedbus",
+        "impl": impl,
         "n": n,
         "d": d,
         "k": k,
@@ -127,28 +145,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="flower")
+    ap.add_argument(
+        "--flower-results",
+        type=Path,
+        help="take Flower's runs from this earlier results file instead of running Flower",
+    )
     args = ap.parse_args(argv)
     quiet()
-    runs: dict[str, list[dict]] = {"fedbus": [], "flower": [], "fedbus-malicious": []}
+    flower_params = {
+        "fedbus": SecAggParams(graph="harary", k=10, t=6, clip=8.0, malicious=False),
+        "fedbus-malicious": SecAggParams(graph="harary", k=10, t=6, clip=8.0, malicious=True),
+    }
+    default = find_parameters(args.n, dropout_fraction=0.1, corrupt_fraction=0.1, clip=8.0)
+    runs: dict[str, list[dict]] = {
+        "fedbus": [],
+        "flower": [],
+        "fedbus-malicious": [],
+        "fedbus-default": [],
+    }
+    if args.flower_results is not None:
+        earlier = json.loads(args.flower_results.read_text())
+        runs["flower"] = earlier["runs"]["flower"]
+        print(f"flower: {len(runs['flower'])} runs from {args.flower_results}, not run now")
     for rep in range(args.reps):
-        for impl in ("fedbus", "flower", "fedbus-malicious"):
+        for impl in runs:
             if impl == "flower":
-                r = flower_round(args.n, args.d, 11, 6, seed=rep)
+                if args.flower_results is None:
+                    r = flower_round(args.n, args.d, 11, 6, seed=rep)
+                    show(r)
+                    runs[impl].append(r)
+                continue
+            if impl == "fedbus-default":
+                r = fedbus_round(
+                    args.n, args.d, default, impl=impl, seed=rep, policy=ClientPolicy()
+                )
             else:
-                r = fedbus_round(args.n, args.d, 10, 6, malicious=impl != "fedbus", seed=rep)
+                r = fedbus_round(
+                    args.n, args.d, flower_params[impl], impl=impl, seed=rep, policy=FLOWER_POLICY
+                )
             show(r)
             runs[impl].append(r)
 
     def med(impl: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[impl])
 
-    summary = {}
+    summary: dict[str, dict[str, float]] = {}
     for key in ("total_s", "total_cpu_s", "client_mean_cpu_s", "server_cpu_s"):
         summary[key] = {impl: med(impl, key) for impl in runs}
         summary[key]["flower_over_fedbus"] = med("flower", key) / med("fedbus", key)
+        summary[key]["flower_over_fedbus_default"] = med("flower", key) / med("fedbus-default", key)
     print(json.dumps(summary, indent=2))
     ok = all(r["correct"] for rs in runs.values() for r in rs)
-    path = write(args.out, {"machine": machine(), "runs": runs, "summary": summary})
+    payload = {
+        "machine": machine(),
+        "runs": runs,
+        "summary": summary,
+        "default_parameters": {"k": default.k, "t": default.t, "malicious": default.malicious},
+        "flower_from": str(args.flower_results) if args.flower_results else "run now",
+    }
+    path = write(args.out, payload)
     print(f"wrote {path}")
     return 0 if ok else 1
 

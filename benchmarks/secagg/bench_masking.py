@@ -33,6 +33,7 @@ from crypto.prg import MaskAccumulator
 from protocol.events import BROADCAST
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.messages import SecAggParams
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.simulate import SERVER, node_names
 from protocol.stages import Stage
@@ -55,7 +56,9 @@ def client_at_masked_input(k: int, d: int) -> SecAggClient:
     names = node_names(k + 1)
     params = SecAggParams(graph="complete", k=k, t=k // 2 + 1, clip=1.0, malicious=False)
     server = SecAggServer(1, params, names, d)
-    clients = {u: SecAggClient(u, 1, params, names, server_id=SERVER) for u in names}
+    # The masking cost does not depend on the policy: any semi-honest threshold will do.
+    policy = ClientPolicy(insecure_semi_honest=True, insecure_any_threshold=True)
+    clients = {u: SecAggClient(u, 1, params, names, server_id=SERVER, policy=policy) for u in names}
     replies = []
     for u, c in clients.items():
         for out in c.start():

@@ -84,16 +84,28 @@ def verify_password(hashed: str, password: str) -> bool:
 
 
 def render_passwd(
-    passwords: Mapping[str, str], *, iterations: int = DEFAULT_PASSWORD_ITERATIONS
+    passwords: Mapping[str, str],
+    *,
+    hashes: Mapping[str, str] | None = None,
+    iterations: int = DEFAULT_PASSWORD_ITERATIONS,
 ) -> str:
-    """A Mosquitto password_file for {username: clear-text password}."""
-    lines = []
-    for username in sorted(passwords):
-        validate_id(username, field="MQTT username")
-        password = passwords[username]
+    """A Mosquitto password_file for {username: clear-text password}, plus {username: hash}
+    entries whose password only their owner ever saw (an envoy hashes its own)."""
+    entries: dict[str, str] = {}
+    for username, password in passwords.items():
         if not password or "\n" in password:
             raise ValueError(f"password of {username!r} is empty or spans lines")
-        lines.append(f"{username}:{hash_password(password, iterations=iterations)}")
+        entries[username] = hash_password(password, iterations=iterations)
+    for username, hashed in (hashes or {}).items():
+        if username in entries:
+            raise ValueError(f"{username!r} has both a password and a password hash")
+        if not hashed.startswith(("$7$", "$6$")) or "\n" in hashed or ":" in hashed:
+            raise ValueError(f"password hash of {username!r} is not a Mosquitto hash")
+        entries[username] = hashed
+    lines = []
+    for username in sorted(entries):
+        validate_id(username, field="MQTT username")
+        lines.append(f"{username}:{entries[username]}")
     return "\n".join(lines) + "\n"
 
 
@@ -310,6 +322,9 @@ def render_conf(config: MosquittoConfig) -> str:
             # A listener option: given before the first `listener` line it would make
             # Mosquitto open its default listener on port 1883 as well.
             "allow_zero_length_clientid false",
+            # The client id is the authenticated name, whatever CONNECT says: a node can no
+            # longer connect under another node's id and take over (and wipe) its session.
+            "use_username_as_clientid true",
             f"password_file {config.password_file}",
             f"acl_file {config.acl_file}",
         ]
@@ -319,10 +334,13 @@ def render_conf(config: MosquittoConfig) -> str:
                 f"certfile {listener.tls.cert}",
                 f"keyfile {listener.tls.key}",
                 *([f"crlfile {listener.tls.crl}"] if listener.tls.crl else []),
-                # Client certificates from the federation CA AND a password: a stolen
-                # password alone, or a certificate alone, does not get in.
+                # A client certificate from the federation CA is the node's identity: its
+                # common name is the username (so the ACL's %u and, above, the client id),
+                # whatever username and password the client sends. A stolen password is of
+                # no use without the node's private key, and a removed node's certificate
+                # is on the CRL.
                 "require_certificate true",
-                "use_identity_as_username false",
+                "use_identity_as_username true",
                 "tls_version tlsv1.2",
             ]
     return "\n".join(out) + "\n"
@@ -353,13 +371,15 @@ def write_broker_files(
     data_dir: Path | None = None,
     run_as_user: str | None = None,
     install_dir: Path | None = None,
+    password_hashes: Mapping[str, str] | None = None,
 ) -> BrokerFiles:
     """Write mosquitto.conf, passwd and acl into `directory`.
 
     `install_dir` is where the files will live on the broker host (the paths inside the
-    conf); it defaults to `directory` itself.
+    conf); it defaults to `directory` itself. `password_hashes`: nodes whose clear-text
+    password stays with them (envoys), by their Mosquitto hash.
     """
-    missing = sorted(set(nodes) - set(passwords))
+    missing = sorted(set(nodes) - set(passwords) - set(password_hashes or {}))
     if missing:
         raise ValueError(f"no MQTT password for node(s) {', '.join(missing)}")
     directory = Path(directory)
@@ -377,7 +397,7 @@ def write_broker_files(
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
     # 0600 all three: the password hashes above all, and nothing here is for other users.
     for name, text in (
-        ("mosquitto.passwd", render_passwd(passwords)),
+        ("mosquitto.passwd", render_passwd(passwords, hashes=password_hashes)),
         ("mosquitto.acl", render_acl(federation=federation, nodes=nodes)),
         ("mosquitto.conf", render_conf(config)),
     ):

@@ -9,9 +9,10 @@ Layout of OUT (every node runs from its kit, as it would on its own machine):
     OUT/pids.json            who is who, for operators and tests (e.g. to kill -9 one envoy)
     OUT/faults.toml          the fault plan the nodes read (--faults)
 
-Keys, configs, the broker's allow-list and Mosquitto's files are made once, by provisioning;
-the demo then only writes its own settings into the node configs (`update_config`) and runs
-the processes on loopback.
+Each envoy makes its keys in its own folder (`node.identity`, as `fedbus envoy init` on a
+hospital's host); configs, the broker's allow-list and Mosquitto's files are made once, by
+provisioning from their public halves; the demo then only writes its own settings into the
+node configs (`update_config`) and runs the processes on loopback.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from broker.server.mosquitto_process import MosquittoError, MosquittoProcess, mo
 from broker.server.ports import ADDRESS_IN_USE, free_port
 from node.config import BUNDLED_DATA_FIELDS, BUNDLED_MODEL_FIELDS
 from node.errors import ExitCode, FedbusError
+from node.identity import init_identity
 from node.logs import configured_level
 from node.provision import SHIPPED_CONFIGS, Plan, provision, update_config
 from node.status import read_records
@@ -197,7 +199,11 @@ class Federation:
             self.plan.save(self.faults_file)
 
     def _provision(self, port: int) -> None:
+        # Each envoy makes its own keys in its own folder, as on its own host; provisioning
+        # gets their public half only.
+        public = {name: init_identity(self.kit(name), name) for name in self.names}
         plan = Plan(
+            public_keys=public,
             federation=FEDERATION,
             envoys=list(self.names),
             director_id=DIRECTOR,
@@ -263,6 +269,8 @@ class Federation:
             },
             # The director's [model] exactly: what it leaves out, the envoys leave out too.
             "model": {**dict.fromkeys(BUNDLED_MODEL_FIELDS), **model},
+            # A plain demo needs each envoy's own opt-in as well as the director's.
+            "policy": {"insecure_plain_updates": self.opts.insecure_plain},
         }
         if self.plan is not None:
             settings["faults"] = str(self.faults_file)

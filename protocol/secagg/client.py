@@ -5,13 +5,26 @@ to send next. Nothing here reads a socket or a clock: the node layer moves the m
 decides when a peer is late. Randomness only comes from the injected `randbytes`.
 
 Rules that keep an input secret even from a malicious director:
+* the announced parameters must pass the client's own policy (protocol.secagg.policy: the
+  threshold recomputed from n and the client's corrupt and dropout fractions, malicious mode
+  required); otherwise the constructor raises PolicyViolation, before any key exists;
+* the graph is seeded with the digest of the key roster (the clients' signed advertisements),
+  not with anything the server picks, and the client masks with at least `min_partners`
+  distinct neighbours;
 * the client reveals, per peer, either the self-mask share (peer survived) or the mask-key
   share (peer dropped out), never both: an Unmask request whose survivor and dropout lists
   overlap is refused, and so is one whose survivors differ from the set it signed;
+* it signs a survivor set only if it is large (`min_survivors`: a majority, and all but the
+  dropouts the policy allows) and every surviving neighbour is one of its partners (a server
+  that cut edges to learn the sums of cliques is refused); the signature covers the
+  survivor set, the roster digest and its partner set;
 * in malicious mode a peer's keys are used only under a valid Ed25519 signature, and a share
   of peer u is only revealed when at least t members of u's closed neighbourhood signed the
-  very survivor set of the request (honest clients sign one set per round, so with
-  2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t signatures);
+  very survivor set and roster of the request (honest clients sign one set per session, so
+  with 2t > k + 1 + corrupt neighbours two contradicting sets cannot both gather t
+  signatures);
+* every signature, HKDF info and AEAD associated data binds the session context (federation,
+  purpose, session number, participants and their identity keys: protocol.secagg.common);
 * pairwise masks come from the PRG seeded with the whole 32-byte agreement output.
 
 Messages for another stage or round (CLIENT_TRANSITIONS in protocol.secagg.transitions), from
@@ -41,12 +54,17 @@ from protocol.secagg.common import (
     DEFAULT_SERVER_ID,
     ENC_INFO,
     MASK_INFO,
-    SHARE_PURPOSE,
+    TRAIN,
+    consistency_signing_payload,
     keys_signing_payload,
     pair_info,
-    survivors_signing_payload,
+    partners_bitmap,
+    roster_digest,
+    session_context,
+    share_purpose,
+    survivors_digest,
 )
-from protocol.secagg.graph import build_graph
+from protocol.secagg.graph import Graph, build_graph
 from protocol.secagg.messages import (
     AdvertisedKeys,
     SecAggAbort,
@@ -62,6 +80,7 @@ from protocol.secagg.messages import (
     SecAggUnmaskResponse,
     SharePlaintext,
 )
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.transitions import (
     CLIENT_TRANSITIONS,
     Aborted,
@@ -94,13 +113,22 @@ class SecAggClient(RefusalLog):
         randbytes: Callable[[int], bytes] = os.urandom,
         *,
         server_id: str = DEFAULT_SERVER_ID,
+        federation: str = "",
+        purpose: str = TRAIN,
+        policy: ClientPolicy | None = None,
     ) -> None:
         if node_id not in participants:
             raise SecAggClientError(f"node_id: {node_id!r} is not among the participants")
+        if len(set(participants)) != len(participants):
+            raise SecAggClientError("participants: duplicate node ids")
         if params.t > len(participants):
             raise SecAggClientError(
                 f"params.t: threshold {params.t} exceeds the {len(participants)} participants"
             )
+        self.policy = policy if policy is not None else ClientPolicy()
+        # Before anything is generated: parameters weaker than the policy are refused here.
+        self.verdict = self.policy.check(params, len(participants))
+        identity: dict[str, bytes] = {}
         if params.malicious:
             if signing_key is None:
                 raise SecAggClientError("signing_key: required in malicious mode")
@@ -109,16 +137,28 @@ class SecAggClient(RefusalLog):
                 raise SecAggClientError(
                     f"peer_signing_keys: missing for {len(missing)} participants, e.g. {missing[0]!r}"
                 )
+            identity = {p: (peer_signing_keys or {})[p] for p in participants}
+            if identity[node_id] != signing.signing_public_key(signing_key):
+                raise SecAggClientError("peer_signing_keys: this client's entry is not its key")
         super().__init__("fedbus.secagg.client", "secagg_refused")
         self.node_id = node_id
         self.round = round
         self.params = params
         self.server_id = server_id
-        self.graph = build_graph(
-            participants, kind=params.graph, k=params.k, round=round, graph_seed=params.graph_seed
+        self.participants: tuple[str, ...] = tuple(sorted(participants))
+        self.context = session_context(
+            federation=federation,
+            purpose=purpose,
+            session=round,
+            participants=self.participants,
+            identity_keys=identity,
         )
+        self.min_partners = self.verdict.min_partners
+        # Seeded with the key roster's digest, so known once the roster arrived.
+        self._graph: Graph | None = None
+        self._roster_digest = b""
         self._signing_key = signing_key
-        self._peer_signing_keys = dict(peer_signing_keys or {})
+        self._peer_signing_keys = identity
         self._randbytes = randbytes
         self.stage: State = Stage.ADVERTISE_KEYS
         self.abort_reason = ""
@@ -129,11 +169,24 @@ class SecAggClient(RefusalLog):
         self._b = randbytes(32)
         self._roster: dict[str, AdvertisedKeys] = {}
         self._enc_keys: dict[str, bytes] = {}
-        # peer -> (x, s_share, b_share) of that peer's secrets held here (self included).
+        # peer -> (s_share, b_share) of that peer's secrets held here (self included).
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: list[str] = []  # neighbours this client masked with
+        self._bitmap = b""
         self._signed_survivors: frozenset[str] | None = None
-        self._sig_cache: dict[tuple[str, bytes], bool] = {}
+        self._sig_cache: dict[tuple[str, bytes, bytes], bool] = {}
+
+    @property
+    def graph(self) -> Graph:
+        """The session's graph (GraphError-free once the roster arrived; before, an error)."""
+        if self._graph is None:
+            raise SecAggClientError("the graph is known once the key roster arrived")
+        return self._graph
+
+    @property
+    def partners(self) -> tuple[str, ...]:
+        """The neighbours this client masked with (empty before ForwardedShares)."""
+        return tuple(self._partners)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -155,7 +208,7 @@ class SecAggClient(RefusalLog):
             assert self._signing_key is not None
             signature = signing.sign(
                 self._signing_key,
-                keys_signing_payload(self.round, self.node_id, self._c.public, self._s.public),
+                keys_signing_payload(self.context, self.node_id, self._c.public, self._s.public),
             )
         keys = AdvertisedKeys(c_public=self._c.public, s_public=self._s.public, signature=signature)
         return [Outgoing(self.server_id, SecAggAdvertiseKeys(round=self.round, keys=keys))]
@@ -215,6 +268,20 @@ class SecAggClient(RefusalLog):
             raise Aborted("not admitted to the round")
         if mine.c_public != self._c.public or mine.s_public != self._s.public:
             raise Aborted("roster carries other keys under this client's id")
+        if not body.keys.keys() <= set(self.participants):
+            raise Aborted("roster names a non-participant")
+        # The graph follows from the signed advertisements, not from a server's choice.
+        self._roster_digest = roster_digest(
+            self.context,
+            ((v, keys.c_public, keys.s_public, keys.signature) for v, keys in body.keys.items()),
+        )
+        self._graph = build_graph(
+            self.participants,
+            kind=self.params.graph,
+            k=self.params.k,
+            round=self.round,
+            graph_seed=self._roster_digest,
+        )
         peers = sorted(v for v in self.graph.neighbours(self.node_id) if v in body.keys)
         # Every key this client will use must be distinct (Bonawitz et al.): a server that
         # passed our own key off as a neighbour's could otherwise read our shares. Only the
@@ -226,15 +293,18 @@ class SecAggClient(RefusalLog):
         ]
         if len(set(used)) != len(used):
             raise Aborted("roster repeats a public key")
-        if len(peers) + 1 < self.params.t:
-            raise Aborted(f"only {len(peers) + 1} of the threshold {self.params.t} share holders")
+        if len(peers) < self.min_partners:
+            raise Aborted(
+                f"only {len(peers)} of {len(self.graph.neighbours(self.node_id))} neighbours "
+                f"in the roster; this client masks with at least {self.min_partners}"
+            )
         for v in peers:
             keys = body.keys[v]
             if self.params.malicious:
                 try:
                     signing.verify(
                         self._peer_signing_keys[v],
-                        keys_signing_payload(self.round, v, keys.c_public, keys.s_public),
+                        keys_signing_payload(self.context, v, keys.c_public, keys.s_public),
                         keys.signature,
                     )
                 except CryptoError:
@@ -257,16 +327,17 @@ class SecAggClient(RefusalLog):
                 v: agreement.agree(
                     self._c.private,
                     self._roster[v].c_public,
-                    info=pair_info(ENC_INFO, self.round, self.node_id, v),
+                    info=pair_info(ENC_INFO, self.context, self.node_id, v),
                 )
                 for v in peers
             }
+            purpose = share_purpose(self.context)
             for v, s_share, b_share in zip(holders, s_shares, b_shares, strict=True):
                 if v == self.node_id:
                     self._held[v] = (s_share, b_share)
                     continue
                 plaintext = _plain_encoder.encode(SharePlaintext(s_share=s_share, b_share=b_share))
-                ad = aead.associated_data(self.round, self.node_id, v, SHARE_PURPOSE)
+                ad = aead.associated_data(self.round, self.node_id, v, purpose)
                 ciphertexts[v] = aead.encrypt(
                     self._enc_keys[v], plaintext, ad, randbytes=self._randbytes
                 )
@@ -277,20 +348,23 @@ class SecAggClient(RefusalLog):
     def _on_shares(self, body: SecAggForwardedShares) -> list[Outgoing]:
         if any(u not in self._roster or u == self.node_id for u in body.ciphertexts):
             raise Aborted("forwarded shares from a peer outside this client's neighbourhood")
-        if len(body.ciphertexts) + 1 < self.params.t:
+        if len(body.ciphertexts) < self.min_partners:
             raise Aborted(
-                f"only {len(body.ciphertexts) + 1} share holders left, threshold {self.params.t}"
+                f"shares from only {len(body.ciphertexts)} neighbours; this client masks with "
+                f"at least {self.min_partners}"
             )
         held: dict[str, tuple[bytes, bytes]] = {}
+        purpose = share_purpose(self.context)
         for u, ciphertext in body.ciphertexts.items():
             try:
-                ad = aead.associated_data(self.round, u, self.node_id, SHARE_PURPOSE)
+                ad = aead.associated_data(self.round, u, self.node_id, purpose)
                 plain = _plain_decoder.decode(aead.decrypt(self._enc_keys[u], ciphertext, ad))
             except (CryptoError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 raise Aborted(f"shares from {u} do not decrypt: {exc}") from None
             held[u] = (plain.s_share, plain.b_share)
         self._held.update(held)
         self._partners = sorted(body.ciphertexts)
+        self._bitmap = partners_bitmap(self.graph.neighbours(self.node_id), self._partners)
         return []  # MaskedInput follows as soon as the input is set
 
     def _masked_input_when_ready(self) -> list[Outgoing]:
@@ -318,7 +392,7 @@ class SecAggClient(RefusalLog):
                 agreement.agree(
                     self._s.private,
                     self._roster[v].s_public,
-                    info=pair_info(MASK_INFO, self.round, self.node_id, v),
+                    info=pair_info(MASK_INFO, self.context, self.node_id, v),
                 )
                 for v in partners
             ]
@@ -334,16 +408,29 @@ class SecAggClient(RefusalLog):
     def _on_consistency(self, body: SecAggConsistencyRequest) -> list[Outgoing]:
         survivors = frozenset(body.survivors)
         self._check_survivors(survivors, len(body.survivors))
-        assert self._signing_key is not None
-        signature = signing.sign(
-            self._signing_key, survivors_signing_payload(self.round, survivors)
-        )
-        self._signed_survivors = survivors
-        return [
-            Outgoing(
-                self.server_id, SecAggConsistencySignature(round=self.round, signature=signature)
+        # A survivor sent its masked input, so it shared keys, so it is one of our partners
+        # if it is our neighbour: anything else means the server cut edges of the graph.
+        cut = (survivors & self.graph.neighbours(self.node_id)) - set(self._partners)
+        if cut:
+            raise Refused(
+                f"{len(cut)} surviving neighbours are not partners of this client, "
+                f"e.g. {min(cut)!r}"
             )
-        ]
+        assert self._signing_key is not None
+        signature = signing.sign(self._signing_key, self._consistency_payload(survivors))
+        self._signed_survivors = survivors
+        reply = SecAggConsistencySignature(
+            round=self.round, signature=signature, partners=self._bitmap
+        )
+        return [Outgoing(self.server_id, reply)]
+
+    def _consistency_payload(self, survivors: frozenset[str], bitmap: bytes | None = None) -> bytes:
+        return consistency_signing_payload(
+            self.context,
+            survivors_digest(survivors),
+            self._roster_digest,
+            self._bitmap if bitmap is None else bitmap,
+        )
 
     def _check_survivors(self, survivors: frozenset[str], listed: int) -> None:
         if len(survivors) != listed:
@@ -352,6 +439,12 @@ class SecAggClient(RefusalLog):
             raise Refused("this client is not among the survivors")
         if len(survivors) < self.params.t:
             raise Refused(f"{len(survivors)} survivors, below the threshold {self.params.t}")
+        if len(survivors) < self.verdict.min_survivors:
+            # Two disjoint survivor sets could otherwise both be unmasked in one session.
+            raise Refused(
+                f"{len(survivors)} survivors of {len(self.participants)}; this client signs "
+                f"and unmasks only sets of at least {self.verdict.min_survivors}"
+            )
         if not survivors <= self.graph.index.keys():
             raise Refused("survivor list names a non-participant")
 
@@ -369,11 +462,11 @@ class SecAggClient(RefusalLog):
         reveal_b = [u for u in self._held if u in survivors]
         reveal_s = [u for u in self._held if u in dropouts and u != self.node_id]
         if self.params.malicious:
-            payload = survivors_signing_payload(self.round, survivors)
+            digest = survivors_digest(survivors)
             # Ourselves first: our own neighbourhood's signatures serve most of the others.
             order = sorted((*reveal_b, *reveal_s), key=lambda u: u != self.node_id)
             for u in order:
-                if not self._enough_signatures(u, survivors, body.signatures, payload):
+                if not self._enough_signatures(u, survivors, body, digest):
                     raise Refused(f"fewer than t valid signatures around {u}")
         response = SecAggUnmaskResponse(
             round=self.round,
@@ -384,36 +477,45 @@ class SecAggClient(RefusalLog):
         return [Outgoing(self.server_id, response)]
 
     def _enough_signatures(
-        self, u: str, survivors: frozenset[str], signatures: Mapping[str, bytes], payload: bytes
+        self, u: str, survivors: frozenset[str], body: SecAggUnmaskRequest, digest: bytes
     ) -> bool:
-        """At least t members of N[u], all survivors, signed exactly `survivors` (= payload).
+        """At least t members of N[u], all survivors, signed exactly `survivors`, the roster
+        this client was given and their own partner sets.
 
         Ed25519 verification dominates malicious-mode cost, so each signature is verified at
         most once per client, and signatures already known valid, then those of this
         client's own neighbourhood (shared by most of the u it answers for), are used first.
         """
         t = self.params.t
+        signatures, bitmaps = body.signatures, body.partners
         members = [w for w in self.graph.closed(u) if w in survivors and w in signatures]
         if len(members) < t:
             return False
         cache = self._sig_cache
-        good = sum(1 for w in members if cache.get((w, signatures[w])) is True)
+
+        def key(w: str) -> tuple[str, bytes, bytes]:
+            return (w, signatures[w], bitmaps.get(w, b""))
+
+        good = sum(1 for w in members if cache.get(key(w)) is True)
         if good >= t:
             return True
         mine = self.graph.closed(self.node_id)
         todo = sorted(
-            (w for w in members if (w, signatures[w]) not in cache),
+            (w for w in members if key(w) not in cache),
             key=lambda w: (w not in mine, w),
         )
         for w in todo:
-            # Keyed by the signature too: a forged one must not poison a later genuine one.
-            key = (w, signatures[w])
+            # Keyed by the signature and the partner set too: a forged one must not poison a
+            # later genuine one.
+            payload = consistency_signing_payload(
+                self.context, digest, self._roster_digest, bitmaps.get(w, b"")
+            )
             try:
                 signing.verify(self._peer_signing_keys[w], payload, signatures[w])
-                cache[key] = True
+                cache[key(w)] = True
                 good += 1
             except CryptoError:
-                cache[key] = False
+                cache[key(w)] = False
             if good >= t:
                 return True
         return False

@@ -2,7 +2,9 @@
 
 Every party derives the same graph from public data only, so a client can check the director
 did not pick its neighbours: the participant list (sorted, so order never matters), the
-round, k, and `graph_seed` from the round's SecAggParams.
+round, k, and `graph_seed`: the digest of the session's key roster, i.e. of the clients'
+signed key advertisements (protocol.secagg.common.roster_digest), which the server cannot
+choose. (It can still choose whose advertisements to admit; see the README's threat model.)
 
 Harary graph H(k, n) on a ring of n positions: position p is joined to p +/- 1 .. p +/- k//2;
 for odd k and even n also to the antipodal p + n/2; for odd k and odd n to p + (n+1)/2 for

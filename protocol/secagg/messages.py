@@ -12,8 +12,9 @@ Flow (S = server/director, C = client/envoy; "*" = every participant):
     S -> C  SecAggForwardedShares   the ciphertexts addressed to this client
     C -> S  SecAggMaskedInput       y = x + PRG(b) + sum +/-PRG(s_uv)   (mod 2^32)
     S -> *  SecAggConsistencyRequest    the survivor set            (malicious mode only)
-    C -> S  SecAggConsistencySignature  Ed25519 over the survivor set (malicious mode only)
-    S -> *  SecAggUnmaskRequest     survivors, dropouts (+ the survivors' signatures)
+    C -> S  SecAggConsistencySignature  Ed25519 over the survivor set, the roster digest and
+                                        the client's partner set (malicious mode only)
+    S -> *  SecAggUnmaskRequest     survivors, dropouts (+ the signatures and partner sets)
     C -> S  SecAggUnmaskResponse    b shares of survivors, s-key shares of dropouts
     S -> *  SecAggAbort             the round ends without a result
 """
@@ -33,6 +34,8 @@ from protocol.types import NodeId, Round, ShortText
 MAX_PARTICIPANTS = 100_000
 
 PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+# A client's partner set: one bit per graph neighbour (protocol.secagg.common.partners_bitmap).
+PartnerBitmap = Annotated[bytes, msgspec.Meta(max_length=(MAX_PARTICIPANTS + 7) // 8)]
 # Empty in semi-honest mode, an Ed25519 signature (64 bytes) in malicious mode.
 OptionalSignature = Annotated[bytes, msgspec.Meta(max_length=64)]
 Signature = Annotated[bytes, msgspec.Meta(min_length=64, max_length=64)]
@@ -47,13 +50,15 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     graph: "complete" (every pair masks; k is then n - 1 whatever is written here) or
         "harary" (SecAgg+: a random k-regular Harary graph over the participants, the
-        permutation derived from `graph_seed`, the round and the participant list).
+        permutation derived from the digest of the clients' signed key advertisements, so
+        the server cannot pick it; see protocol.secagg.common.roster_digest).
     k: the number of neighbours of each client (its shares go to k neighbours + itself).
     t: the Shamir threshold: a secret needs t of the k + 1 shares; also the smallest number
         of inputs the server may ever learn a sum of.
     clip: the quantisation range [-clip, clip] the envoys use for their updates.
     malicious: the malicious-director variant (signed keys, consistency check).
-    graph_seed: public randomness mixed into the Harary permutation (see protocol.secagg.graph).
+
+    A client checks these against its own policy (protocol.secagg.policy) before it takes part.
     """
 
     graph: Annotated[str, msgspec.Meta(pattern="^(complete|harary)$")]
@@ -61,7 +66,6 @@ class SecAggParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     t: Annotated[int, msgspec.Meta(ge=1, le=MAX_PARTICIPANTS)]
     clip: Annotated[float, msgspec.Meta(gt=0)]
     malicious: bool = True
-    graph_seed: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class AdvertisedKeys(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
@@ -107,6 +111,7 @@ class SecAggConsistencyRequest(Message, frozen=True):
 class SecAggConsistencySignature(Message, frozen=True):
     round: Round
     signature: Signature
+    partners: PartnerBitmap = b""
 
 
 class SecAggUnmaskRequest(Message, frozen=True):
@@ -114,6 +119,10 @@ class SecAggUnmaskRequest(Message, frozen=True):
     survivors: NodeList
     dropouts: NodeList
     signatures: Annotated[dict[NodeId, Signature], msgspec.Meta(max_length=MAX_PARTICIPANTS)] = (
+        msgspec.field(default_factory=dict)
+    )
+    # The signers' partner bitmaps, each covered by that signer's signature.
+    partners: Annotated[dict[NodeId, PartnerBitmap], msgspec.Meta(max_length=MAX_PARTICIPANTS)] = (
         msgspec.field(default_factory=dict)
     )
 

@@ -217,7 +217,6 @@ def find_parameters(
     corrupt_fraction: float,
     malicious: bool = True,
     clip: float = 1.0,
-    graph_seed: bytes = b"",
     graph: str = "auto",
 ) -> SecAggParams:
     """The cheapest (k, t) for 2^-40 security and 2^-20 correctness (module docstring).
@@ -238,9 +237,7 @@ def find_parameters(
     best = _search_degree(n, dropouts, corrupt, malicious) if graph == "auto" else None
     if best is not None:
         k, t = best
-        return SecAggParams(
-            graph="harary", k=k, t=t, clip=clip, malicious=malicious, graph_seed=graph_seed
-        )
+        return SecAggParams(graph="harary", k=k, t=t, clip=clip, malicious=malicious)
     t = n - dropouts
     result = analyse(n, n - 1, t, dropouts=dropouts, corrupt=corrupt, malicious=malicious)
     if t < 2 or not result.ok:
@@ -249,9 +246,7 @@ def find_parameters(
             f"({'malicious' if malicious else 'semi-honest'}); need n - dropouts > "
             f"{'(n + corrupt) / 2' if malicious else 'corrupt'}"
         )
-    return SecAggParams(
-        graph="complete", k=n - 1, t=t, clip=clip, malicious=malicious, graph_seed=graph_seed
-    )
+    return SecAggParams(graph="complete", k=n - 1, t=t, clip=clip, malicious=malicious)
 
 
 __all__ = [

@@ -8,8 +8,10 @@ a stage ends with its closer (pruning, threshold checks) and the next one begins
 message its opener broadcasts. A refused message is recorded (`take_refusals`), never raised.
 
 Sets, as in Bonawitz et al.: U1 advertised keys, U2 shared keys, U3 sent a masked input
-(`survivors`), U4 signed the survivor set (malicious mode), U5 answered Unmask. Clients whose
-neighbourhood cannot reach the threshold are pruned from U1 and U2 (excluded, not an abort).
+(`survivors`), U4 signed the survivor set (malicious mode), U5 answered Unmask. The graph is
+seeded with the digest of the roster U1 (the clients' signed advertisements, as the clients
+derive it too). Clients whose neighbourhood cannot reach the threshold are pruned from U2
+(excluded, not an abort); at U1 such a client excludes itself.
 The round aborts cleanly, revealing nothing, when fewer than t clients remain at a stage or a
 needed secret cannot gather t shares.
 
@@ -32,9 +34,14 @@ from protocol.errors import ProtocolError
 from protocol.events import BROADCAST, Outgoing, RefusalLog, Refused
 from protocol.secagg.common import (
     MASK_INFO,
+    TRAIN,
+    consistency_signing_payload,
     keys_signing_payload,
     pair_info,
-    survivors_signing_payload,
+    partners_bitmap,
+    roster_digest,
+    session_context,
+    survivors_digest,
 )
 from protocol.secagg.graph import Graph, build_graph
 from protocol.secagg.messages import (
@@ -76,6 +83,9 @@ class SecAggServer(RefusalLog):
         participants: Sequence[str],
         vector_length: int,
         client_signing_keys: Mapping[str, bytes] | None = None,
+        *,
+        federation: str = "",
+        purpose: str = TRAIN,
     ) -> None:
         if len(set(participants)) != len(participants):
             raise SecAggServerError("participants: duplicate node ids")
@@ -96,10 +106,18 @@ class SecAggServer(RefusalLog):
         self.params = params
         self.participants = frozenset(participants)
         self.vector_length = vector_length
-        self.graph: Graph = build_graph(
-            participants, kind=params.graph, k=params.k, round=round, graph_seed=params.graph_seed
+        self._signing_keys = (
+            {p: (client_signing_keys or {})[p] for p in participants} if params.malicious else {}
         )
-        self._signing_keys = dict(client_signing_keys or {})
+        self.context = session_context(
+            federation=federation,
+            purpose=purpose,
+            session=round,
+            participants=sorted(participants),
+            identity_keys=self._signing_keys,
+        )
+        self._graph: Graph | None = None  # seeded with the roster's digest (U1)
+        self._roster_digest = b""
         self.stage: State = Stage.ADVERTISE_KEYS
         self.abort_reason = ""
         self.result: np.ndarray | None = None
@@ -111,6 +129,7 @@ class SecAggServer(RefusalLog):
         self._survivors: frozenset[str] = frozenset()
         self._dropouts: frozenset[str] = frozenset()
         self._signatures: dict[str, bytes] = {}  # U4
+        self._bitmaps: dict[str, bytes] = {}  # U4's partner sets
         self._responded: set[str] = set()  # U5
         self._answered: dict[str, Stage] = {}  # the last stage each client answered
         self._b_shares: dict[str, dict[int, bytes]] = {}
@@ -125,6 +144,13 @@ class SecAggServer(RefusalLog):
     @property
     def aborted(self) -> bool:
         return self.stage is Outcome.ABORTED
+
+    @property
+    def graph(self) -> Graph:
+        """The session's graph, known once AdvertiseKeys closed."""
+        if self._graph is None:
+            raise SecAggServerError("the graph is known once the key roster is settled")
+        return self._graph
 
     @property
     def survivors(self) -> frozenset[str]:
@@ -221,7 +247,7 @@ class SecAggServer(RefusalLog):
             try:
                 signing.verify(
                     self._signing_keys[sender],
-                    keys_signing_payload(self.round, sender, keys.c_public, keys.s_public),
+                    keys_signing_payload(self.context, sender, keys.c_public, keys.s_public),
                     keys.signature,
                 )
             except CryptoError:
@@ -243,10 +269,23 @@ class SecAggServer(RefusalLog):
             and count[keys.c_public] == 1
             and count[keys.s_public] == 1
         }
-        admitted = self._prune(admitted, admitted)
         if len(admitted) < self.params.t:
             raise Aborted(f"{len(admitted)} clients advertised keys, threshold {self.params.t}")
         self._keys = {u: self._keys[u] for u in admitted}
+        # The graph follows from the admitted advertisements, exactly as each client
+        # derives it from the roster; a client whose neighbourhood in the roster is too thin
+        # excludes itself and is pruned at ShareKeys.
+        self._roster_digest = roster_digest(
+            self.context,
+            ((u, k.c_public, k.s_public, k.signature) for u, k in self._keys.items()),
+        )
+        self._graph = build_graph(
+            sorted(self.participants),
+            kind=self.params.graph,
+            k=self.params.k,
+            round=self.round,
+            graph_seed=self._roster_digest,
+        )
 
     def _open_share_keys(self) -> list[Outgoing]:
         roster = SecAggKeyRoster(round=self.round, keys=dict(sorted(self._keys.items())))
@@ -352,15 +391,23 @@ class SecAggServer(RefusalLog):
             raise Refused("not a survivor")
         if sender in self._signatures:
             raise Refused("duplicate")
+        # The partners it masked with are its neighbours that shared keys: a client claiming
+        # otherwise is refused (its signature could not count towards any honest quorum).
+        neighbours = self.graph.neighbours(sender)
+        if body.partners != partners_bitmap(neighbours, neighbours & self._u2):
+            raise Refused("partner set differs from the shares forwarded to it")
+        payload = consistency_signing_payload(
+            self.context,
+            survivors_digest(self._survivors),
+            self._roster_digest,
+            body.partners,
+        )
         try:
-            signing.verify(
-                self._signing_keys[sender],
-                survivors_signing_payload(self.round, self._survivors),
-                body.signature,
-            )
+            signing.verify(self._signing_keys[sender], payload, body.signature)
         except CryptoError:
             raise Refused("invalid signature on the survivor set") from None
         self._signatures[sender] = body.signature
+        self._bitmaps[sender] = body.partners
         return len(self._signatures) == len(self._survivors)
 
     def _close_consistency(self) -> None:
@@ -385,6 +432,7 @@ class SecAggServer(RefusalLog):
             survivors=sorted(self._survivors),
             dropouts=sorted(self._dropouts),
             signatures=dict(sorted(self._signatures.items())),
+            partners=dict(sorted(self._bitmaps.items())),
         )
         return [Outgoing(BROADCAST, request)]
 
@@ -457,7 +505,7 @@ class SecAggServer(RefusalLog):
                     agreement.agree(
                         s_private,
                         self._keys[u].s_public,
-                        info=pair_info(MASK_INFO, self.round, u, v),
+                        info=pair_info(MASK_INFO, self.context, u, v),
                     )
                     for u in partners
                 ]

@@ -26,6 +26,7 @@ from protocol.base import Message
 from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.messages import SecAggMessage, SecAggParams
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.transitions import CLIENT_SENDS
 from protocol.stages import SECAGG_STAGES
@@ -157,6 +158,8 @@ def _parties(
     round: int,
     vector_length: int,
     randbytes: Callable[[int], bytes],
+    policy: ClientPolicy,
+    federation: str,
 ) -> tuple[SecAggServer, dict[str, SecAggClient]]:
     """The server and the clients of one round, with fresh signing keys in malicious mode."""
     private: dict[str, bytes] = {}
@@ -166,10 +169,19 @@ def _parties(
             pair = generate_signing_keypair(randbytes)
             private[u], public[u] = pair.private, pair.public
     peer_keys = public if params.malicious else None
-    server = SecAggServer(round, params, names, vector_length, peer_keys)
+    server = SecAggServer(round, params, names, vector_length, peer_keys, federation=federation)
     clients = {
         u: SecAggClient(
-            u, round, params, names, private.get(u), peer_keys, randbytes, server_id=SERVER
+            u,
+            round,
+            params,
+            names,
+            private.get(u),
+            peer_keys,
+            randbytes,
+            server_id=SERVER,
+            federation=federation,
+            policy=policy,
         )
         for u in names
     }
@@ -190,6 +202,8 @@ def simulate_round(
     record_view: bool = True,
     randbytes: Callable[[int], bytes] | None = None,
     clock: Callable[[], float] | None = None,
+    policy: ClientPolicy | None = None,
+    federation: str = "simulation",
 ) -> SimulationResult:
     """One whole round; returns the server's result and everything it received.
 
@@ -198,6 +212,8 @@ def simulate_round(
     randbytes: the randomness of every party; default os.urandom (tests pass a seeded one).
     clock: e.g. time.perf_counter, to account the time of every call per party (benchmarks);
         injected because protocol code reads no clock of its own.
+    policy: every client's policy (default: ClientPolicy(), the secure defaults), so
+        parameters weaker than it make the clients refuse (PolicyViolation).
     """
     names = node_names(n)
     dropouts = dict(dropouts or {})
@@ -212,6 +228,8 @@ def simulate_round(
         round=round,
         vector_length=vector_length,
         randbytes=randbytes or os.urandom,
+        policy=policy if policy is not None else ClientPolicy(),
+        federation=federation,
     )
     net = _Network(
         names,

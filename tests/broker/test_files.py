@@ -74,3 +74,28 @@ def test_durable_append_adds_to_the_end_with_the_mode_and_refuses_symlinks(tmp_p
     with pytest.raises(OSError):
         durable_append(tmp_path / "link", b"three\n")
     assert log.read_bytes() == b"one\ntwo\n"
+
+
+def test_atomic_path_never_exposes_a_secret_while_it_is_written(tmp_path: Path) -> None:
+    """np.save and friends open the path themselves: the file they write into must already
+    carry the final mode, whatever the umask (issue #11: --audit files were readable)."""
+    seen: list[int] = []
+    old_umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "audit.npy", mode=0o600) as tmp, open(tmp, "wb") as fh:
+            fh.write(b"secret")  # what np.save(tmp, ...) does
+            seen.append(stat.S_IMODE(os.fstat(fh.fileno()).st_mode))
+    finally:
+        os.umask(old_umask)
+    assert seen == [0o600]
+    assert stat.S_IMODE((tmp_path / "audit.npy").stat().st_mode) == 0o600
+
+
+def test_private_dir_is_for_its_owner_only(tmp_path: Path) -> None:
+    from broker.files import private_dir
+
+    folder = tmp_path / "a" / "audit"
+    folder.parent.mkdir()
+    folder.mkdir(mode=0o755)
+    assert private_dir(folder) == folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from crypto.signing import generate_signing_keypair
 from node.config import DirectorConfig, EnvoyConfig, parse_config
 from node.director import Director
 from node.envoy import Envoy
@@ -51,6 +52,13 @@ def team(tmp_path, monkeypatch) -> Path:
 
 
 def configs(tmp_path: Path, team: Path) -> tuple[DirectorConfig, list[EnvoyConfig]]:
+    names = ["envoy-1", "envoy-2"]
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    for name in ["director", *names]:
+        pair = generate_signing_keypair()
+        (keydir / f"{name}.key").write_text(pair.private.hex())
+        (keydir / f"{name}.pub").write_text(pair.public.hex())
     director = parse_config(
         {
             "federation": "byo",
@@ -64,11 +72,13 @@ def configs(tmp_path: Path, team: Path) -> tuple[DirectorConfig, list[EnvoyConfi
             "train": {"local_epochs": 3, "batch_size": 12, "lr": 0.1},
             "lr_schedule": {"kind": "constant"},
             "model": {**MODEL, "init_seed": 3},
-            "secagg": {"malicious": False},
             "eval": {"bins": 100},
             "tracking": {"tensorboard": "tb"},
             "ui": {"bind": "127.0.0.1:0", "poll_s": 0.1},
             "insecure_no_auth": True,
+            # Secure aggregation against a malicious director: the envoys insist on it.
+            "signing_key": str(keydir / "director.key"),
+            "envoy_signing_keys": {name: str(keydir / f"{name}.pub") for name in names},
         },
         DirectorConfig,
         source="director.toml",
@@ -90,6 +100,9 @@ def configs(tmp_path: Path, team: Path) -> tuple[DirectorConfig, list[EnvoyConfi
                 },
                 "train": {"trainer": "hospital_ml:Trainer", "device": "cpu"},
                 "insecure_no_auth": True,
+                "signing_key": str(keydir / f"envoy-{i + 1}.key"),
+                "director_signing_key": str(keydir / "director.pub"),
+                "peer_signing_keys": {name: str(keydir / f"{name}.pub") for name in names},
             },
             EnvoyConfig,
             source="envoy.toml",

@@ -26,6 +26,7 @@ from node.provision import main as provision
 from node.roundlog import RoundLog
 from protocol.configfile import dump_toml
 from tests.datafiles import PNEUMONIAMNIST
+from tests.deploy.identities import public_keys_of
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOYS = ("hospital-a", "hospital-b", "hospital-c")
@@ -98,6 +99,7 @@ def test_three_hospitals_complete_secure_rounds_from_their_kits(
     ]  # fmt: skip
     if os.geteuid() == 0:
         args += ["--mosquitto-user", "root"]
+    args += public_keys_of(out, ENVOYS)
     assert provision(args) == 0
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -10,6 +10,7 @@ frame it had routed would be queued before the sentinel.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 
@@ -21,7 +22,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from broker.client.bus import BusError
 from broker.client.credentials import Credentials
 from broker.client.mqtt_bus import MqttBus
-from tests.deploy.conftest import Broker, BusFactory
+from broker.topics import Topics
+from tests.deploy.conftest import FEDERATION, Broker, BusFactory
 
 
 def raw_client(
@@ -37,6 +39,20 @@ def raw_client(
         tls_context=tls,
         timeout=30,
     )
+
+
+def record_refusals(client: aiomqtt.Client) -> list[int]:
+    """The reason codes of the client's refused publishes (PUBACK failures), as they come."""
+    refusals: list[int] = []
+    original = client._client.on_publish
+
+    def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            refusals.append(reason_code.value)
+        original(client, userdata, mid, reason_code, properties)
+
+    client._client.on_publish = on_publish
+    return refusals
 
 
 async def first_message(client: aiomqtt.Client) -> aiomqtt.Message:
@@ -119,16 +135,8 @@ async def test_envoy_cannot_publish_on_broadcast_or_as_another_envoy(
     presence = director.subscribe(topics.presence_filter)
     for sub in (e2_broadcast, e2_inbox, presence):
         await sub.ready()
-    refusals: list[int] = []
     async with raw_client(mosquitto, "e1", mosquitto.passwords["e1"]) as attacker:
-        original = attacker._client.on_publish
-
-        def on_publish(client, userdata, mid, reason_code, properties):  # type: ignore[no-untyped-def]
-            if reason_code.is_failure:
-                refusals.append(reason_code.value)
-            original(client, userdata, mid, reason_code, properties)
-
-        attacker._client.on_publish = on_publish
+        refusals = record_refusals(attacker)
         # Each publish returns on its PUBACK: Mosquitto has handled (and dropped) it.
         await attacker.publish(topics.broadcast, b"forged round start", qos=1)
         await attacker.publish(topics.envoy("e2"), b"forged unmask request", qos=1)
@@ -150,17 +158,69 @@ async def test_envoy_cannot_impersonate_with_its_own_password(mosquitto: Broker)
             pass
 
 
-async def test_director_rights_are_its_own(mosquitto: Broker, bus: BusFactory, topics) -> None:
+async def test_director_rights_are_its_own(mosquitto: Broker) -> None:
     """The director may not speak as an envoy (publish on the director inbox or presence)."""
-    director_inbox_reader = await bus("director")
-    inbox = director_inbox_reader.subscribe(topics.director)
-    await inbox.ready()
-    e1 = await bus("e1")
     async with raw_client(mosquitto, "director", mosquitto.passwords["director"]) as rogue:
-        # The same user twice would take over the session; raw-director has its own id.
+        refusals = record_refusals(rogue)
+        topics = Topics(FEDERATION)
         await rogue.publish(topics.director, b"forged envoy message", qos=1)
-    await e1.publish(topics.director, b"sentinel")
-    assert await anext(inbox) == b"sentinel"
+        await rogue.publish(topics.presence("e1"), b"e1 offline (forged)", qos=1)
+    assert refusals == [0x87, 0x87]  # "Not authorized"
+
+
+async def test_6_an_envoy_cannot_take_another_nodes_client_id(
+    mosquitto: Broker, bus: BusFactory, topics
+) -> None:
+    """Issue #11, point 6: e1, with its own login, connects under the client id "director".
+    Before use_username_as_clientid, Mosquitto closed the director's connection and the clean
+    start wiped its persistent session; now the client id is the username, e1."""
+    director = await bus("director")
+    inbox = director.subscribe(topics.director)
+    await inbox.ready()
+    hijacker = aiomqtt.Client(
+        "127.0.0.1",
+        mosquitto.plain_port,
+        username="e1",
+        password=mosquitto.passwords["e1"],
+        identifier="director",
+        clean_start=True,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=30,
+    )
+    async with hijacker:
+        await hijacker.publish(topics.director, b"from e1 as 'director'", qos=1)
+    e2 = await bus("e2")
+    await e2.publish(topics.director, b"sentinel")
+    # (Bounded waits: a director kicked off the bus would wait for ever.)
+    first = await asyncio.wait_for(anext(inbox), 20)
+    assert first == b"from e1 as 'director'"  # an envoy may write there
+    assert await asyncio.wait_for(anext(inbox), 20) == b"sentinel"
+    log = mosquitto.proc.log_tail(400)
+    assert "already connected" not in log, log
+    connects = [line for line in log.splitlines() if "New client connected" in line]
+    assert sum(" as director " in line for line in connects) == 1  # never kicked, never back
+    assert any(" as e1 " in line and "u'e1'" in line for line in connects), connects
+
+
+async def test_6_over_tls_the_certificate_is_the_identity(
+    mosquitto: Broker, bus: BusFactory, topics
+) -> None:
+    """e1's certificate and the director's (stolen) password: with the username taken from
+    CONNECT, e1 logged in as the director and read its inbox; with use_identity_as_username
+    the certificate's common name, e1, is the username, and so are its rights."""
+    director = await bus("director", tls=True)
+    e2 = await bus("e2", tls=True)
+    context = ssl.create_default_context(cafile=str(mosquitto.pki.path("ca.crt")))
+    context.load_cert_chain(mosquitto.pki.path("e1.crt"), mosquitto.pki.path("e1.key"))
+    async with raw_client(
+        mosquitto, "director", mosquitto.passwords["director"], tls=context
+    ) as spy:
+        await spy.subscribe(topics.director, qos=1)
+        await spy.subscribe(topics.envoy("e1"), qos=1)
+        await e2.publish(topics.director, b"masked input of e2")
+        await director.publish(topics.envoy("e1"), b"sentinel for e1")
+        message = await first_message(spy)
+        assert message.payload == b"sentinel for e1"  # e1's rights, not the director's
 
 
 async def test_tls_with_federation_certificate_works(

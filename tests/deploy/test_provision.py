@@ -36,13 +36,17 @@ from node.provision import main as provision
 from node.trainer import load_local_data
 from protocol.configfile import convert_config
 from tests.datafiles import KERMANY_SAMPLE
+from tests.deploy.identities import public_keys_of
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVATE = ["signing.key", "curve.key", "mqtt.password", "tls/client.key"]
 
 
 def run(out: Path, *args: str, envoys: str = "a,b,c", federation: str = "hosp") -> int:
-    return provision(["--federation", federation, "--envoys", envoys, "--out", str(out), *args])
+    """provision, after each envoy to add made its keys (here: in its kit folder)."""
+    keys = public_keys_of(out, envoys.split(",")) if "--remove" not in args else []
+    argv = ["--federation", federation, "--envoys", envoys, "--out", str(out), *args, *keys]
+    return provision(argv)
 
 
 @pytest.fixture
@@ -486,3 +490,108 @@ def test_kits_start_from_the_shipped_director_template(kits: Path) -> None:
     director = read_toml(kits / "director" / "director.toml")
     for table in ("train", "lr_schedule", "model", "secagg", "deadlines"):
         assert director[table] == template[table], table
+
+
+# -- issue #11, point 7: key custody ---------------------------------------------------------
+
+
+def test_7_the_operators_kits_never_hold_an_envoys_secret(tmp_path: Path) -> None:
+    """Each hospital runs `fedbus envoy init` on its own host and hands over the public half;
+    the operator's kits (what provision writes) hold no envoy key at all, and the kit plus the
+    hospital's own folder make a working envoy."""
+    hospitals = tmp_path / "hospitals"
+    bundles = []
+    for name in ("a", "b"):
+        result = subprocess.run(
+            [sys.executable, "-m", "node.cli", "envoy", "init", "--node-id", name,
+             "--out", str(hospitals / name)],
+            capture_output=True, text=True, cwd=REPO,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "fingerprint:" in result.stdout and str(hospitals / name) in result.stdout
+        bundles.append(str(hospitals / name / f"{name}.public.toml"))
+        assert mode(hospitals / name) == 0o700
+        for secret in PRIVATE:
+            assert mode(hospitals / name / secret) == 0o600
+    out = tmp_path / "operator" / "kits"
+    argv = ["--federation", "hosp", "--envoys", "a,b", "--out", str(out), "--public-keys"]
+    assert provision([*argv, *bundles]) == 0
+    for name in ("a", "b"):
+        kit = out / name
+        for secret in PRIVATE:
+            assert not (kit / secret).exists(), f"{name}/{secret}"
+        secrets = [(hospitals / name / s).read_bytes() for s in PRIVATE]
+        for path in out.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert not any(s.strip() and s.strip() in data for s in secrets), path
+        # The certificate certifies the hospital's own TLS key.
+        cert = x509.load_pem_x509_certificate((kit / "tls" / "client.crt").read_bytes())
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(
+            (hospitals / name / "tls" / "client.key").read_bytes(), None
+        )
+        assert cert.public_key() == key.public_key()  # type: ignore[union-attr]
+        # Installed over the hospital's folder, the kit's config finds the hospital's keys.
+        for path in kit.rglob("*"):
+            if path.is_file():
+                target = hospitals / name / path.relative_to(kit)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+        cfg = load_envoy_config(hospitals / name / "envoy.toml")
+        assert read_key_file(cfg.signing_key).hex() != ""  # type: ignore[arg-type]
+        director = load_director_config(out / "director" / "director.toml")
+        assert read_key_file(director.envoy_signing_keys[name]) == signing_public_key(
+            read_key_file(cfg.signing_key)  # type: ignore[arg-type]
+        )
+
+
+def test_7_an_envoy_without_public_keys_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kits"
+    assert provision(["--federation", "hosp", "--envoys", "a", "--out", str(out)]) == 2
+    assert "fedbus envoy init" in capsys.readouterr().err
+    assert not (out / "roster.toml").exists() and not (out / "a" / "signing.key").exists()
+
+
+@pytest.mark.parametrize("lost", ["director/signing.key", "broker/broker.key", "ca/ca.key"])
+def test_7_a_lost_secret_is_never_silently_recreated(
+    kits: Path, lost: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old code: a missing kit was re-created with a new identity pushed to every peer."""
+    roster = (kits / "roster.toml").read_bytes()
+    (kits / lost).unlink()
+    assert run(kits, "--transport", "mqtt") == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (kits / lost).exists()
+    assert (kits / "roster.toml").read_bytes() == roster
+
+
+def test_7_another_key_under_a_known_envoys_name_is_refused(
+    kits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone hands over a bundle for "a" made elsewhere: not accepted in place of a's keys."""
+    from node.identity import init_identity, public_file
+
+    impostor = init_identity(tmp_path / "impostor", "a")
+    assert impostor.signing_public_key != (kits / "a" / "signing.pub").read_text().strip()
+    argv = ["--federation", "hosp", "--envoys", "a", "--out", str(kits), "--transport", "mqtt"]
+    assert provision([*argv, "--public-keys", str(public_file(tmp_path / "impostor", "a"))]) == 2
+    assert "never replaced silently" in capsys.readouterr().err
+    director = load_director_config(kits / "director" / "director.toml")
+    assert read_key_file(director.envoy_signing_keys["a"]) == signing_public_key(
+        read_key_file(kits / "a" / "signing.key")
+    )
+
+
+def test_7_envoy_init_keeps_its_keys_when_run_again(tmp_path: Path) -> None:
+    from node.identity import init_identity, read_public_identity
+
+    first = init_identity(tmp_path / "e", "e")
+    keys = {s: (tmp_path / "e" / s).read_bytes() for s in PRIVATE}
+    again = init_identity(tmp_path / "e", "e")
+    assert again == first and again.fingerprint == first.fingerprint
+    assert {s: (tmp_path / "e" / s).read_bytes() for s in PRIVATE} == keys
+    assert read_public_identity(tmp_path / "e" / "e.public.toml") == first

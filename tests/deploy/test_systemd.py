@@ -15,6 +15,7 @@ import pytest
 
 from node.cli import COMMANDS
 from node.provision import main as provision
+from tests.deploy.identities import public_keys_of
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "configs" / "systemd").glob("*.service"))
@@ -121,6 +122,7 @@ def test_units_run_what_provision_writes(tmp_path: Path) -> None:
                 "/etc/fedbus",
                 "--transport",
                 "mqtt",
+                *public_keys_of(out, ["hospital-a"]),
             ]
         )
         == 0
@@ -167,6 +169,7 @@ async def test_broker_daemon_serves_without_writable_executable_memory(tmp_path:
     out = tmp_path / "kits"
     port = free_port()
     argv = ["--federation", "fed", "--envoys", "a,b", "--out", str(out), "--port", str(port)]
+    argv += public_keys_of(out, ["a", "b"])
     assert provision([*argv, "--bind-address", "127.0.0.1"]) == 0
     ready = tmp_path / "ready"
     daemon = subprocess.Popen(
@@ -223,6 +226,7 @@ async def test_mosquitto_serves_without_writable_executable_memory(tmp_path: Pat
     port = free_port()
     argv = ["--federation", "fed", "--envoys", "a,b", "--out", str(out), "--port", str(port)]
     argv += ["--transport", "mqtt", "--bind-address", "127.0.0.1"]
+    argv += public_keys_of(out, ["a", "b"])
     if os.geteuid() == 0:
         argv += ["--mosquitto-user", "root"]
     assert provision(argv) == 0

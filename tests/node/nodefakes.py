@@ -104,6 +104,8 @@ class NumpyTrainer:
         self.target = target
         self.num_samples = num_samples
         self.calls = 0
+        self.seeds: list[int] = []  # the seed of every training call
+        self.evaluations = 0
         rng = np.random.default_rng(int(target * 1000) % 2**31)
         self.val_labels = (
             np.asarray(val_labels) if val_labels is not None else rng.integers(0, 2, 40)
@@ -119,6 +121,7 @@ class NumpyTrainer:
         self, weights: Mapping[str, np.ndarray], plan: TrainPlan, *, seed: int
     ) -> tuple[dict[str, np.ndarray], int, float]:
         self.calls += 1
+        self.seeds.append(seed)
         if self.delay_s:
             import time
 
@@ -129,5 +132,6 @@ class NumpyTrainer:
     def evaluate(self, weights: Mapping[str, np.ndarray]):
         from node.trainer import Predictions
 
+        self.evaluations += 1
         scores = np.asarray(self.val_scores, np.float64)
         return Predictions(np.stack([1 - scores, scores], axis=1), self.val_labels, 1.0)

@@ -80,7 +80,6 @@ def make_fed(
     n: int = 3,
     *,
     secure: bool = False,
-    malicious: bool = False,
     rounds: int = 2,
     min_envoys: int = 2,
     deadlines: dict[str, float] | None = None,
@@ -115,7 +114,7 @@ def make_fed(
         "heartbeat_timeout_s": 30.0,
         "deadlines": dl,
         "insecure_plain_aggregation": not secure,
-        "secagg": {"malicious": malicious, "dropout_fraction": 0.34, "clip": 1.0},
+        "secagg": {"dropout_fraction": 0.34, "clip": 1.0},
         "eval": {"bins": 20},
         "audit": True,
         "max_frame_bytes": 1 << 19,
@@ -137,6 +136,8 @@ def make_fed(
             "audit": True,
             "max_frame_bytes": 1 << 19,
             "data": {"path": "unused.npz"},
+            # Plain rounds need the envoy's own opt-in: the director cannot switch it on.
+            "policy": {"insecure_plain_updates": not secure},
         }
         if signed:
             ecfg["signing_key"] = str(keydir / f"{name}.key")

@@ -37,7 +37,7 @@ DIRECTOR: dict[str, Any] = {
     "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
     "lr_schedule": {"kind": "cosine", "min_lr": 0.001},
     "model": {"arch": "cnn", "defense": "cvb", "width": 16},
-    "secagg": {"malicious": False, "clip": 0.5},
+    "secagg": {"clip": 0.5},
     "eval": {"bins": 50},
 }
 ENVOY: dict[str, Any] = {

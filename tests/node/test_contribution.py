@@ -12,6 +12,7 @@ from node.contribution import (
     ContributionError,
     LocalUpdate,
     PlainContribution,
+    RoundRefused,
     SecureContribution,
     contribution_for,
 )
@@ -23,6 +24,7 @@ from protocol.secagg.messages import (
     SecAggMaskedInput,
     SecAggParams,
 )
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.update import Layout, secagg_session
 from protocol.stages import Stage
 from protocol.tensors import state_from_numpy
@@ -61,6 +63,8 @@ def deliver(
 @pytest.mark.parametrize("malicious", [False, True])
 def test_secure_contributions_and_aggregation_compute_fedavg(malicious, tmp_path):
     params = SecAggParams(graph="complete", k=3, t=3, clip=1.0, malicious=malicious)
+    # Semi-honest rounds are a protocol-benchmark opt-in; an envoy's policy never allows them.
+    policy = ClientPolicy(insecure_semi_honest=not malicious)
     keys = {n: generate_signing_keypair() for n in NAMES}
     public = {n: k.public for n, k in keys.items()}
     session = secagg_session(2, 1)
@@ -71,6 +75,7 @@ def test_secure_contributions_and_aggregation_compute_fedavg(malicious, tmp_path
         min_survivors=3,
         params=params,
         client_signing_keys=public,
+        federation="fedtest",
     )
     audited: dict[str, np.ndarray] = {}
     contributions = {
@@ -84,6 +89,8 @@ def test_secure_contributions_and_aggregation_compute_fedavg(malicious, tmp_path
             layout=LAYOUT,
             signing_key=keys[n].private,
             peer_signing_keys=public,
+            federation="fedtest",
+            policy=policy,
             audit=lambda v, n=n: audited.__setitem__(n, v),
         )
         for n in NAMES
@@ -170,9 +177,10 @@ def test_refusals_are_data_the_driver_takes():
     assert [r.type for r in plain.take_refusals()] == ["SecAggMaskedInput"]
 
 
-def test_a_round_start_without_secagg_parameters_is_the_only_way_to_a_plain_contribution():
+def test_a_plain_contribution_needs_the_envoys_own_opt_in():
     plan = TrainPlan(local_epochs=1, batch_size=1, lr=0.1)
-    params = SecAggParams(graph="complete", k=3, t=3, clip=1.0, malicious=False)
+    params = SecAggParams(graph="complete", k=3, t=4, clip=1.0, malicious=True)
+    keys = {n: generate_signing_keypair() for n in NAMES}
     common = {
         "weights": state_from_numpy(WEIGHTS),
         "selected": NAMES,
@@ -184,10 +192,13 @@ def test_a_round_start_without_secagg_parameters_is_the_only_way_to_a_plain_cont
         "node_id": "envoy-1",
         "director_id": "director",
         "layout": LAYOUT,
-        "signing_key": None,
-        "peer_signing_keys": {},
+        "signing_key": keys["envoy-1"].private,
+        "peer_signing_keys": {n: k.public for n, k in keys.items()},
     }
     secure = contribution_for(RoundStart(**common, secagg=params), **kw)
-    plain = contribution_for(RoundStart(**common), **kw)
     assert isinstance(secure, SecureContribution) and secure.secure
+    # The director asking for a plain update is not enough: the envoy must have opted in.
+    with pytest.raises(RoundRefused, match="insecure_plain_updates"):
+        contribution_for(RoundStart(**common), **kw)
+    plain = contribution_for(RoundStart(**common), **kw, allow_plain=True)
     assert isinstance(plain, PlainContribution) and not plain.secure

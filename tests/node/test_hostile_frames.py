@@ -191,7 +191,7 @@ async def flood(fed, stop: asyncio.Event) -> int:
 
 
 async def test_hostile_flood_is_refused_and_rounds_complete(tmp_path):
-    fed = make_fed(tmp_path, 3, secure=True, malicious=True, rounds=2)
+    fed = make_fed(tmp_path, 3, secure=True, rounds=2)
     for name in fed.envoy_cfgs:
         fed.start_envoy(name)
     director = fed.director()

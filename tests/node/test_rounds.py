@@ -46,7 +46,7 @@ async def test_plain_rounds_complete_and_average_exactly(tmp_path):
 
 
 async def test_secure_rounds_match_plain_average(tmp_path):
-    fed = make_fed(tmp_path, 4, secure=True, malicious=True, rounds=2)
+    fed = make_fed(tmp_path, 4, secure=True, rounds=2)
     for name in fed.envoy_cfgs:
         fed.start_envoy(name)
     rc = await run_director(fed)
@@ -110,7 +110,6 @@ async def test_secure_round_survives_a_crash_at_any_stage(tmp_path, stage):
         tmp_path,
         4,
         secure=True,
-        malicious=True,
         rounds=1,
         deadlines={s: 600.0 for s in CRASH_STAGES},
     )

@@ -49,6 +49,7 @@ def test_every_file_of_the_state_folder_is_private_and_reads_back(tmp_path):
         "audit/round-2-survivors.json",
     }
     assert all(mode(p) == 0o600 for p in written)
+    assert mode(tmp_path / "audit") == 0o700  # issue #11: nobody else may even list it
     status, records = read_status(tmp_path)
     assert status == {"round": 2, "stage": "round_end"} and records == state.records
     np.testing.assert_array_equal(np.load(tmp_path / "audit" / "round-2-sum.npy"), np.arange(5))

@@ -206,3 +206,62 @@ def test_presence_round_trip_example() -> None:
         body=Presence(online=True, role="envoy", heartbeat_s=2.0, stage="idle"),
     )
     assert codec.decode(codec.encode(env)).body.stage == "idle"
+
+
+# -- issue #11, point 10: every container in a frame is bounded in its type -------------------
+
+
+def _round_start(weights: object, selected: object = ("envoy-1",)) -> dict:
+    return {
+        "type": "RoundStart",
+        "weights": weights,
+        "selected": list(selected),
+        "plan": {"local_epochs": 1, "batch_size": 1, "lr": 0.1},
+        "deadlines": {},
+    }
+
+
+def _tensor(shape: list[int]) -> list:
+    return ["<f4", shape, b""]
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        (_round_start({"w": _tensor([0] * 9)}), "length <= 8"),  # tensor rank
+        (_round_start({f"w{i}": _tensor([0]) for i in range(5000)}), "length <= 4096"),
+        (_round_start({}, selected=[f"e{i}" for i in range(100_001)]), "length <= 100000"),
+        (
+            {
+                "type": "EvaluateResult",
+                "num_samples": 0,
+                "loss_sum": 0.0,
+                "histograms": [0] * (2**21 + 1),
+            },
+            "length <= 2097152",
+        ),
+    ],
+    ids=["rank", "tensors", "selected", "histogram"],
+)
+def test_oversized_containers_are_refused_by_the_decoder(body: dict, where: str) -> None:
+    with pytest.raises(CodecError, match=where):
+        Codec().decode(_foreign(body=body))  # the default frame limit lets each frame through
+
+
+def test_an_adversarial_frame_costs_memory_in_proportion_to_its_size() -> None:
+    """8 MiB of one-byte integers as a tensor shape: decoded unbounded, each byte becomes a
+    Python int and a tuple slot (x14-x16 in the old decoder); bounded, the decoder stops at
+    the array header."""
+    import tracemalloc
+
+    frame = _foreign(body=_round_start({"w": _tensor([1] * (8 * 2**20))}))
+    default = Codec()  # the frame is within the default limit: the decoder must see it
+    assert 8 * 2**20 < len(frame) < default.max_frame_bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="length <= 8"):
+            default.decode(frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(frame) // 4, f"decoding took {peak / len(frame):.1f} x the frame"

@@ -9,16 +9,21 @@ from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
 from protocol.messages import MAX_ATTEMPTS
+from protocol.secagg.common import EVALUATE, PURPOSES
 from protocol.secagg.messages import SecAggParams
 from protocol.secagg.update import (
     EXTRA,
     SAMPLE_CAP,
+    AggregateOutOfRange,
     Layout,
     UpdateFormatError,
+    UpdateNotFinite,
+    clip_to_norm,
     decode_update,
     encode_update,
     qrange_for,
     secagg_session,
+    update_norm,
 )
 
 PARAMS = SecAggParams(graph="complete", k=4, t=3, clip=0.5, malicious=True)
@@ -134,10 +139,12 @@ def test_every_party_derives_the_same_quantisation_range():
     assert qrange_for(PARAMS, 0).max_summands == 1
 
 
-@given(st.integers(0, 2**20), st.integers(0, MAX_ATTEMPTS - 1))
-def test_secagg_sessions_are_unique_per_round_and_attempt(round, attempt):
-    session = secagg_session(round, attempt)
-    assert divmod(session, MAX_ATTEMPTS) == (round, attempt)
+@given(st.integers(0, 2**20), st.integers(0, MAX_ATTEMPTS - 1), st.sampled_from(PURPOSES))
+def test_secagg_sessions_are_unique_per_round_attempt_and_purpose(round, attempt, purpose):
+    session = secagg_session(round, attempt, purpose)
+    try_number, is_evaluation = divmod(session, 2)
+    assert divmod(try_number, MAX_ATTEMPTS) == (round, attempt)
+    assert is_evaluation == (purpose == EVALUATE)
 
 
 @pytest.mark.parametrize("attempt", [-1, MAX_ATTEMPTS])
@@ -149,3 +156,120 @@ def test_an_attempt_outside_the_range_has_no_session(attempt):
 def test_update_format_errors_are_protocol_errors_and_value_errors():
     assert issubclass(UpdateFormatError, ProtocolError)
     assert issubclass(UpdateFormatError, ValueError)
+
+
+# -- issue #11, point 10: robustness of the sum -------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scale=st.floats(1e-6, 1e6),
+    bound=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_clipping_bounds_the_norm_and_keeps_what_is_within(scale, bound, seed):
+    gen = np.random.default_rng(seed)
+    delta = {"a": gen.normal(0, scale, (3, 4)), "b": gen.normal(0, scale, 5)}
+    clipped, before = clip_to_norm(delta, bound)
+    assert before == pytest.approx(update_norm(delta))
+    after = update_norm(clipped)
+    assert after <= bound * (1 + 1e-9)
+    if before <= bound:
+        for k in delta:
+            np.testing.assert_array_equal(clipped[k], delta[k])
+    else:
+        assert after == pytest.approx(bound)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_update_is_a_named_error(bad):
+    delta = {"w": np.array([0.1, bad, 0.2])}
+    with pytest.raises(UpdateNotFinite, match="'w'"):
+        update_norm(delta)
+    with pytest.raises(UpdateNotFinite):
+        encode_update(
+            Layout.of(delta), delta, 10, 0.0, qrange_for(PARAMS, 2), np.random.default_rng()
+        )
+
+
+def _encode_raw(layout, payload, qrange):
+    from crypto.quantize import quantize
+
+    return quantize(np.asarray(payload, np.float64), qrange, rng=np.random.default_rng(0))
+
+
+def test_an_aggregate_outside_what_honest_updates_give_is_refused():
+    """Three honest updates of norm <= 1, and one hostile vector: a weight that cancels the
+    others' down to two samples (the mean would grow ~100-fold), or deltas that push the
+    mean beyond the bound."""
+    weights = {"w": np.zeros(4, np.float32)}
+    layout = Layout.of(weights)
+    qrange = qrange_for(PARAMS, 4)
+    c = qrange.clip
+    gen = np.random.default_rng(0)
+    honest = [
+        encode_update(layout, {"w": np.full(4, 0.4)}, 100, 0.1, qrange, gen) for _ in range(3)
+    ]
+    total = np.sum(honest, axis=0, dtype=np.uint32)
+    # What the three give alone is fine.
+    mean, _loss, samples = decode_update(layout, total, qrange, 3, norm_bound=1.0)
+    assert samples == pytest.approx(300, abs=0.1)
+    tiny = _encode_raw(layout, [0.01 * c] * 4 + [0.0, (2 - 300) / SAMPLE_CAP * c], qrange)
+    with pytest.raises(AggregateOutOfRange, match="below one sample"):
+        decode_update(layout, total + tiny, qrange, 4, norm_bound=1.0)
+    long = _encode_raw(layout, [c] * 4 + [0.0, 100 / SAMPLE_CAP * c], qrange)
+    with pytest.raises(AggregateOutOfRange, match="norm"):
+        decode_update(layout, total + long, qrange, 4, norm_bound=1.0)
+    # Without the bound, the same sum decodes (and would have blown the model up).
+    mean, _loss, _n = decode_update(layout, total + long, qrange, 4)
+    assert np.linalg.norm(mean["w"]) > 10
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 8),
+    classes=st.integers(2, 5),
+    bins=st.integers(2, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_evaluation_sums_are_exact_and_refused_out_of_range(m, classes, bins, seed):
+    """The evaluation session carries node.training.histograms' vector for any number of
+    classes (issue #13's multi-class layout) and sums it exactly."""
+    from node.training.histograms import histogram_vector, vector_length
+    from protocol.secagg.evaluation import (
+        LOSS_CAP,
+        EvaluationLayout,
+        count_cap,
+        decode_evaluation,
+        encode_evaluation,
+    )
+
+    gen = np.random.default_rng(seed)
+    layout = EvaluationLayout(classes, bins)
+    assert layout.histogram_length == vector_length(classes, bins)
+    hists = []
+    for _ in range(m):
+        images = int(gen.integers(0, 60))
+        probs = gen.dirichlet(np.ones(classes), size=images)
+        hists.append(histogram_vector(probs, gen.integers(0, classes, images), bins))
+    losses = [float(gen.uniform(0, 2)) * layout.images(h) for h in hists]
+    vectors = [
+        encode_evaluation(layout, h, loss, participants=m, rng=gen)
+        for h, loss in zip(hists, losses, strict=True)
+    ]
+    total = np.sum(vectors, axis=0, dtype=np.uint32)
+    got = decode_evaluation(layout, total, participants=m, summands=m)
+    np.testing.assert_array_equal(got.histograms, np.sum(hists, axis=0))
+    assert got.num_samples == sum(layout.images(h) for h in hists)
+    step = count_cap(m) * LOSS_CAP / (2**32 // m)  # one quantisation level of the loss
+    assert got.loss_sum == pytest.approx(sum(losses), abs=2 * m * step + 1e-6)
+    inflated = total.copy()
+    inflated[0] += np.uint32(m * count_cap(m))
+    with pytest.raises(AggregateOutOfRange):
+        decode_evaluation(layout, inflated, participants=m, summands=m)
+    if classes > 2:
+        # One class's pair counting an image the others do not: no honest sum looks so.
+        skewed = total.copy()
+        skewed[2 * bins] += np.uint32(1)
+        with pytest.raises(AggregateOutOfRange):
+            decode_evaluation(layout, skewed, participants=m, summands=m)

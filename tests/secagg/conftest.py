@@ -17,8 +17,16 @@ from crypto.signing import generate_signing_keypair
 from protocol.events import BROADCAST, Outgoing
 from protocol.secagg.client import SecAggClient
 from protocol.secagg.messages import SecAggParams
+from protocol.secagg.policy import ClientPolicy
 from protocol.secagg.server import SecAggServer
 from protocol.secagg.simulate import SERVER, node_names, seeded_randbytes
+
+# Tests of the protocol's mechanics (stages, dropouts, replays) run any parameters, weak or
+# semi-honest ones included, and any number of dropouts; the client's own policy is tested in
+# test_malicious_director.py. (A survivor set must still be a majority of the participants.)
+MECHANICS = ClientPolicy(
+    insecure_semi_honest=True, insecure_any_threshold=True, dropout_fraction=0.99
+)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -34,6 +42,8 @@ class Driver:
     d: int = 16
     round: int = 3
     seed: int = 0
+    policy: ClientPolicy = MECHANICS
+    federation: str = "fedtest"
     names: list[str] = field(init=False)
     server: SecAggServer = field(init=False)
     clients: dict[str, SecAggClient] = field(init=False)
@@ -50,7 +60,12 @@ class Driver:
         public = {u: pub for u, (_, pub) in self.signing.items()}
         mal = self.params.malicious
         self.server = SecAggServer(
-            self.round, self.params, self.names, self.d, public if mal else None
+            self.round,
+            self.params,
+            self.names,
+            self.d,
+            public if mal else None,
+            federation=self.federation,
         )
         self.clients = {
             u: SecAggClient(
@@ -62,6 +77,8 @@ class Driver:
                 public if mal else None,
                 rb,
                 server_id=SERVER,
+                federation=self.federation,
+                policy=self.policy,
             )
             for u in self.names
         }

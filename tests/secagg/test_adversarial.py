@@ -8,14 +8,16 @@ import pytest
 
 from crypto.signing import generate_signing_keypair, sign
 from protocol.secagg.client import SecAggClient, SecAggClientError
-from protocol.secagg.common import keys_signing_payload, survivors_signing_payload
-from protocol.secagg.graph import build_graph
+from protocol.secagg.common import (
+    consistency_signing_payload,
+    keys_signing_payload,
+    survivors_digest,
+)
 from protocol.secagg.messages import (
     AdvertisedKeys,
     SecAggAbort,
     SecAggAdvertiseKeys,
     SecAggConsistencyRequest,
-    SecAggConsistencySignature,
     SecAggForwardedShares,
     SecAggKeyRoster,
     SecAggParams,
@@ -27,7 +29,7 @@ from protocol.secagg.simulate import SERVER, node_names, simulate_round
 from protocol.secagg.transitions import Outcome
 from protocol.stages import Stage
 
-from .conftest import Driver, body_of
+from .conftest import MECHANICS, Driver, body_of
 
 SEMI = SecAggParams(graph="complete", k=5, t=4, clip=1.0, malicious=False)
 MAL = SecAggParams(graph="complete", k=5, t=4, clip=1.0, malicious=True)
@@ -102,7 +104,11 @@ def test_server_result_after_dropout_at_masked_input() -> None:
 def test_below_threshold_aborts_cleanly(stage: str) -> None:
     params = SecAggParams(graph="complete", k=5, t=5, clip=1.0, malicious=False)
     sim = simulate_round(
-        n=6, params=params, vector_length=8, dropouts={"envoy-1": stage, "envoy-2": stage}
+        n=6,
+        params=params,
+        vector_length=8,
+        dropouts={"envoy-1": stage, "envoy-2": stage},
+        policy=MECHANICS,
     )
     assert sim.aborted and sim.result is None
     # Every client that was still there heard the abort and revealed nothing afterwards.
@@ -120,6 +126,8 @@ def test_dropout_before_share_keys_is_excluded_not_an_abort() -> None:
         params=params,
         vector_length=8,
         dropouts={"envoy-1": "advertise_keys", "envoy-2": "share_keys"},
+        # (the default policy would refuse: 3 partners of 5 is below (1 - 0.34) k)
+        policy=MECHANICS,
     )
     assert not sim.aborted
     assert sim.survivors == frozenset(node_names(6)) - {"envoy-1", "envoy-2"}
@@ -127,25 +135,26 @@ def test_dropout_before_share_keys_is_excluded_not_an_abort() -> None:
 
 
 def test_harary_client_with_thin_neighbourhood_is_pruned_not_fatal() -> None:
-    # k = 6, t = 3 on a ring: five of w's six neighbours drop before AdvertiseKeys, so w has 2
-    # share holders left (itself and one neighbour), below t: w is excluded, and the round
-    # completes without it (every other client keeps at least 4 holders).
-    params = SecAggParams(graph="harary", k=6, t=3, clip=1.0, malicious=False, graph_seed=b"x")
-    names = node_names(16)
-    ring = build_graph(names, kind="harary", k=6, round=1, graph_seed=b"x").ring
+    # k = 6, t = 3 on a ring of 16: five of w's six neighbours drop before ShareKeys, so w's
+    # shares have 2 holders left (itself and one neighbour), below t: w is excluded, and the
+    # round completes without it (every other client keeps at least 3 holders). The graph is
+    # only known once the roster is (its digest seeds it), so the dropouts are picked then.
+    params = SecAggParams(graph="harary", k=6, t=3, clip=1.0, malicious=False)
+    drv = Driver(16, params, round=1)
+    replies = drv.to_server(drv.start())
+    ring = drv.server.graph.ring
     w = ring[0]
     gone = {ring[-3], ring[-2], ring[-1], ring[1], ring[2]}
-    sim = simulate_round(
-        n=16,
-        params=params,
-        vector_length=8,
-        round=1,
-        dropouts=dict.fromkeys(gone, "advertise_keys"),
-    )
-    assert not sim.aborted, sim.abort_reason
-    assert sim.survivors == frozenset(names) - gone - {w}
-    assert sim.clients[w].aborted and sim.clients[w].abort_reason == "not admitted to the round"
-    np.testing.assert_array_equal(sim.result, sim.expected)
+    outs = {u: m for u, m in drv.to_clients(replies).items() if u not in gone}
+    replies = drv.to_server(outs)  # ShareKeys closes: w cannot reach t holders
+    assert w not in drv.server._u2
+    outs = drv.to_clients(replies)
+    replies = drv.to_server(outs)
+    outs = drv.to_clients(replies)
+    drv.to_server(outs)
+    assert drv.server.stage == Outcome.DONE, drv.server.abort_reason
+    assert drv.server.survivors == frozenset(drv.names) - gone - {w}
+    np.testing.assert_array_equal(drv.server.result, drv.expected(drv.server.survivors))
 
 
 # -- wrong stage, wrong round, replays ---------------------------------------------------
@@ -205,7 +214,13 @@ def test_replay_from_an_earlier_round_is_refused() -> None:
 def test_set_input_after_shares_sends_masked_input() -> None:
     drv = Driver(4, SEMI)
     late = SecAggClient(
-        "envoy-1", drv.round, SEMI, drv.names, server_id=SERVER
+        "envoy-1",
+        drv.round,
+        SEMI,
+        drv.names,
+        server_id=SERVER,
+        federation=drv.federation,
+        policy=MECHANICS,
     )  # a client without input yet
     drv.clients["envoy-1"] = late
     replies = drv.to_server(drv.start())
@@ -231,7 +246,7 @@ def test_forged_advertise_keys_signature_is_refused_by_server() -> None:
     mallory = generate_signing_keypair()
     forged_sig = sign(
         mallory.private,
-        keys_signing_payload(drv.round, "envoy-1", adv.keys.c_public, adv.keys.s_public),
+        keys_signing_payload(drv.server.context, "envoy-1", adv.keys.c_public, adv.keys.s_public),
     )
     forged = msgspec.structs.replace(
         adv, keys=msgspec.structs.replace(adv.keys, signature=forged_sig)
@@ -254,7 +269,7 @@ def test_forged_key_in_roster_aborts_client() -> None:
         fake,
         signature=sign(
             mallory.private,
-            keys_signing_payload(drv.round, "envoy-2", fake.c_public, fake.s_public),
+            keys_signing_payload(drv.server.context, "envoy-2", fake.c_public, fake.s_public),
         ),
     )
     keys = dict(roster.keys)
@@ -300,10 +315,14 @@ def test_forged_consistency_signature_is_refused() -> None:
     request = body_of(replies, SecAggConsistencyRequest)
     assert drv.server.stage == Stage.CONSISTENCY
     mallory = generate_signing_keypair()
-    forged = SecAggConsistencySignature(
-        round=drv.round,
-        signature=sign(mallory.private, survivors_signing_payload(drv.round, request.survivors)),
+    genuine = drv.clients["envoy-3"].receive(SERVER, request)[0].body
+    payload = consistency_signing_payload(
+        drv.server.context,
+        survivors_digest(request.survivors),
+        drv.server._roster_digest,
+        genuine.partners,
     )
+    forged = msgspec.structs.replace(genuine, signature=sign(mallory.private, payload))
     assert drv.server.receive("envoy-3", forged) == []
     assert drv.server.refusals[-1].reason == "invalid signature on the survivor set"
 
@@ -313,8 +332,18 @@ def test_unmask_request_with_forged_signatures_is_refused_by_client() -> None:
     replies = _run_to_unmask(drv)
     request = body_of(replies, SecAggUnmaskRequest)
     mallory = generate_signing_keypair()
-    payload = survivors_signing_payload(drv.round, request.survivors)
-    forged = {u: sign(mallory.private, payload) for u in request.signatures}
+    forged = {
+        u: sign(
+            mallory.private,
+            consistency_signing_payload(
+                drv.server.context,
+                survivors_digest(request.survivors),
+                drv.server._roster_digest,
+                request.partners[u],
+            ),
+        )
+        for u in request.signatures
+    }
     c = drv.clients["envoy-1"]
     bad = msgspec.structs.replace(request, signatures=forged)
     assert c.receive(SERVER, bad) == []
@@ -340,28 +369,33 @@ def test_equivocating_server_cannot_collect_both_shares() -> None:
     half_b = set(everyone[4:]) - {"envoy-6"}
     sigs_a: dict[str, bytes] = {}
     sigs_b: dict[str, bytes] = {}
+    bits: dict[str, bytes] = {}
     for u in half_a:
         (o,) = drv.clients[u].receive(
             SERVER, SecAggConsistencyRequest(round=drv.round, survivors=story_a)
         )
-        sigs_a[u] = o.body.signature
+        sigs_a[u], bits[u] = o.body.signature, o.body.partners
     for u in half_b:
         (o,) = drv.clients[u].receive(
             SERVER, SecAggConsistencyRequest(round=drv.round, survivors=story_b)
         )
-        sigs_b[u] = o.body.signature
+        sigs_b[u], bits[u] = o.body.signature, o.body.partners
     assert outs  # (masked inputs were produced)
     revealed_b: set[str] = set()
     revealed_s: set[str] = set()
     for u in half_a:
         req = SecAggUnmaskRequest(
-            round=drv.round, survivors=story_a, dropouts=[], signatures=sigs_a
+            round=drv.round, survivors=story_a, dropouts=[], signatures=sigs_a, partners=bits
         )
         for o in drv.clients[u].receive(SERVER, req):
             revealed_b |= set(o.body.self_mask_shares)
     for u in half_b:
         req = SecAggUnmaskRequest(
-            round=drv.round, survivors=story_b, dropouts=["envoy-6"], signatures=sigs_b
+            round=drv.round,
+            survivors=story_b,
+            dropouts=["envoy-6"],
+            signatures=sigs_b,
+            partners=bits,
         )
         for o in drv.clients[u].receive(SERVER, req):
             revealed_s |= set(o.body.key_shares)
@@ -374,13 +408,13 @@ def test_construction_errors_name_the_field() -> None:
     with pytest.raises(SecAggClientError, match="signing_key"):
         SecAggClient("envoy-1", 1, MAL, names)
     with pytest.raises(SecAggClientError, match="node_id"):
-        SecAggClient("nobody", 1, SEMI, names)
+        SecAggClient("nobody", 1, SEMI, names, policy=MECHANICS)
     with pytest.raises(SecAggServerError, match="client_signing_keys"):
         SecAggServer(1, MAL, names, 10)
     with pytest.raises(SecAggServerError, match=r"params\.t"):
         SecAggServer(
             1, SecAggParams(graph="complete", k=3, t=9, clip=1.0, malicious=False), names, 10
         )
-    c = SecAggClient("envoy-1", 1, SEMI, names)
+    c = SecAggClient("envoy-1", 1, SEMI, names, policy=MECHANICS)
     with pytest.raises(SecAggClientError, match="vector"):
         c.set_input(np.zeros(3, dtype=np.float32))

@@ -20,6 +20,8 @@ from protocol.secagg.simulate import node_names, seeded_randbytes, simulate_roun
 from protocol.stages import SECAGG_STAGES
 from protocol.tensors import to_numpy
 
+from .conftest import MECHANICS
+
 D = 48  # vector length: enough coordinates for the privacy checks, small enough to be quick
 
 
@@ -32,9 +34,7 @@ def rounds(draw: st.DrawFn) -> dict:
     holders = min(k, n - 1) + 1
     lo = holders // 2 + 1 if malicious else 1
     t = draw(st.integers(min(lo, holders), holders))
-    params = SecAggParams(
-        graph=graph, k=k, t=t, clip=1.0, malicious=malicious, graph_seed=draw(st.binary(max_size=8))
-    )
+    params = SecAggParams(graph=graph, k=k, t=t, clip=1.0, malicious=malicious)
     names = node_names(n)
     drop_p = draw(st.sampled_from([0.0, 0.1, 0.3, 0.6]))
     dropouts = {}
@@ -79,6 +79,7 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         duplicate=case["duplicate"],
         seed=case["seed"],
         randbytes=seeded_randbytes(case["seed"]),
+        policy=MECHANICS,
     )
     server = sim.server
     assert server is not None and server.done
@@ -105,11 +106,14 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         np.testing.assert_array_equal(sim.result, want)
 
     # Success is not optional: on the complete graph the round must complete exactly when
-    # at least t clients stay to the end (they are the ones who can answer Unmask).
+    # at least t clients stay to the end (they are the ones who can answer Unmask) and the
+    # survivors are the majority the clients insist on.
     if params.graph == "complete" or params.k >= n - 1:
         late_stages = {"unmask"} | ({"consistency"} if params.malicious else set())
         to_end = {u for u in node_names(n) if u not in early and dropouts.get(u) not in late_stages}
-        assert sim.aborted == (len(to_end) < params.t), (to_end, sim.abort_reason)
+        survivors = {u for u in node_names(n) if u not in early}
+        fails = len(to_end) < params.t or len(survivors) < MECHANICS.min_survivors(params, n)
+        assert sim.aborted == fails, (to_end, sim.abort_reason)
 
     _check_view(sim, params, inputs)
 

@@ -7,7 +7,11 @@ A deliberate change of the messages, the masking or the signing payloads changes
 protocol.messages.PROTOCOL_VERSION and update the digest in the same commit.
 
 The digests were reproduced with the code before the SecAgg machines were rewritten as tables
-(commit 3f16797, its client's Shamir coefficients drawn from the injected randomness as now).
+(commit 3f16797, its client's Shamir coefficients drawn from the injected randomness as now),
+and changed on purpose by issue #11 (PROTOCOL_VERSION 2): every signature, HKDF info and AEAD
+associated data binds the session context (federation, purpose, roster), the graph is seeded
+with the key roster's digest, consistency signatures carry partner sets, and RoundStart
+announces the update norm bound.
 """
 
 from __future__ import annotations
@@ -31,15 +35,15 @@ _encoder = msgspec.msgpack.Encoder()
 ROUNDS = {
     "semi-honest": (
         SecAggParams(graph="complete", k=5, t=4, clip=1.0, malicious=False),
-        "7ec29479da39c7ceeaf637270a30dfd278629c2de5b0681e3e2e7ce3e39ab511",
+        "a26cc9d00b77844631a59af725fc2f28e5c02055459132dfe3c2a11b420f6d8d",
     ),
     "malicious": (
         SecAggParams(graph="complete", k=5, t=4, clip=1.0, malicious=True),
-        "bdaeeb1afc55db3113b88dbf72837230a8998ca2e287390e5918f954b1e869ad",
+        "aeee6e59124044ac081826ad6bbd046f30a0e230eed0f7387b031a4a065c0561",
     ),
     "harary": (
-        SecAggParams(graph="harary", k=4, t=3, clip=1.0, malicious=True, graph_seed=b"s" * 16),
-        "c48ad10783eadc8e0f264727ccd9445fb79e075e51ed12080de70da3861bf142",
+        SecAggParams(graph="harary", k=4, t=3, clip=1.0, malicious=True),
+        "67fb5b89225da00d59e26bb67d62a2ee5b7b20a848b20cd489b30ce74f301a96",
     ),
 }
 
@@ -99,6 +103,8 @@ def test_the_update_vector_and_the_envelope_are_the_same_bytes():
         msg_id=b"m" * 16,
         body=start,
     )
-    # The same digest came from the code before the update format moved into protocol/.
+    # Before issue #11 (RoundStart without update_norm, SecAggParams with graph_seed) the
+    # same inputs gave e0516863...; that digest came from the code before the update format
+    # moved into protocol/ too.
     h = hashlib.sha256(vector.tobytes() + _encoder.encode(envelope))
-    assert h.hexdigest() == "e0516863ef9e323ebe0f68a73d36a29738dd922d9dc3e31f9237a8d8b086ae96"
+    assert h.hexdigest() == "285cd17bba54b35f3815527399c91fd50969a935e726f1cd006262f5d85dd142"

@@ -27,7 +27,7 @@ from protocol.secagg.transitions import (
 from protocol.stages import SECAGG_STAGES, Stage
 from protocol.tensors import from_numpy
 
-from .conftest import Driver
+from .conftest import MECHANICS, Driver
 
 SEMI = SecAggParams(graph="complete", k=4, t=3, clip=1.0, malicious=False)
 MAL = SecAggParams(graph="complete", k=4, t=3, clip=1.0, malicious=True)
@@ -152,7 +152,12 @@ def _some(kind: type, *, round: int) -> object:
 
 def test_a_dropout_schedule_stops_clients_where_the_tables_say_they_send():
     sim = simulate_round(
-        n=6, params=SEMI, vector_length=8, dropouts={"envoy-1": "masked_input"}, seed=3
+        n=6,
+        params=SEMI,
+        vector_length=8,
+        dropouts={"envoy-1": "masked_input"},
+        seed=3,
+        policy=MECHANICS,
     )
     assert not sim.aborted and "envoy-1" not in sim.survivors
     sent = {type(body) for sender, body in sim.view if sender == "envoy-1"}

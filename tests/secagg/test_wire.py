@@ -17,6 +17,8 @@ from protocol.secagg.messages import (
 from protocol.secagg.simulate import simulate_round
 from protocol.tensors import from_numpy
 
+from .conftest import MECHANICS
+
 
 def test_secagg_messages_are_in_the_envelope_union() -> None:
     assert set(SECAGG_MESSAGES) <= set(ALL_MESSAGES)
@@ -27,7 +29,9 @@ def test_secagg_messages_are_in_the_envelope_union() -> None:
 @pytest.mark.parametrize("malicious", [False, True])
 def test_round_messages_survive_the_codec(malicious: bool) -> None:
     params = SecAggParams(graph="harary", k=4, t=3, clip=1.0, malicious=malicious)
-    sim = simulate_round(n=8, params=params, vector_length=32, dropouts={"envoy-2": "unmask"})
+    sim = simulate_round(
+        n=8, params=params, vector_length=32, dropouts={"envoy-2": "unmask"}, policy=MECHANICS
+    )
     assert not sim.aborted
     codec = Codec()
     seen = set()

@@ -211,10 +211,12 @@ def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: P
     plan = tmp_path / "plan.toml"
     plan.write_text('seed = 1\n[[crash]]\nenvoy = "envoy-3"\nround = 2\nstage = "share_keys"\n')
     out = tmp_path / "run"
+    # Four envoys: a round survives one dropout only when the survivors still meet every
+    # envoy's policy (n = 3 needs all three: t = 3 against one colluding envoy).
     proc = start_demo(
         out,
         "--envoys",
-        "3",
+        "4",
         "--rounds",
         "3",
         "--faults",
@@ -229,9 +231,9 @@ def test_the_directors_own_page_follows_a_real_demo_federation(page, tmp_path: P
         page.goto(_page_of(out, proc))
         expect(page.locator("#connection")).to_have_text("live")
         expect(page.locator("#federation")).to_have_text("demo")
-        expect(page.locator("#envoys tbody tr")).to_have_count(3, timeout=300_000)
+        expect(page.locator("#envoys tbody tr")).to_have_count(4, timeout=300_000)
         expect(page.locator("#rounds tbody tr[data-round='1']")).to_contain_text(
-            "3 of 3", timeout=300_000
+            "4 of 4", timeout=300_000
         )
         expect(page.locator("#roc path.roc")).to_have_count(1)
         expect(page.locator("#rounds tbody tr[data-round='2']")).to_contain_text(
