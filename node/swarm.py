@@ -15,7 +15,7 @@ broker publishes its last will.
 
     python -m node.swarm --config kits/envoy-1/envoy.toml --config kits/envoy-2/envoy.toml \\
         [--faults plan.toml --faults-start T] [--audit] [--train-seconds S] [--log-level warning]
-        [--poison envoy-2=nan]
+        [--poison envoy-2=nan|add:1e6|masked:max]
 
 The process ends when every envoy has ended (the director's Shutdown, or a crash each).
 """
@@ -96,9 +96,16 @@ class SyntheticTrainer:
         return Predictions(probabilities, self.val_labels, float(len(scores)) * 0.5)
 
 
+# The envoy masks a crafted vector instead of its encoded update: every update word at the
+# quantiser's largest level (the largest push the format can carry, about clip / weight per
+# weight), its weight and loss words honest. No clipping on the envoy sees it; only the
+# director's range check on the sum can.
+CRAFTED = "masked:max"
+
+
 def parse_poison(spec: str) -> float:
-    """A poison spec as the value added to every new weight: "nan" or "add:X" (X finite or
-    not: "add:inf" works too). ValueError names the spec."""
+    """A trainer poison spec as the value added to every new weight: "nan" or "add:X" (X
+    finite or not: "add:inf" works too). ValueError names the spec."""
     if spec == "nan":
         return float("nan")
     kind, _, value = spec.partition(":")
@@ -163,8 +170,11 @@ async def _run_envoy(
         holder["task"].cancel()
         raise asyncio.CancelledError
 
-    trainer = SyntheticTrainer(cfg.node_id, seconds=train_seconds, poison=poison)
+    trained_poison = poison if poison != CRAFTED else None
+    trainer = SyntheticTrainer(cfg.node_id, seconds=train_seconds, poison=trained_poison)
     envoy = Envoy(cfg, None, trainer, fault_plan=plan, exit_fn=crash)
+    if poison == CRAFTED:
+        _mask_random_words(envoy)
     credentials = None if cfg.insecure_no_auth else _credentials(cfg)
     inner = await connect(
         cfg.bus_url,
@@ -244,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="ENVOY=SPEC",
-        help="a poisoning envoy: SPEC is nan or add:X (X added to every weight it trains)",
+        help="a poisoning envoy: SPEC is nan or add:X (X added to every weight it trains), "
+        f"or {CRAFTED} (it masks a crafted vector instead of its update)",
     )
     args = p.parse_args(argv)
     from node.cli import _load_fault_plan, _run_async
@@ -279,8 +290,32 @@ def _poison_arg(arg: str) -> tuple[str, str]:
     name, sep, spec = arg.partition("=")
     if not sep or not name:
         raise ValueError(f"--poison {arg!r}: expected ENVOY=SPEC")
-    parse_poison(spec)
+    if spec != CRAFTED:
+        parse_poison(spec)
     return name, spec
+
+
+def _mask_random_words(envoy: Envoy) -> None:
+    """Make `envoy` a malicious client: each round's training contribution masks the CRAFTED
+    vector in place of its (clipped, quantised) update; everything else stays honest."""
+    from node.contribution import SecureContribution
+
+    start = envoy._start_contribution
+
+    def crafted(*args: Any, **kwargs: Any) -> Any:
+        contribution = start(*args, **kwargs)
+        if isinstance(contribution, SecureContribution):
+            honest = contribution._submit_vector
+
+            def submit_vector(vector: np.ndarray) -> Any:
+                words = np.array(vector, dtype=np.uint32)
+                words[: contribution.layout.size] = contribution.qrange.max_level
+                return honest(words)
+
+            contribution._submit_vector = submit_vector  # type: ignore[method-assign]
+        return contribution
+
+    envoy._start_contribution = crafted  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def test_poison_specs():
         with pytest.raises(ValueError, match="poison"):
             parse_poison(bad)
     assert _poison_arg("envoy-2=add:5") == ("envoy-2", "add:5")
+    assert _poison_arg("envoy-2=masked:max") == ("envoy-2", "masked:max")
     for bad in ("envoy-2", "=nan", "envoy-2=bogus"):
         with pytest.raises(ValueError):
             _poison_arg(bad)
