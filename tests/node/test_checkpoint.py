@@ -311,7 +311,7 @@ async def test_a_damaged_log_line_stops_the_resume_with_a_clear_error(tmp_path):
     assert log.path.read_bytes() == before  # refused, nothing changed
 
 
-async def test_a_corrupt_checkpoint_on_resume_is_refused_then_the_previous_one_resumes(tmp_path):
+async def test_a_corrupt_checkpoint_on_resume_is_refused_and_the_previous_one_is_intact(tmp_path):
     fed = await _completed(tmp_path, rounds=3)
     state = fed.director_cfg.state_dir
     path = tmp_path / "director" / ck.CHECKPOINT_NAME
@@ -324,12 +324,17 @@ async def test_a_corrupt_checkpoint_on_resume_is_refused_then_the_previous_one_r
     assert "round 2) is intact" in str(info.value)
     assert info.value.exit_code is ExitCode.STATE
     path.rename(path.with_name("corrupt.msgpack"))
-    assert await _resume(fed, rounds=4) == 0
-    # Rounds 3 and 4 ran from round 2's checkpoint; round 3's first record was dropped.
-    rec = fed.records()
-    assert [r["round"] for r in rec] == [1, 2, 3, 4]
-    assert all(t.calls == 5 for t in fed.trainers.values())
-    assert load_checkpoint(state).round == 4
+    back = load_checkpoint(state)
+    assert back.round == 2
+    # The director resumes from round 2's model, but these envoys trained round 3 already and
+    # never train a round twice (issue #11's ledger): they refuse it by name, the round fails,
+    # nothing is applied, and the round log is cut back to the checkpoint.
+    assert await _resume(fed, rounds=4) == ExitCode.ROUND_FAILED
+    assert all(t.calls == 3 for t in fed.trainers.values())
+    for envoy in fed.envoys.values():
+        assert any(r == 3 and "never trained twice" in why for r, why in envoy.refused)
+    assert [r["round"] for r in fed.records()] == [1, 2]
+    assert load_checkpoint(state).round == 2
 
 
 @pytest.mark.parametrize(

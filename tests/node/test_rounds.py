@@ -150,9 +150,10 @@ async def test_secure_round_survives_a_crash_at_any_stage(tmp_path, stage):
 
 
 async def test_an_envoy_gone_silent_is_dropped_when_its_heartbeat_times_out(tmp_path):
+    # Four envoys: under the envoys' default policy three tolerate no dropout (issue #11).
     fed = make_fed(
         tmp_path,
-        3,
+        4,
         secure=True,
         rounds=1,
         deadlines={s: 600.0 for s in CRASH_STAGES},
@@ -176,32 +177,33 @@ async def test_an_envoy_gone_silent_is_dropped_when_its_heartbeat_times_out(tmp_
     assert rc == 0
     (rec,) = fed.records()
     assert rec["fates"]["envoy-3"] == {"fate": "dropped", "stage": "masked_input"}
-    assert rec["survivors"] == ["envoy-1", "envoy-2"]
+    assert rec["survivors"] == ["envoy-1", "envoy-2", "envoy-4"]
     events = [e for e in logs if e["event"] in ("stage_deadline", "stage_closed_early")]
     assert [(e["event"], e["stage"], e["gone"]) for e in events] == [
         ("stage_closed_early", "masked_input", ["envoy-3"])
     ]
 
 
-def two_of_three_crash(tmp_path, *, rounds: int, quorum_timeout_s: float):
-    """Three envoys (min_envoys 2); envoy-2 and envoy-3 die entering ShareKeys of round 1."""
+def two_of_four_crash(tmp_path, *, rounds: int, quorum_timeout_s: float):
+    """Four envoys (min_envoys 3); envoy-2 and envoy-3 die entering training in round 1
+    (before they trained: a restarted envoy never trains a round twice, issue #11)."""
     fed = make_fed(
         tmp_path,
-        3,
+        4,
         secure=True,
         rounds=rounds,
-        min_envoys=2,
+        min_envoys=3,
         deadlines={s: 600.0 for s in CRASH_STAGES},
         quorum_timeout_s=quorum_timeout_s,
     )
     for name in fed.envoy_cfgs:
-        plan = CrashAt(name, 1, "share_keys") if name != "envoy-1" else None
+        plan = CrashAt(name, 1, "training") if name in ("envoy-2", "envoy-3") else None
         fed.start_envoy(name, plan)
     return fed
 
 
 async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_path):
-    fed = two_of_three_crash(tmp_path, rounds=2, quorum_timeout_s=1.0)
+    fed = two_of_four_crash(tmp_path, rounds=2, quorum_timeout_s=1.0)
     director = fed.director()
     with pytest.raises(QuorumLost) as info:
         await asyncio.wait_for(director.run(), 120)
@@ -209,7 +211,7 @@ async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_p
     assert info.value.exit_code is ExitCode.QUORUM_LOST
     assert sorted(fed.crashed) == [("envoy-2", 137), ("envoy-3", 137)]
     message = str(info.value)
-    assert "1 envoys online (envoy-1), fewer than min_envoys 2" in message
+    assert "2 envoys online (envoy-1, envoy-4), fewer than min_envoys 3" in message
     status = json.loads((tmp_path / "director" / "status.json").read_text())
     assert status["stage"] == "quorum_lost" and status["reason"] == message
     assert f"stopped: {message}" in format_status(status, [])  # what `fedbus status` shows
@@ -218,7 +220,7 @@ async def test_quorum_loss_ends_the_director_with_its_exit_code_and_reason(tmp_p
 
 
 async def test_an_envoy_back_before_the_quorum_bound_lets_the_round_complete(tmp_path):
-    fed = two_of_three_crash(tmp_path, rounds=1, quorum_timeout_s=600.0)
+    fed = two_of_four_crash(tmp_path, rounds=1, quorum_timeout_s=600.0)
     task = asyncio.create_task(fed.director().run())
     while len(fed.crashed) < 2:
         await asyncio.sleep(0.01)
@@ -229,7 +231,7 @@ async def test_an_envoy_back_before_the_quorum_bound_lets_the_round_complete(tmp
     assert await asyncio.wait_for(task, 120) == 0
     await fed.stop()
     (rec,) = fed.records()
-    assert rec["attempt"] == 1 and rec["survivors"] == ["envoy-1", "envoy-2"]
+    assert rec["attempt"] == 1 and rec["survivors"] == ["envoy-1", "envoy-2", "envoy-4"]
 
 
 class CrashAll:

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.secagg.graph import build_graph
+from protocol.secagg.graph import Graph, build_graph
 from protocol.secagg.messages import (
     SecAggMaskedInput,
     SecAggParams,
@@ -91,7 +91,13 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         if SECAGG_STAGES.index(s) <= SECAGG_STAGES.index("masked_input")
     }
     # Who must be in the sum, worked out here from the schedule and the public graph alone.
-    in_sum = _reference_survivors(n, params, dropouts)
+    # The graph is seeded by the digest of the admitted key roster (issue #11), so it exists
+    # only once keys were advertised; every client derives the same one from the roster.
+    graph = server._graph
+    if graph is None:
+        advertised = {u for u in node_names(n) if dropouts.get(u) != "advertise_keys"}
+        assert sim.aborted and len(advertised) < params.t
+    in_sum = _reference_survivors(n, params, dropouts, graph)
     if in_sum is None:
         assert sim.aborted  # too few were left before the masked inputs
     if sim.aborted:
@@ -118,13 +124,16 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
     _check_view(sim, params, inputs)
 
 
-def _reference_survivors(n: int, params: SecAggParams, dropouts: dict) -> set[str] | None:
+def _reference_survivors(
+    n: int, params: SecAggParams, dropouts: dict, graph: Graph | None
+) -> set[str] | None:
     """The clients whose inputs a completed round must sum, or None if it must abort before
     the masked inputs: Bonawitz et al.'s U1 > U2 > U3, with SecAgg+'s rule that a client
     whose neighbourhood (itself included) among the remaining clients is below t is excluded.
     """
     names = node_names(n)
-    graph = build_graph(names, kind=params.graph, k=params.k, round=1, graph_seed=params.graph_seed)
+    if graph is None:
+        return None
 
     def without_weak_neighbourhoods(members: set[str]) -> set[str]:
         while True:
