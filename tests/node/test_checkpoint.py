@@ -329,6 +329,8 @@ async def test_a_corrupt_checkpoint_on_resume_is_refused_and_the_previous_one_is
     # The director resumes from round 2's model, but these envoys trained round 3 already and
     # never train a round twice (issue #11's ledger): they refuse it by name, the round fails,
     # nothing is applied, and the round log is cut back to the checkpoint.
+    # One attempt: every envoy refuses, whatever the attempt.
+    fed.director_cfg = msgspec.structs.replace(fed.director_cfg, max_attempts=1)
     assert await _resume(fed, rounds=4) == ExitCode.ROUND_FAILED
     assert all(t.calls == 3 for t in fed.trainers.values())
     for envoy in fed.envoys.values():
