@@ -199,10 +199,11 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="per demo run, seconds")
     p.add_argument("--quorum-timeout", type=float, default=20.0)
     p.add_argument("--skip-quorum", action="store_true")
+    p.add_argument("--results", default="acceptance.json", help="file name under results/")
     p.add_argument("--work", default=str(REPO / "runs" / "acceptance"))
     args = p.parse_args()
     work = Path(args.work) / time.strftime("%H%M%S")
-    out_json = RESULTS / "acceptance.json"
+    out_json = RESULTS / args.results
     doc: dict[str, Any] = {"command": sys.argv, "load_average_start": os.getloadavg(), "runs": []}
     wanted = {n for n in args.plans.split(",") if n}
     plans = [q for q in PLANS if not wanted or q.stem in wanted]
