@@ -16,7 +16,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from broker.server.mosquitto_process import MosquittoProcess
@@ -168,18 +167,25 @@ def test_three_hospitals_complete_secure_rounds_from_their_kits(
 
 
 def _central_validation(kits: Path, ckpt) -> dict:
+    """The final model scored by each hospital's own trainer on its own validation split,
+    the histogram vectors summed in the clear and read as the director reads its sum."""
     from node.config import load_director_config, load_envoy_config
-    from node.trainer import TorchTrainer, load_local_data
-    from node.training.metrics import metrics_from_histograms
+    from node.director import validation_metrics
+    from node.localdata import load_local_data
+    from node.trainer import make_trainer
+    from node.training.histograms import histogram_vector, vector_samples
 
-    bins = load_director_config(kits / "director" / "director.toml").eval.bins
+    director = load_director_config(kits / "director" / "director.toml")
     weights = ckpt.weights_numpy()
-    neg = pos = 0
+    total = None
     loss = 0.0
     for envoy in ENVOYS:
         cfg = load_envoy_config(kits / envoy / "envoy.toml")
-        n, p, loss_sum = TorchTrainer(cfg, load_local_data(cfg)).evaluate(weights, bins)
-        neg, pos, loss = neg + np.asarray(n), pos + np.asarray(p), loss + loss_sum
-    metrics = dict(metrics_from_histograms(neg, pos))
-    total = int(neg.sum() + pos.sum())
-    return {"auc": float(metrics["auc"]), "num_samples": total, "loss": loss / total}
+        trainer, _ = make_trainer(cfg, data=load_local_data(cfg))
+        pred = trainer.evaluate(weights)
+        vector = histogram_vector(pred.probabilities, pred.labels, director.eval.bins)
+        total = vector if total is None else total + vector
+        loss += float(pred.loss_sum)
+    metrics = validation_metrics(director, total)
+    n = vector_samples(total, director.model.num_classes, director.eval.bins)
+    return {"auc": float(metrics["auc"]), "num_samples": n, "loss": loss / n}
