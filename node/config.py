@@ -389,8 +389,19 @@ class SecAggConfig(_Section, frozen=True, kw_only=True):
             )
 
 
+# The threshold rules of node.training.operating_point.METHODS (a test keeps them equal).
+OperatingPointMethod = Literal["youden", "sensitivity", "binormal", "smoothed"]
+
+
 class EvalConfig(_Section, frozen=True, kw_only=True):
     bins: Annotated[int, msgspec.Meta(ge=2, le=10000)] = 100
+    # How the decision threshold is chosen from the summed validation histograms (two
+    # classes): "youden" max J; "binormal" max J on a binormal fit of the class logits (the
+    # smoothed ROC chosen by leave-one-envoy-out validation, benchmarks/accuracy);
+    # "smoothed" max J on kernel-smoothed class CDFs; "sensitivity" the highest threshold
+    # whose validation sensitivity is still >= target_sensitivity.
+    operating_point: OperatingPointMethod = "youden"
+    target_sensitivity: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
 
 
 class TrackingConfig(_Section, frozen=True, kw_only=True):

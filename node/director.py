@@ -4,10 +4,10 @@ A round (docs/architecture.md, "One round, file by file"): select participants a
 broadcast RoundStart, drive one `Aggregation` (node.aggregation) with a deadline per stage,
 apply the weighted FedAvg, ask the online envoys to score the new model on their validation
 splits through a second SecAgg session (the director learns only the summed histograms),
-turn them into ROC/AUC/threshold, keep the best model by validation, checkpoint atomically
-and record the round (node.state). The SecAgg parameters of every session, with their
-failure probabilities, are logged (`secagg_parameters`); the envoys check them against
-their own policy.
+turn them into ROC/AUC and the configured operating point ([eval]), keep the best model by
+validation, checkpoint atomically and record the round (node.state). The SecAgg
+parameters of every session, with their failure probabilities, are logged
+(`secagg_parameters`); the envoys check them against their own policy.
 
 Everything from the bus is untrusted: `Endpoint` refuses malformed, forged, misaddressed and
 replayed frames, the bounded `Inbox` drops (and counts) what one sender floods, the round
@@ -139,7 +139,12 @@ def initial_weights(cfg: DirectorConfig) -> dict[str, np.ndarray]:
 def validation_metrics(cfg: DirectorConfig, histograms: np.ndarray) -> dict[str, Any]:
     """The metrics of the summed histogram vector (node.training.histograms), JSON-ready."""
     m = metrics_from_vector(
-        histograms, cfg.model.num_classes, cfg.eval.bins, class_names=cfg.model.classes
+        histograms,
+        cfg.model.num_classes,
+        cfg.eval.bins,
+        class_names=cfg.model.classes,
+        operating_point=cfg.eval.operating_point,
+        target_sensitivity=cfg.eval.target_sensitivity,
     )
     return {k: _jsonable(v) for k, v in m.items()}
 

@@ -36,12 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from broker.files import atomic_write_text  # noqa: E402
+from node.strategy import StrategyConfig, build_strategy, is_buffer_name  # noqa: E402
 from node.training.data import load_pneumoniamnist  # noqa: E402
 from node.training.metrics import binary_metrics, metrics_from_histograms  # noqa: E402
 from node.training.model import build_model  # noqa: E402
 from node.training.partition import select_partition  # noqa: E402
 from node.training.train import evaluate, predict_scores, round_lr, train_local  # noqa: E402
-from node.training.weights import get_weights, set_weights, weighted_average  # noqa: E402
+from node.training.weights import get_weights, set_weights, subtract, weighted_average  # noqa: E402
 from protocol.messages import TrainPlan  # noqa: E402
 
 
@@ -54,13 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="partition and training seed")
-    p.add_argument("--init-seed", type=int, default=0)
+    p.add_argument("--init-seed", type=int, default=None, help="initial weights (default: --seed)")
     p.add_argument("--arch", default="cnn")
     p.add_argument(
         "--defense", default="cvb", help="one or a comma list, run side by side: none,cvb"
     )
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--depth", type=int, default=2, help="convolutions per stage of the CNN")
     p.add_argument("--norm", default="batch")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--local-epochs", type=int, default=1)
@@ -74,51 +77,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weighting", default="balanced", choices=["balanced", "none"])
     p.add_argument("--max-grad-norm", type=float, default=5.0)
     p.add_argument("--augment-strength", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx proximal weight")
+    p.add_argument(
+        "--strategy", default="fedavg", choices=["fedavg", "fedavgm", "fedadam", "fedyogi"]
+    )
+    p.add_argument("--server-lr", type=float, default=None)
+    p.add_argument("--server-momentum", type=float, default=0.9)
+    p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--beta2", type=float, default=0.99)
+    p.add_argument("--tau", type=float, default=1e-3)
+    p.add_argument("--flip-tta", action="store_true", help="flip test-time augmentation in eval")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--final-lr-fraction", type=float, default=0.05)
+    p.add_argument(
+        "--hold-rounds", type=int, default=0, help="last rounds at the final lr (an SWA tail)"
+    )
     p.add_argument("--bins", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", action="store_true", help="one process per defence")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    p.add_argument(
+        "--save-weights",
+        type=Path,
+        default=None,
+        help="folder for every round's global weights (round-RRR.npz), for post-hoc levers",
+    )
     return p.parse_args(argv)
+
+
+def federated_shares(ds: Any, envoys: int, alpha: float, seed: int) -> list[tuple[Any, Any]]:
+    """(train, validation) of each envoy, partitioned as node/envoy.py does."""
+    shares = []
+    for i in range(envoys):
+        tr = select_partition(
+            ds.train.labels,
+            scheme="dirichlet",
+            num_envoys=envoys,
+            index=i,
+            seed=seed,
+            alpha=alpha,
+        )
+        va = select_partition(
+            ds.val.labels,
+            scheme="dirichlet",
+            num_envoys=envoys,
+            index=i,
+            seed=seed + 1,
+            alpha=alpha,
+        )
+        shares.append((ds.train.subset(tr), ds.val.subset(va)))
+    return shares
+
+
+def model_from_recipe(recipe: Any) -> torch.nn.Module:
+    """The run's model at its initial weights (`recipe`: these args, or their JSON dict)."""
+    get = recipe.get if isinstance(recipe, dict) else lambda k, d=None: getattr(recipe, k, d)
+    init_seed = get("init_seed")
+    return build_model(
+        get("arch", "cnn"),
+        get("defense", "cvb"),
+        get("image_size", 28),
+        width=get("width", 32),
+        depth=get("depth", 2),
+        norm=get("norm", "batch"),
+        dropout=get("dropout", 0.0),
+        seed=get("seed", 0) if init_seed is None else init_seed,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     ds = load_pneumoniamnist(args.data)
-    shares = []
-    for i in range(args.envoys):
-        tr = select_partition(
-            ds.train.labels,
-            scheme="dirichlet",
-            num_envoys=args.envoys,
-            index=i,
-            seed=args.seed,
-            alpha=args.alpha,
-        )
-        va = select_partition(
-            ds.val.labels,
-            scheme="dirichlet",
-            num_envoys=args.envoys,
-            index=i,
-            seed=args.seed + 1,
-            alpha=args.alpha,
-        )
-        shares.append((ds.train.subset(tr), ds.val.subset(va)))
+    shares = federated_shares(ds, args.envoys, args.alpha, args.seed)
 
     def new_model():
-        return build_model(
-            args.arch,
-            args.defense,
-            args.image_size,
-            width=args.width,
-            norm=args.norm,
-            dropout=args.dropout,
-            seed=args.init_seed,
-        )
+        return model_from_recipe(args)
 
     model = new_model()
     global_w = get_weights(model)
+    strategy = build_strategy(
+        StrategyConfig(
+            name=args.strategy,
+            server_lr=args.server_lr,
+            momentum=args.server_momentum,
+            beta1=args.beta1,
+            beta2=args.beta2,
+            tau=args.tau,
+        ),
+        buffers=[n for n in global_w if is_buffer_name(n)],
+    )
     rounds: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_w = None
@@ -126,7 +174,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_seconds: list[float] = []
     for r in range(args.rounds):
         lr = round_lr(
-            args.lr, r, args.rounds, schedule=args.schedule, final_fraction=args.final_lr_fraction
+            args.lr,
+            r,
+            args.rounds,
+            schedule=args.schedule,
+            final_fraction=args.final_lr_fraction,
+            hold_rounds=args.hold_rounds,
         )
         plan = TrainPlan(
             local_epochs=args.local_epochs,
@@ -150,23 +203,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flip=not args.no_flip,
                 max_grad_norm=args.max_grad_norm,
                 augment_strength=args.augment_strength,
+                label_smoothing=args.label_smoothing,
+                prox_mu=args.prox_mu,
             )
             train_seconds.append(res.seconds)
-            updates.append(get_weights(model))
+            updates.append(subtract(get_weights(model), global_w))
             counts.append(res.num_samples)
             losses.append(res.loss)
-        global_w = weighted_average(updates, counts)
+        # What secure aggregation yields (the sample-weighted mean delta), then the server step.
+        global_w = strategy.apply(global_w, weighted_average(updates, counts))
         set_weights(model, global_w)
+        if args.save_weights is not None:
+            args.save_weights.mkdir(parents=True, exist_ok=True)
+            np.savez(args.save_weights / f"round-{r + 1:03d}.npz", **global_w)
         neg = np.zeros(args.bins, np.int64)
         pos = np.zeros(args.bins, np.int64)
         val_loss = 0.0
         for _, val in shares:
-            ev = evaluate(model, val.images, val.labels, args.bins)
+            ev = evaluate(model, val.images, val.labels, args.bins, flip_tta=args.flip_tta)
             neg += ev.hist_negative
             pos += ev.hist_positive
             val_loss += ev.loss_sum
         val = metrics_from_histograms(neg, pos)
-        test_scores = predict_scores(model, ds.test.images)
+        test_scores = predict_scores(model, ds.test.images, flip_tta=args.flip_tta)
         test = binary_metrics(test_scores, ds.test.labels, val["threshold"])
         row = {
             "defense": args.defense,
@@ -199,7 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "recipe": {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
-            if k not in ("out", "data")
+            if k not in ("out", "data", "save_weights")
         },
         "params": n_params,
         "selected_round": best["round"],
@@ -290,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps(result, indent=1))
     return 0
 
 

@@ -241,6 +241,8 @@ class Federation:
             "target_envoys": self.opts.envoys,
             "wait_for_envoys_s": 600.0,
             "seed": self.opts.seed,
+            # --seed draws the initial weights too, so runs over seeds vary everything.
+            "model.init_seed": self.opts.seed,
             "audit": self.opts.audit,
             "insecure_plain_aggregation": self.opts.insecure_plain,
         }

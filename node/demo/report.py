@@ -85,6 +85,7 @@ def final_evaluation(fed: Federation) -> dict[str, Any]:
         "best_round": ckpt.best_round,
         "last_round": ckpt.round,
         "threshold": threshold,
+        "operating_point": cfg.eval.operating_point if binary else "argmax",
         "test": None,
         "val": val,
     }
@@ -129,14 +130,15 @@ def _test_metrics(
 ) -> tuple[dict[str, Any], tuple[list[float], list[float]]]:
     """Test metrics and the test ROC (the micro-average one for more than two classes)."""
     from node.training.histograms import histogram_vector, metrics_from_vector
-    from node.training.metrics import binary_metrics, roc_auc, roc_from_histograms, score_histograms
+    from node.training.metrics import roc_auc, roc_from_histograms, score_histograms
+    from node.training.operating_point import metrics_at
 
     fine = 1000  # bins of the plotted curves and of the multi-class AUCs: all but exact
     classes = probabilities.shape[1]
     if classes == 2:
         assert threshold is not None
         scores = probabilities[:, 1]
-        test = {k: _plain(v) for k, v in binary_metrics(scores, labels, threshold).items()}
+        test = {k: _plain(v) for k, v in metrics_at(scores, labels, threshold).items()}
         test["auc"] = float(roc_auc(scores, labels))
         test["threshold"] = float(threshold)
         fpr, tpr = roc_from_histograms(*score_histograms(scores, labels, fine))
@@ -266,6 +268,7 @@ def build_report(
         "envoys": opts.envoys,
         "rounds_requested": opts.rounds,
         "data": str(fed.data_path) if fed.data_path else "the envoys' own data.loader",
+        "seed": opts.seed,
         "partition": {"scheme": opts.partition, "alpha": opts.alpha, "seed": opts.seed},
         "faults": opts.faults,
         "audit": opts.audit,
@@ -274,6 +277,7 @@ def build_report(
         "final": {
             "best_round": final["best_round"],
             "threshold": final["threshold"],
+            "operating_point": final["operating_point"],
             "test": final["test"],
             "val": _without_curves(final["val"]),
         },

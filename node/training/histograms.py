@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from node.training.metrics import metrics_from_histograms, score_bins, score_histograms
+from node.training.operating_point import DEFAULT_TARGET_SENSITIVITY, validation_metrics_at
 
 __all__ = [
     "MAX_CLASS_CURVES",
@@ -166,15 +167,24 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def metrics_from_vector(
-    vector: Any, num_classes: int, bins: int, class_names: Sequence[str] | None = None
+    vector: Any,
+    num_classes: int,
+    bins: int,
+    class_names: Sequence[str] | None = None,
+    *,
+    operating_point: str = "youden",
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
 ) -> dict[str, Any]:
-    """The director's metrics of a summed vector (the binary ones for two classes)."""
+    """The director's metrics of a summed vector (the binary ones for two classes, at the
+    threshold `operating_point` picks: node.training.operating_point; more than two classes
+    decide by argmax and have no threshold to pick)."""
     hist, confusion = _split(vector, num_classes, bins)
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise EvaluationError(f"{len(names)} class names for {num_classes} classes")
     if confusion is None:
-        out = metrics_from_histograms(hist[0, 0], hist[0, 1])
+        params = {"target": target_sensitivity} if operating_point == "sensitivity" else {}
+        out = validation_metrics_at(hist[0, 0], hist[0, 1], operating_point, **params)
         out["num_classes"] = 2
         out["classes"] = names
         return out

@@ -48,6 +48,15 @@ def bin_edges(bins: int = DEFAULT_BINS) -> np.ndarray:
     return np.concatenate([[0.0], 1.0 / (1.0 + np.exp(-logits)), [1.0]])
 
 
+def bin_thresholds(bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Threshold k = 0..bins of the rule "positive iff bin >= k", as a score threshold.
+
+    edge[k] for k < bins; k = bins (nobody positive) is 1 + 1/bins, above every score, 1.0
+    included, so raw scores compared with ">=" read it the same way.
+    """
+    return np.concatenate([bin_edges(bins)[:-1], [1.0 + 1.0 / bins]])
+
+
 def _check_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
@@ -89,7 +98,8 @@ def roc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, n
     return fpr, tpr
 
 
-def _confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, Any]:
+def confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, Any]:
+    """Accuracy, sensitivity, specificity, precision, F1 and the 2x2 confusion of counts."""
     total = tn + fp + fn + tp
     sens = tp / (tp + fn) if tp + fn else float("nan")
     spec = tn / (tn + fp) if tn + fp else float("nan")
@@ -106,13 +116,8 @@ def _confusion_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, 
     }
 
 
-def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    """AUC, ROC and the Youden-optimal threshold with the metrics it gives on this data.
-
-    The threshold maximises sensitivity + specificity; ties go to the higher accuracy, then
-    to the threshold nearest 0.5 (the least extreme of equally good choices). The
-    threshold is a bin edge; k = bins (nobody positive) is reported as 1 + 1/bins.
-    """
+def check_histograms(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(neg, pos) as flat int64 arrays; ValueError unless same length >= 2 and counts >= 0."""
     neg = np.asarray(neg, np.int64).reshape(-1)
     pos = np.asarray(pos, np.int64).reshape(-1)
     if neg.shape != pos.shape or neg.size < 2:
@@ -121,6 +126,17 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
         )
     if (neg < 0).any() or (pos < 0).any():
         raise ValueError("histogram counts must be >= 0")
+    return neg, pos
+
+
+def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
+    """AUC, ROC and the Youden-optimal threshold with the metrics it gives on this data.
+
+    The threshold maximises sensitivity + specificity; ties go to the higher accuracy, then
+    to the threshold nearest 0.5 (the least extreme of equally good choices). The
+    threshold is a bin edge; k = bins (nobody positive) is reported as 1 + 1/bins.
+    """
+    neg, pos = check_histograms(neg, pos)
     n_neg, n_pos = int(neg.sum()), int(pos.sum())
     bins = neg.size
     edges = bin_edges(bins)
@@ -137,10 +153,8 @@ def metrics_from_histograms(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
     k = int(order[0])
     tp = float(tpr[k] * n_pos)
     fp = float(fpr[k] * n_neg)
-    out.update(_confusion_metrics(n_neg - round(fp), round(fp), n_pos - round(tp), round(tp)))
-    # Threshold k means "bin >= k"; for k = bins (nobody is positive) that is a threshold
-    # above every score, 1.0 included, so raw scores read it the same way.
-    thresholds = np.concatenate([edges[:-1], [1.0 + 1.0 / bins]])
+    out.update(confusion_metrics(n_neg - round(fp), round(fp), n_pos - round(tp), round(tp)))
+    thresholds = bin_thresholds(bins)
     out.update(
         auc=auc,
         threshold=float(thresholds[k]),
@@ -176,6 +190,6 @@ def binary_metrics(
     fp = float(np.sum(pred & (labels == 0)))
     fn = float(np.sum(~pred & (labels == 1)))
     tn = float(np.sum(~pred & (labels == 0)))
-    out = _confusion_metrics(tn, fp, fn, tp)
+    out = confusion_metrics(tn, fp, fn, tp)
     out.update(auc=roc_auc(scores, labels), threshold=float(threshold))
     return out

@@ -118,10 +118,11 @@ class FedModel(nn.Module):
 
 
 class CompactCNN(FedModel):
-    """Three stages of two 3x3 convs (width w, 2w, 4w), max-pool between, global average pool.
+    """Three stages of `depth` 3x3 convs (width w, 2w, 4w), max-pool between, global average pool.
 
     conv1 is the first convolution (CVB follows it directly); PRECODE sits on the pooled
-    4w features before the linear classifier.
+    4w features before the linear classifier. depth 2 is the default model (module names
+    and order are those of every checkpoint so far).
     """
 
     def __init__(
@@ -132,12 +133,15 @@ class CompactCNN(FedModel):
         in_channels: int = 1,
         num_classes: int = 2,
         width: int = 32,
+        depth: int = 2,
         norm: str = "batch",
         dropout: float = 0.0,
         cvb_latent_channels: int | None = None,
         precode_latent_dim: int = 256,
     ) -> None:
         super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"width and depth must be >= 1, got {width}, {depth}")
         w = width
         self.preprocess = Preprocess(image_size)
         self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=norm == "none")
@@ -154,9 +158,15 @@ class CompactCNN(FedModel):
                 nn.ReLU(inplace=True),
             ]
 
-        layers += [*conv(w, w), nn.MaxPool2d(2)]
-        layers += conv(w, 2 * w) + conv(2 * w, 2 * w) + [nn.MaxPool2d(2)]
-        layers += conv(2 * w, 4 * w) + conv(4 * w, 4 * w)
+        for _ in range(depth - 1):
+            layers += conv(w, w)
+        layers += [nn.MaxPool2d(2)]
+        for cin, cout in ((w, 2 * w), (2 * w, 4 * w)):
+            layers += conv(cin, cout)
+            for _ in range(depth - 1):
+                layers += conv(cout, cout)
+            if cout == 2 * w:
+                layers += [nn.MaxPool2d(2)]
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.precode = (
@@ -230,11 +240,14 @@ def build_model(
     *,
     in_channels: int = 1,
     width: int = 32,
+    depth: int = 2,
     norm: str | None = None,
     dropout: float = 0.0,
     seed: int | None = None,
 ) -> FedModel:
     """The federation's model. `seed` makes the initial weights reproducible.
+
+    `width` and `depth` (convolutions per stage) size the compact CNN; ResNet-18 has its own.
 
     `norm` defaults to BatchNorm. GroupNorm ("group") avoids averaging client-specific
     running statistics under label skew, but here it learned far more slowly than BatchNorm
@@ -254,7 +267,7 @@ def build_model(
         if seed is not None:
             torch.manual_seed(seed)
         model = _construct(
-            arch, defense, image_size, num_classes, in_channels, width, norm, dropout
+            arch, defense, image_size, num_classes, in_channels, width, depth, norm, dropout
         )
     model.arch, model.defense = arch, defense
     model.image_size, model.in_channels, model.num_classes = image_size, in_channels, num_classes
@@ -268,6 +281,7 @@ def _construct(
     num_classes: int,
     in_channels: int,
     width: int,
+    depth: int,
     norm: str | None,
     dropout: float,
 ) -> FedModel:
@@ -278,6 +292,7 @@ def _construct(
             in_channels=in_channels,
             num_classes=num_classes,
             width=width,
+            depth=depth,
             norm=norm or "batch",
             dropout=dropout,
         )

@@ -136,6 +136,8 @@ def train_local(
     flip: bool = True,
     max_grad_norm: float | None = 5.0,
     augment_strength: float = 1.0,
+    label_smoothing: float = 0.0,
+    prox_mu: float = 0.0,
     device: torch.device | str | None = None,
     workers: int = 0,
 ) -> TrainResult:
@@ -145,12 +147,19 @@ def train_local(
     with a handful of one class sees rare, heavily weighted, large gradients, and the
     bottleneck's mean can grow to outrun its noise; clipping keeps both from kicking the
     momentum SGD off a cliff without changing ordinary steps. `augment_strength` scales
-    the rotation, scale, shift and jitter ranges of `augment_batch` together. `device`
+    the rotation, scale, shift and jitter ranges of `augment_batch` together.
+    `label_smoothing` is cross-entropy's. `prox_mu` > 0 adds FedProx's proximal term
+    mu/2 ||w - w_global||^2 (Li et al. 2020), which keeps a skewed envoy's local steps near
+    the global model; its gradient mu (w - w_global) is added before clipping. `device`
     moves the model there first (node.training.device.select_device); the images stay in
     host memory and travel one batch at a time. `images` may also be a torch Dataset
     (labels None): it is then read batch by batch, `workers` processes ahead, never held
     whole (node.training.batches).
     """
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
     if device is not None:
         model.to(device)
     dev = model_device(model)
@@ -173,6 +182,7 @@ def train_local(
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, plan)
+    anchor = [p.detach().clone() for p in model.parameters()] if prox_mu > 0 else None
     model.train()
     step = 0
     epoch_loss = epoch_kl = 0.0
@@ -195,7 +205,7 @@ def train_local(
                         flip=flip,
                     )
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, weight=weight)
+                loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
                 kl = kl_fn() if (kl_fn is not None) else torch.zeros((), device=dev)
                 total = loss + plan.kl_beta * kl if plan.kl_beta > 0 else loss
                 value = float(total.detach())
@@ -203,6 +213,8 @@ def train_local(
                     raise FloatingPointError(f"training diverged at step {step} (lr={plan.lr})")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if anchor is not None:
+                    _add_proximal_gradient(model, anchor, prox_mu)
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
@@ -231,27 +243,46 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512) -> Tensor:
-    """Logits on the CPU, computed batch by batch on the model's device."""
+def _add_proximal_gradient(model: nn.Module, anchor: list[Tensor], mu: float) -> None:
+    for p, p0 in zip(model.parameters(), anchor, strict=True):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - p0, alpha=mu)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    batch_size: int = 512,
+    *,
+    flip_tta: bool = False,
+) -> Tensor:
+    """Eval-mode logits on the CPU, computed batch by batch on the model's device.
+    `flip_tta` averages them with those of the mirrored images (training augments with the
+    same horizontal flip, so both views are in distribution).
+    """
     was_training = model.training
     model.eval()
     dev = model_device(model)
     try:
         x_all = images_to_tensor(images)
-        outs = [
-            model(x_all[i : i + batch_size].to(dev)).cpu()
-            for i in range(0, x_all.shape[0], batch_size)
-        ]
+        outs = []
+        for i in range(0, x_all.shape[0], batch_size):
+            x = x_all[i : i + batch_size].to(dev)
+            out = model(x)
+            if flip_tta:
+                out = (out + model(x.flip(-1))) / 2
+            outs.append(out.cpu())
         return torch.cat(outs) if outs else torch.zeros(0, 2)
     finally:
         model.train(was_training)
 
 
 def predict_scores(
-    model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512
+    model: nn.Module, images: np.ndarray | Tensor, batch_size: int = 512, *, flip_tta: bool = False
 ) -> np.ndarray:
     """P(pneumonia) per image, float64 in [0, 1], eval mode (bottleneck at its mean)."""
-    logits = predict_logits(model, images, batch_size)
+    logits = predict_logits(model, images, batch_size, flip_tta=flip_tta)
     return torch.softmax(logits.double(), dim=1)[:, 1].numpy()
 
 
@@ -287,11 +318,16 @@ def predict_dataset(
 
 
 def evaluate(
-    model: nn.Module, images: np.ndarray | Tensor, labels: np.ndarray, bins: int = DEFAULT_BINS
+    model: nn.Module,
+    images: np.ndarray | Tensor,
+    labels: np.ndarray,
+    bins: int = DEFAULT_BINS,
+    *,
+    flip_tta: bool = False,
 ) -> EvalResult:
     """What an envoy reports for federated validation: loss sum and per-class histograms."""
     labels = np.asarray(labels, np.int64).reshape(-1)
-    logits = predict_logits(model, images)
+    logits = predict_logits(model, images, flip_tta=flip_tta)
     loss_sum = float(F.cross_entropy(logits, torch.as_tensor(labels), reduction="sum"))
     scores = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
     neg, pos = score_histograms(scores, labels, bins)
@@ -305,18 +341,26 @@ def round_lr(
     *,
     schedule: str = "cosine",
     final_fraction: float = 0.05,
+    hold_rounds: int = 0,
 ) -> float:
     """Learning rate the director sends for round `round_index` (0-based) of `total_rounds`.
 
     "cosine" decays from base_lr to final_fraction * base_lr over the rounds; "constant"
     keeps base_lr. Decaying across rounds is what lets FedAvg settle under label skew.
+    `hold_rounds` > 0 ends the cosine that many rounds early and holds its final rate for
+    the last `hold_rounds` rounds: the constant-rate tail whose models SWA averages.
     """
     if total_rounds < 1 or not 0 <= round_index < total_rounds:
         raise ValueError(f"round {round_index} out of range for {total_rounds} rounds")
+    if not 0 <= hold_rounds < total_rounds:
+        raise ValueError(f"hold_rounds must be in 0..{total_rounds - 1}, got {hold_rounds}")
     if schedule == "constant" or total_rounds == 1:
         return base_lr
     if schedule != "cosine":
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    progress = round_index / (total_rounds - 1)
+    decay_rounds = total_rounds - hold_rounds
+    if decay_rounds == 1:
+        return base_lr if round_index == 0 else base_lr * final_fraction
+    progress = min(round_index, decay_rounds - 1) / (decay_rounds - 1)
     low = base_lr * final_fraction
     return low + (base_lr - low) * 0.5 * (1 + math.cos(math.pi * progress))

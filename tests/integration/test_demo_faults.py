@@ -53,6 +53,15 @@ def test_acceptance_crashes_secure_and_audited(tmp_path):
         for key in ("accuracy", "auc", "sensitivity", "specificity", "f1", "confusion"):
             assert key in final[split]
     assert final["test"]["num_samples"] == 624
+    # The run says how it was seeded and how its threshold was chosen (the shipped recipe),
+    # and the threshold is the best round's validation one, with its intervals.
+    assert report["seed"] == 0
+    assert final["operating_point"] == final["val"]["operating_point"] == "binormal"
+    assert final["threshold"] == final["val"]["threshold"]
+    for split in ("test", "val"):
+        for key in ("sensitivity", "specificity"):
+            low, high = final[split][f"{key}_ci"]
+            assert 0 <= low <= final[split][key] <= high <= 1
     assert (out / "rounds.png").stat().st_size > 0 and (out / "roc.png").stat().st_size > 0
     assert "as the fault plan says" in log
 

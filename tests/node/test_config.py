@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,11 +18,14 @@ from node.config import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     EnvoyConfig,
+    EvalConfig,
     load_director_config,
     load_envoy_config,
     model_kwargs,
     parse_config,
 )
+from node.director import validation_metrics
+from node.training.histograms import histogram_vector
 from protocol.configfile import ConfigError, dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +73,10 @@ def test_templates_in_configs_load():
     assert d.insecure_plain_aggregation is False
     assert d.model.defense == "cvb"
     assert d.secagg.malicious is True
+    # The shipped recipe picks its threshold by the binormal ROC (benchmarks/accuracy);
+    # a config without [eval] keeps Youden's rule.
+    assert d.eval.operating_point == "binormal"
+    assert EvalConfig().operating_point == "youden"
     assert model_kwargs(e.model)["arch"] == d.model.arch
     # Paths are resolved against the config file's folder.
     assert Path(d.state_dir).is_absolute()
@@ -94,6 +103,8 @@ def test_valid_configs_roundtrip(tmp_path):
         (lambda d: d["deadlines"].update(share_keys=-1.0), "deadlines.share_keys"),
         (lambda d: d["train"].update(lr="fast"), "train.lr"),
         (lambda d: d["model"].update(defense="vae"), "model.defense"),
+        (lambda d: d.update(eval={"operating_point": "argmax"}), "eval.operating_point"),
+        (lambda d: d.update(eval={"target_sensitivity": 1.5}), "eval.target_sensitivity"),
         (lambda d: d["secagg"].update(clipp=1.0), "clipp"),
         (lambda d: d.update(participation=1.5), "participation"),
         (lambda d: d.update(federation="bad/fed"), "federation"),
@@ -239,3 +250,21 @@ def test_one_set_of_image_size_bounds(size):
     else:
         with pytest.raises(ValueError, match="image_size"):
             build_model("cnn", "none", size, width=2)
+
+
+def test_director_round_metrics_sit_at_the_configured_operating_point(tmp_path):
+    data = copy.deepcopy(DIRECTOR)
+    data["eval"] = {"operating_point": "sensitivity", "target_sensitivity": 0.9}
+    cfg = load_director_config(write(tmp_path, "director.toml", data))
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], [60, 140])
+    p1 = 1 / (1 + np.exp(-rng.normal(np.where(labels == 1, 1.5, -1.5), 1.5)))
+    vector = histogram_vector(np.stack([1 - p1, p1], axis=1), labels, cfg.eval.bins)
+    m = validation_metrics(cfg, vector)
+    assert m["operating_point"] == "sensitivity"
+    assert m["operating_point_params"] == {"target": 0.9}
+    assert 0.9 <= m["sensitivity"] <= m["sensitivity_ci"][1]
+    # The same validation under Youden's rule is a different, less sensitive point here.
+    youden = validation_metrics(msgspec.structs.replace(cfg, eval=EvalConfig()), vector)
+    assert youden["operating_point"] == "youden" and youden["auc"] == m["auc"]
+    assert youden["threshold"] >= m["threshold"]

@@ -129,3 +129,24 @@ def test_resnet_uses_the_norm_it_is_asked_for(norm: str, kind: type | None) -> N
     norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)
     found = {type(m) for m in model.modules() if isinstance(m, norms)}
     assert found == ({kind} if kind else set())
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_cnn_depth_counts_convolutions_per_stage(depth: int) -> None:
+    model = build_model("cnn", "cvb", 28, width=8, depth=depth, seed=0)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bottleneck_convs = [m for m in model.cvb.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) - len(bottleneck_convs) == 3 * depth
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 2)
+    with pytest.raises(ValueError, match="depth"):
+        build_model("cnn", "none", 28, depth=0)
+
+
+def test_depth_two_is_the_default_model() -> None:
+    a = build_model("cnn", "cvb", 28, seed=0)
+    b = build_model("cnn", "cvb", 28, seed=0, depth=2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # The conv and norm weight names every checkpoint so far was saved under.
+    feature_weights = [k for k in sa if k.startswith("features") and k.endswith("weight")]
+    assert feature_weights == [f"features.{i}.weight" for i in (1, 2, 5, 6, 8, 9, 12, 13, 15, 16)]

@@ -174,3 +174,78 @@ def test_round_lr_schedule() -> None:
     assert round_lr(0.1, 7, 20, schedule="constant") == 0.1
     with pytest.raises(ValueError):
         round_lr(0.1, 20, 20)
+
+
+def test_round_lr_holds_the_final_rate_for_an_swa_tail() -> None:
+    held = [round_lr(0.1, r, 20, final_fraction=0.2, hold_rounds=5) for r in range(20)]
+    assert held[0] == pytest.approx(0.1)
+    assert all(a > b for a, b in itertools.pairwise(held[:15]))
+    assert held[14:] == [pytest.approx(0.02)] * 6
+    # the decay itself is the cosine of a 15-round run
+    assert held[:15] == [pytest.approx(round_lr(0.1, r, 15, final_fraction=0.2)) for r in range(15)]
+    assert [round_lr(0.1, r, 20) for r in range(20)] == [
+        round_lr(0.1, r, 20, hold_rounds=0) for r in range(20)
+    ]
+    with pytest.raises(ValueError, match="hold_rounds"):
+        round_lr(0.1, 0, 20, hold_rounds=20)
+
+
+def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum((a[k] - b[k]) ** 2) for k in a if "running" not in k)))
+
+
+def test_fedprox_term_pulls_local_training_towards_the_global_model(data) -> None:
+    images, labels = data.train.images[:256], data.train.labels[:256]
+    start = get_weights(build_model("cnn", "cvb", 28, seed=0, width=8))
+    moved = {}
+    for mu in (0.0, 0.0, 1.0, 10.0):
+        model = build_model("cnn", "cvb", 28, seed=0, width=8)
+        train_local(model, images, labels, _plan(local_epochs=2, lr=0.05), seed=1, prox_mu=mu)
+        w = get_weights(model)
+        if mu in moved:  # mu = 0 is bit for bit the plain objective
+            assert all(np.array_equal(w[k], moved[mu][1][k]) for k in w)
+        moved[mu] = (_distance(w, start), w)
+    assert moved[10.0][0] < moved[1.0][0] < moved[0.0][0]
+    with pytest.raises(ValueError, match="prox_mu"):
+        train_local(
+            build_model("cnn", "none", 28, width=4), images, labels, _plan(), seed=1, prox_mu=-1
+        )
+
+
+def test_label_smoothing_is_passed_to_the_loss(data) -> None:
+    images, labels = data.train.images[:64], data.train.labels[:64]
+    losses = []
+    for smoothing in (0.0, 0.2):
+        model = build_model("cnn", "none", 28, seed=0, width=4)
+        res = train_local(
+            model, images, labels, _plan(lr=1e-6, augment=False), seed=1, label_smoothing=smoothing
+        )
+        losses.append(res.loss)
+    # At lr ~ 0 the model is the initial one: a near-uniform prediction, whose smoothed
+    # cross-entropy differs from the plain one but stays near log 2.
+    assert losses[0] != losses[1]
+    assert abs(losses[1] - np.log(2)) < 0.2
+    with pytest.raises(ValueError, match="label_smoothing"):
+        train_local(model, images, labels, _plan(), seed=1, label_smoothing=1.0)
+
+
+def test_flip_tta_averages_the_logits_of_both_views(data) -> None:
+    model = build_model("cnn", "cvb", 28, seed=0, width=8)
+    x = images_to_tensor(data.val.images[:37])
+    from node.training.train import predict_logits
+
+    plain = predict_logits(model, x)
+    mirrored = predict_logits(model, x.flip(-1))
+    tta = predict_logits(model, x, batch_size=16, flip_tta=True)
+    torch.testing.assert_close(tta, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    symmetric = (x + x.flip(-1)) / 2
+    torch.testing.assert_close(
+        predict_logits(model, symmetric, flip_tta=True),
+        predict_logits(model, symmetric),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    ev = evaluate(model, data.val.images[:37], data.val.labels[:37], flip_tta=True)
+    scores = torch.softmax(tta.double(), 1)[:, 1].numpy()
+    np.testing.assert_allclose(predict_scores(model, x, flip_tta=True), scores, rtol=1e-6)
+    assert sum(ev.hist_negative) + sum(ev.hist_positive) == 37
