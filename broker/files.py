@@ -29,6 +29,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "durable_append",
     "private_dir",
     "read_toml",
 ]
@@ -55,6 +56,12 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -78,9 +85,7 @@ def atomic_write_bytes(
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)  # the umask must not loosen or tighten what was asked for
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -90,6 +95,27 @@ def atomic_write_bytes(
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    return path
+
+
+def durable_append(path: str | os.PathLike[str], data: bytes, *, mode: int = PUBLIC_MODE) -> Path:
+    """Append `data` to `path` (created with `mode`) and fsync it before returning.
+
+    For append-only logs: a crash can tear only the last record, so each record must carry
+    its own integrity check (node.roundlog's checksums). Symlinks at `path` are refused.
+    """
+    path = Path(path)
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, mode)
+    try:
+        if new:
+            os.fchmod(fd, mode)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        _fsync_dir(path.parent)
     return path
 
 

@@ -84,6 +84,8 @@ class Driven(Protocol):
 
     def close_stage(self) -> list[Outgoing]: ...
 
+    def awaiting(self) -> frozenset[str]: ...
+
     def take_refusals(self) -> list[Refusal]: ...
 
 
@@ -126,6 +128,14 @@ class Aggregation(RefusalLog, abc.ABC):
     @abc.abstractmethod
     def failure(self) -> str | None:
         """Why the round must be aborted, once done without a result."""
+
+    @abc.abstractmethod
+    def awaiting(self) -> frozenset[str]:
+        """The participants the current stage still waits for."""
+
+    @abc.abstractmethod
+    def stopped_at(self, participant: str) -> Stage | None:
+        """The first stage `participant` has not answered (None: it answered every one)."""
 
     def start(self) -> list[Outgoing]:
         return []
@@ -173,6 +183,14 @@ class PlainAggregation(Aggregation):
         if len(self._updates) < self.min_survivors:
             return f"{len(self._updates)} updates, fewer than the minimum {self.min_survivors}"
         return None
+
+    def awaiting(self) -> frozenset[str]:
+        if self._closed:
+            return frozenset()
+        return frozenset(self.participants) - self._updates.keys()
+
+    def stopped_at(self, participant: str) -> Stage | None:
+        return None if participant in self._updates else Stage.TRAINING
 
     def receive(self, sender: str, body: Message) -> list[Outgoing]:
         try:
@@ -315,6 +333,12 @@ class _SecAggDriver(RefusalLog):
 
     def start(self) -> list[Outgoing]:
         return []
+
+    def awaiting(self) -> frozenset[str]:
+        return self.server.awaiting
+
+    def stopped_at(self, participant: str) -> Stage | None:
+        return self.server.stopped_at(participant)
 
     def receive(self, sender: str, body: Message) -> list[Outgoing]:
         out = self.server.receive(sender, body)

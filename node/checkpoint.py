@@ -1,15 +1,30 @@
-"""Atomic checkpoints of the director's federation state.
+"""Verified, atomic checkpoints of the director's federation state.
 
-One file, `STATE_DIR/checkpoint.msgpack`, holds the last completed round, the global weights, the
-best model by validation (weights, round, threshold, metrics) and the record of every completed
-round. It is written to a temporary file, fsynced, renamed over the old one with os.replace and
-the folder fsynced: after a crash the file is either the previous checkpoint or the new one,
-never a mix. A round's effect on the weights and its record land in the same write, so a
-resumed director can neither apply a round twice nor lose one it reported.
+`STATE_DIR/checkpoint.msgpack` holds the last completed round, the global weights, the best
+model by validation (weights, round, threshold, metrics) and the record of the last completed
+round. Its size does not depend on how many rounds came before: the history of rounds lives in
+the append-only round log (node.roundlog).
+
+On disk a checkpoint is a MessagePack envelope ``{format, version, sha256, payload}``: the
+payload is the encoded `Checkpoint`, and the SHA-256 digest covers it, so a flipped bit or a
+torn copy is refused with a clear error instead of loading silently. Each save
+
+1. keeps the current checkpoint as `checkpoint.prev.msgpack` (a hard link, renamed into place:
+   no copy, and no moment without a checkpoint), then
+2. replaces `checkpoint.msgpack` atomically (broker.files: temporary file, fsync, rename,
+   folder fsync): after a crash the file is the old checkpoint or the new one, never a mix.
+
+So a checkpoint that rots on disk still leaves the one before it: `load_checkpoint` refuses the
+corrupt file, names the intact previous one, and resumes from it once the corrupt file has been
+moved aside.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,22 +32,37 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from broker.files import atomic_write_bytes
+from broker.files import atomic_path, atomic_write_bytes
 from node.errors import ExitCode, FedbusError
 from protocol.tensors import Tensor, state_from_numpy, state_to_numpy
 
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT_VERSION",
+    "PREVIOUS_NAME",
+    "Checkpoint",
+    "CheckpointError",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "load_checkpoint",
+    "make_checkpoint",
+    "save_checkpoint",
+]
+
 CHECKPOINT_NAME = "checkpoint.msgpack"
-FORMAT_VERSION = 1
+PREVIOUS_NAME = "checkpoint.prev.msgpack"
+FORMAT = "fedbus-checkpoint"
+# 1: no envelope, every round's record inside; 2: checksummed envelope, last record only.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(FedbusError, RuntimeError):
-    """A checkpoint that exists but cannot be read back."""
+    """A checkpoint that exists but cannot be used (the message says why and what to do)."""
 
     exit_code = ExitCode.STATE
 
 
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    version: int = FORMAT_VERSION
     federation: str
     round: int  # last completed round (0 = only the initial weights)
     weights: dict[str, Tensor]
@@ -40,7 +70,9 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     best_weights: dict[str, Tensor] | None = None
     best_threshold: float | None = None
     best_metrics: dict[str, Any] | None = None
-    records: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    # The record of `round`, also appended to the round log: if a crash tore that line, the
+    # log is completed from here, so a round is never applied without its record.
+    last_record: dict[str, Any] | None = None
 
     def weights_numpy(self) -> dict[str, np.ndarray]:
         return {k: np.array(v) for k, v in state_to_numpy(self.weights).items()}
@@ -49,6 +81,13 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.best_weights is None:
             return None
         return {k: np.array(v) for k, v in state_to_numpy(self.best_weights).items()}
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    format: str
+    version: int
+    sha256: bytes
+    payload: bytes
 
 
 def make_checkpoint(
@@ -60,7 +99,7 @@ def make_checkpoint(
     best_weights: Mapping[str, np.ndarray] | None = None,
     best_threshold: float | None = None,
     best_metrics: dict[str, Any] | None = None,
-    records: list[dict[str, Any]] | None = None,
+    last_record: dict[str, Any] | None = None,
 ) -> Checkpoint:
     return Checkpoint(
         federation=federation,
@@ -70,28 +109,121 @@ def make_checkpoint(
         best_weights=None if best_weights is None else state_from_numpy(best_weights),
         best_threshold=best_threshold,
         best_metrics=best_metrics,
-        records=list(records or []),
+        last_record=last_record,
     )
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
+    """The file's bytes: the checksummed envelope around the encoded checkpoint."""
+    payload = msgspec.msgpack.encode(checkpoint)
+    envelope = _Envelope(
+        format=FORMAT,
+        version=FORMAT_VERSION,
+        sha256=hashlib.sha256(payload).digest(),
+        payload=payload,
+    )
+    return msgspec.msgpack.encode(envelope)
+
+
+def decode_checkpoint(data: bytes, *, source: str) -> Checkpoint:
+    """Verify and decode a checkpoint file's bytes; CheckpointError (naming `source`) if the
+    file is not a checkpoint, of another format version, or corrupt."""
+    try:
+        envelope = msgspec.msgpack.decode(data, type=_Envelope)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise CheckpointError(f"{source}: {_not_an_envelope(data)}") from None
+    if envelope.format != FORMAT:
+        raise CheckpointError(f"{source}: not a fedbus checkpoint (format {envelope.format!r})")
+    if envelope.version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source}: checkpoint format {envelope.version}; this fedbus reads format "
+            f"{FORMAT_VERSION} only"
+        )
+    if hashlib.sha256(envelope.payload).digest() != envelope.sha256:
+        raise CheckpointError(f"{source}: corrupt checkpoint (checksum mismatch)")
+    try:
+        return msgspec.msgpack.decode(envelope.payload, type=Checkpoint)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # The digest matched: written like this, by a fedbus with another schema.
+        raise CheckpointError(f"{source}: unreadable checkpoint: {exc}") from None
+
+
+def _not_an_envelope(data: bytes) -> str:
+    try:
+        legacy = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return "corrupt checkpoint (truncated or not MessagePack)"
+    if isinstance(legacy, dict) and legacy.get("version") == 1 and "records" in legacy:
+        return (
+            "checkpoint format 1 (written before checkpoints carried a checksum); this "
+            f"fedbus reads format {FORMAT_VERSION} only: finish that federation with the "
+            "fedbus that started it, or start a new state folder"
+        )
+    return "corrupt checkpoint (not a checkpoint envelope)"
 
 
 def save_checkpoint(state_dir: str | Path, checkpoint: Checkpoint, *, mode: int = 0o600) -> Path:
-    """Replace the checkpoint atomically (broker.files): the old one or the new, never a mix."""
-    return atomic_write_bytes(
-        Path(state_dir) / CHECKPOINT_NAME, msgspec.msgpack.encode(checkpoint), mode=mode
-    )
+    """Keep the current checkpoint as the previous one, then replace it atomically.
+
+    OSError (a full disk, a read-only folder) propagates with no temporary file left behind
+    and both files as they were, or the previous one updated to the current one.
+    """
+    folder = Path(state_dir)
+    current = folder / CHECKPOINT_NAME
+    data = encode_checkpoint(checkpoint)
+    if current.exists():
+        _keep_as_previous(current, folder / PREVIOUS_NAME)
+    return atomic_write_bytes(current, data, mode=mode)
+
+
+def _keep_as_previous(current: Path, previous: Path) -> None:
+    # The current file becomes the previous one by a second name (a hard link: no copy),
+    # put in place by rename, like every write of broker.files.
+    with atomic_path(previous, mode=current.stat().st_mode & 0o777) as tmp:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a process of ours that died right here
+        try:
+            os.link(current, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                raise
+            tmp.write_bytes(current.read_bytes())  # a file system without hard links
+
+
+def _read(path: Path) -> Checkpoint:
+    return decode_checkpoint(path.read_bytes(), source=str(path))
 
 
 def load_checkpoint(state_dir: str | Path) -> Checkpoint | None:
-    """The last checkpoint in `state_dir`, or None when there is none yet."""
-    path = Path(state_dir) / CHECKPOINT_NAME
+    """The last checkpoint in `state_dir`, verified; None when there is none yet.
+
+    A corrupt `checkpoint.msgpack` is a CheckpointError that names the previous checkpoint
+    when that one is intact. Without `checkpoint.msgpack` (moved aside by an operator) the
+    previous checkpoint is the last one.
+    """
+    folder = Path(state_dir)
+    current = folder / CHECKPOINT_NAME
+    previous = folder / PREVIOUS_NAME
     try:
-        data = path.read_bytes()
+        return _read(current)
+    except FileNotFoundError:
+        pass
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. {_about_previous(previous, current)}") from None
+    try:
+        return _read(previous)
     except FileNotFoundError:
         return None
+
+
+def _about_previous(previous: Path, current: Path) -> str:
     try:
-        ckpt = msgspec.msgpack.decode(data, type=Checkpoint)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from None
-    if ckpt.version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt.version} is not supported")
-    return ckpt
+        prev = _read(previous)
+    except FileNotFoundError:
+        return "There is no previous checkpoint to fall back to."
+    except CheckpointError as exc:
+        return f"The previous checkpoint is unusable too ({exc})."
+    return (
+        f"The previous checkpoint ({previous.name}, round {prev.round}) is intact and kept: "
+        f"move {current} aside to resume from round {prev.round}."
+    )

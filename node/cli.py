@@ -204,11 +204,17 @@ def director_main(argv: Sequence[str]) -> int:
 
     async def run() -> int:
         from node.director import Director
+        from node.logs import get_logger
 
         bus = await _connect(cfg, args.config, role="director", credentials=credentials)
         outer = _faulty(bus, plan, cfg.node_id, args.faults_start)
         try:
             return await Director(cfg, outer, resume=args.resume).run()
+        except FedbusError as exc:
+            # Quorum lost, an unusable state folder, ...: an event for harnesses reading the
+            # log; main() prints the reason and returns the documented code.
+            get_logger().error("director_failed", reason=str(exc), exit_code=int(exc.exit_code))
+            raise
         finally:
             await bus.close()
 

@@ -482,8 +482,11 @@ class DirectorConfig(_Section, frozen=True, kw_only=True):
     min_envoys: PosInt = 2
     target_envoys: PosInt = 100
     participation: Fraction = 1.0
-    # How long to wait for min_envoys to come online before a round.
+    # Before round 1: how long to wait for target_envoys once min_envoys are online.
     wait_for_envoys_s: PosFloat = 120.0
+    # Before any round: how long fewer than min_envoys may be online before the director gives
+    # up (exit code QUORUM_LOST, the reason in status.json) instead of waiting forever.
+    quorum_timeout_s: PosFloat = 600.0
     # A round aborted (too few survivors) is retried this many times before giving up.
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
     heartbeat_timeout_s: PosFloat = 10.0

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Any
 
 import msgspec
@@ -88,6 +88,17 @@ class DirectorError(FedbusError, RuntimeError):
     """The director cannot run on this state folder (the message says what to do)."""
 
     exit_code = ExitCode.STATE
+
+
+class QuorumLost(FedbusError, RuntimeError):
+    """Fewer than min_envoys stayed online for longer than quorum_timeout_s."""
+
+    exit_code = ExitCode.QUORUM_LOST
+
+
+# While a stage waits, how often the director looks whether everybody it still waits for is
+# gone (heartbeat loss has no event of its own; a last will also wakes the wait at once).
+_PRESENCE_POLL_S = 0.2
 
 
 def lr_for_round(cfg: DirectorConfig, round: int) -> float:
@@ -199,6 +210,8 @@ class Director:
         self.layout: Layout | None = None
         self._readers: list[asyncio.Task[None]] = []
         self._first_round = True
+        self.failure: str | None = None  # why the director stopped early (status.json)
+        self._departure = asyncio.Event()  # an envoy's presence went offline
         self.monitor = Monitor(cfg)
         self.model_gate: ModelGate | None = None  # set once the weights are known
         self.stage_deadline: float | None = None  # wall clock, for the operator page
@@ -214,23 +227,26 @@ class Director:
                 "pass --resume to continue it, or use an empty state_dir"
             )
         if ckpt is None:
+            if self.store.round_log.path.exists():
+                raise DirectorError(
+                    f"{self.store.round_log.path}: a round log without a checkpoint (a "
+                    "federation's history whose model is gone); use an empty state_dir"
+                )
             weights = self._given_weights
             self.state = FederationState(
                 0, weights if weights is not None else initial_weights(self.cfg)
             )
             self.layout = Layout.of(self.state.weights)
             self.store.save_checkpoint(self.state)
-            self.store.write_rounds_log([])
             return 1
         if ckpt.federation != self.cfg.federation:
             raise DirectorError(
                 f"{self.store.state_dir}: checkpoint is of federation {ckpt.federation!r}, "
                 f"not {self.cfg.federation!r}"
             )
-        self.state = FederationState.from_checkpoint(ckpt)
+        # A crash may sit between the checkpoint and the round log: the checkpoint wins.
+        self.state = FederationState.from_checkpoint(ckpt, self.store.load_records(ckpt))
         self.layout = Layout.of(self.state.weights)
-        # A crash may sit between the checkpoint and the rounds log: the checkpoint wins.
-        self.store.write_rounds_log(self.state.records)
         self.log.info("resumed", last_completed_round=ckpt.round)
         return ckpt.round + 1
 
@@ -265,6 +281,7 @@ class Director:
             "secure": not self.cfg.insecure_plain_aggregation,
             "updated": time.time(),
             "envoys": envoys,
+            **({"reason": self.failure} if self.failure else {}),
             **self.monitor.status_fields(),
         }
 
@@ -288,6 +305,8 @@ class Director:
     async def _presence(self, sender: str, body: Presence) -> None:
         if self.envoys.update(sender, body):
             self.log.info("presence", envoy=sender, online=body.online)
+            if not body.online:
+                self._departure.set()
             self._write_status()
         if self.model_gate is not None and body.online:
             mismatch = self.model_gate.check(sender, body.model)
@@ -321,14 +340,41 @@ class Director:
         for out in outs:
             await self._send(out.recipient, out.body, round=round)
 
-    async def _next(self, deadline: float) -> Envelope | None:
-        timeout = deadline - self.clock()
-        if timeout <= 0:
-            return None
-        try:
-            return await asyncio.wait_for(self.inbox.get(), timeout)
-        except TimeoutError:
-            return None
+    async def _next(
+        self, deadline: float, awaiting: Callable[[], Collection[str]] | None = None
+    ) -> Envelope | None:
+        """The next message; None once `deadline` passes or, with `awaiting`, as soon as every
+        envoy still awaited is gone (presence offline or heartbeat lost): waiting for them
+        longer could only end at the deadline."""
+        while True:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                return self.inbox.get_nowait()
+            if awaiting is not None and self._all_gone(awaiting()):
+                return None
+            timeout = deadline - self.clock()
+            if timeout <= 0:
+                return None
+            if awaiting is None:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(self.inbox.get(), timeout)
+                return None
+            self._departure.clear()
+            getter = asyncio.ensure_future(self.inbox.get())
+            departed = asyncio.ensure_future(self._departure.wait())
+            await asyncio.wait(
+                (getter, departed),
+                timeout=min(timeout, _PRESENCE_POLL_S),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            departed.cancel()
+            if not getter.cancel():  # it already holds a message
+                return getter.result()
+
+    def _all_gone(self, names: Collection[str]) -> bool:
+        if not names:
+            return False
+        online = set(self.online_envoys())
+        return not any(name in online for name in names)
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -365,7 +411,10 @@ class Director:
         )
 
     async def _wait_for_envoys(self) -> list[str]:
-        """Online envoys to choose from; before the first round, wait for target_envoys."""
+        """Online envoys to choose from; before the first round, wait for target_envoys.
+
+        QuorumLost once fewer than min_envoys have been online for quorum_timeout_s.
+        """
         start = self.clock()
         self._set_stage("waiting")
         last_log = 0.0
@@ -378,6 +427,13 @@ class Director:
                 not self._first_round or waited >= self.cfg.wait_for_envoys_s
             ):
                 return online
+            if len(online) < self.cfg.min_envoys and waited >= self.cfg.quorum_timeout_s:
+                raise QuorumLost(
+                    f"quorum lost: {len(online)} envoys online "
+                    f"({', '.join(online) or 'none'}), fewer than min_envoys "
+                    f"{self.cfg.min_envoys}, for {waited:.0f} s (quorum_timeout_s "
+                    f"{self.cfg.quorum_timeout_s:g})"
+                )
             if waited - last_log >= 10:
                 last_log = waited
                 self.log.info("waiting_for_envoys", online=online, need=self.cfg.min_envoys)
@@ -396,7 +452,23 @@ class Director:
         )
 
     async def run(self) -> int:
-        self.store.state_dir.mkdir(parents=True, exist_ok=True)
+        """Run the federation's rounds: ExitCode.OK, or ROUND_FAILED when a round failed every
+        attempt. A FedbusError ends it with its exit code, the reason in status.json: QuorumLost,
+        or the state folder's (locked by another director, a corrupt checkpoint or round log,
+        a full disk or read-only folder while saving)."""
+        self.store.lock()  # before anything is written: the folder may be another's
+        try:
+            return await self._run()
+        except FedbusError as exc:
+            self.failure = str(exc)
+            stage = "quorum_lost" if isinstance(exc, QuorumLost) else "failed"
+            self.log.error(stage, reason=self.failure, exit_code=int(exc.exit_code))
+            self._set_stage(stage)
+            raise
+        finally:
+            self.store.unlock()
+
+    async def _run(self) -> int:
         first = self._restore()
         self.model_gate = ModelGate(model_summary(self.cfg.model, self.state.weights))
         try:
@@ -420,6 +492,7 @@ class Director:
         try:
             for r in range(first, self.cfg.rounds + 1):
                 if not await self._run_attempts(r):
+                    self.failure = f"round {r} failed {self.cfg.max_attempts} attempts"
                     self.log.error("round_failed", round=r, attempts=self.cfg.max_attempts)
                     self._set_stage("failed")
                     return ExitCode.ROUND_FAILED
@@ -430,7 +503,7 @@ class Director:
             self.log.info(
                 "finished", rounds=self.cfg.rounds, best_round=best.round if best else None
             )
-            return 0
+            return ExitCode.OK
         finally:
             for task in self._readers:
                 task.cancel()
@@ -455,7 +528,8 @@ class Director:
         agg = self.aggregation_factory(round=secagg_session(r, attempt), participants=participants)
         deadlines = _deadlines(self.cfg)
         await self._start_round(r, attempt, participants, agg, deadlines)
-        await self._drive(agg, r, participants, deadlines, stage_times)
+        missed: set[str] = set()
+        await self._drive(agg, r, participants, deadlines, stage_times, missed)
         result = self._result(agg)
         if result is None:
             reason = agg.failure or "aggregation failed"
@@ -470,12 +544,21 @@ class Director:
         stage_times[Stage.EVALUATE] = round(self.clock() - t_eval, 3)
         val = metrics.get("val")
         self.state.consider_best(r, val)
+        fates = participant_fates(
+            participants,
+            survivors=result.survivors,
+            stopped_at=agg.stopped_at,
+            missed=missed,
+            online=self.online_envoys(),
+        )
         record = {
             "round": r,
             "attempt": attempt,
             "participants": participants,
             "survivors": result.survivors,
             "dropped": result.dropouts,
+            "left": sorted(u for u, f in fates.items() if f["fate"] == "left"),
+            "fates": fates,
             "secure": agg.secure,
             "aggregate_verified": None,
             "metrics": {"train_loss": result.train_loss, **metrics},
@@ -489,6 +572,7 @@ class Director:
             "round_end",
             survivors=result.survivors,
             dropped=result.dropouts,
+            left=record["left"],
             seconds=record["seconds"],
             val_auc=(val or {}).get("auc"),
             val_accuracy=(val or {}).get("accuracy"),
@@ -547,9 +631,10 @@ class Director:
     def _commit(self, r: int, record: dict[str, Any]) -> None:
         self.state.round = r
         self.state.records.append(record)
-        # One atomic write holds the new weights AND the record: the round is applied once.
+        # The checkpoint (new weights + this record) first, then the log line: a crash in
+        # between is repaired from the checkpoint on resume, so the round is applied once.
         self.store.save_checkpoint(self.state)
-        self.store.write_rounds_log(self.state.records)
+        self.store.append_record(record)
         self.monitor.publish_record(record)
 
     async def _drive(
@@ -559,17 +644,25 @@ class Director:
         participants: list[str],
         deadlines: dict[str, float],
         stage_times: dict[str, float],
+        missed: set[str] | None = None,
     ) -> None:
         """Feed `agg` (an Aggregation or SecureEvaluation) until it is done, a deadline per
-        stage; its result or failure is the caller's to read."""
+        stage; its result or failure is the caller's to read. `missed` gets every participant
+        a stage closed without."""
         stage: State = agg.stage
         stage_start = self.clock()
         deadline = stage_start + deadlines.get(stage, 60.0)
         members = set(participants)
         while not agg.done:
-            env = await self._next(deadline)
+            env = await self._next(deadline, agg.awaiting)
             if env is None:
-                self.log.info("stage_deadline", stage=stage)
+                waited_for = sorted(agg.awaiting())
+                if self.clock() >= deadline:
+                    self.log.info("stage_deadline", stage=stage, missing=waited_for)
+                else:
+                    self.log.info("stage_closed_early", stage=stage, gone=waited_for)
+                if missed is not None:
+                    missed.update(waited_for)
                 await self._send_all(agg.close_stage(), r)
             elif env.round != r:
                 self.log.warning("wrong_round", sender=env.sender, got=env.round, type=env.type)
@@ -680,7 +773,7 @@ class Director:
         answered: set[str] = set()
         deadline = self.clock() + self.cfg.deadlines.evaluate
         while answered != asked:
-            env = await self._next(deadline)
+            env = await self._next(deadline, lambda: asked - answered)
             if env is None:
                 break
             body = env.body
@@ -718,6 +811,37 @@ def _other_session(env: Envelope, session: int | None) -> bool:
         and isinstance(env.body, SECAGG_MESSAGES)
         and getattr(env.body, "round", session) != session
     )
+
+
+def participant_fates(
+    participants: Collection[str],
+    *,
+    survivors: Collection[str],
+    stopped_at: Callable[[str], str | None],
+    missed: Collection[str],
+    online: Collection[str],
+) -> dict[str, dict[str, Any]]:
+    """What became of each participant of a completed round, for its record.
+
+    * survivor: its update is in the sum and it stayed to the end (an envoy whose unmask
+      response was not needed, because t others answered first, is still a survivor);
+    * dropped at `stage`: its update is not in the sum; `stage` is the first it did not answer;
+    * left at `stage`: its update is in the sum (it sent its masked input), but a later stage
+      closed without it, or it was gone by the end of the round.
+    """
+    survivors = set(survivors)
+    online = set(online)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(participants):
+        stage = stopped_at(name)
+        stage = None if stage is None else str(stage)
+        if name not in survivors:
+            out[name] = {"fate": "dropped", "stage": stage}
+        elif stage is not None and (name in missed or name not in online):
+            out[name] = {"fate": "left", "stage": stage}
+        else:
+            out[name] = {"fate": "survivor"}
+    return out
 
 
 def _deadlines(cfg: DirectorConfig) -> dict[str, float]:

@@ -49,6 +49,7 @@ from broker.files import atomic_write_bytes, atomic_write_text
 from node.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from node.config import DirectorConfig, ModelConfig, load_director_config
 from node.errors import ExitCode, FedbusError
+from node.roundlog import read_records
 from protocol.configfile import ConfigError
 
 __all__ = [
@@ -146,9 +147,7 @@ def choose_round(ckpt: Checkpoint, *, best: bool) -> ExportedRound:
             f"federation {ckpt.federation!r}: no round has completed; there is only the "
             f"initial model"
         )
-    record: dict[str, Any] = next(
-        (r for r in reversed(ckpt.records) if r.get("round") == ckpt.round), {}
-    )
+    record: dict[str, Any] = ckpt.last_record or {}
     val = (record.get("metrics") or {}).get("val")
     return ExportedRound(
         "last", ckpt.round, ckpt.weights_numpy(), (val or {}).get("threshold"), val
@@ -211,6 +210,7 @@ def model_card(
     chosen: ExportedRound,
     model: ModelConfig,
     *,
+    records: Sequence[Mapping[str, Any]],
     fmt: str,
     in_channels: int,
     director: DirectorConfig | None = None,
@@ -219,10 +219,11 @@ def model_card(
 ) -> dict[str, Any]:
     """What a hospital needs to know before it uses the model, as one JSON-able dict.
 
-    `bottlenecks` are the class names of the gradient_leakage bottleneck modules in a team's
-    own model (the defence of a custom factory is whatever it built in).
+    `records` are the round records (the state folder's round log); `bottlenecks` are the
+    class names of the gradient_leakage bottleneck modules in a team's own model (the defence
+    of a custom factory is whatever it built in).
     """
-    rounds = _participation(ckpt.records, chosen.round)
+    rounds = _participation(records, chosen.round)
     defence = _defence(model, bottlenecks)
     all_secure = bool(rounds["rounds"]) and all(r["secure_aggregation"] for r in rounds["rounds"])
     privacy: dict[str, Any] = {
@@ -480,6 +481,7 @@ def export_model(
         ckpt,
         chosen,
         model_cfg,
+        records=read_records(state),
         fmt=fmt,
         in_channels=in_channels,
         director=director,

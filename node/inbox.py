@@ -52,7 +52,13 @@ class Inbox:
         return True
 
     async def get(self) -> Envelope:
-        env = await self._queue.get()
+        return self._taken(await self._queue.get())
+
+    def get_nowait(self) -> Envelope:
+        """The next queued envelope at once; asyncio.QueueEmpty if there is none."""
+        return self._taken(self._queue.get_nowait())
+
+    def _taken(self, env: Envelope) -> Envelope:
         self._held[env.sender] -= 1
         if self._held[env.sender] <= 0:
             del self._held[env.sender]

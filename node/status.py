@@ -1,8 +1,8 @@
 """Reading a director's progress from its state dir (status.json + rounds.jsonl).
 
-The director rewrites status.json atomically at every stage change and appends one line to
-rounds.jsonl per completed round, so a reader never sees a torn file: `fedbus status` and the
-demo's progress bar read them without talking to the bus.
+The director rewrites status.json atomically at every stage change and appends one checksummed
+line to rounds.jsonl per completed round (node.roundlog), so a reader never sees a torn file:
+`fedbus status` and the demo's progress bar read them without talking to the bus.
 """
 
 from __future__ import annotations
@@ -12,24 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.roundlog import ROUNDS_LOG, read_records
+
 STATUS_FILE = "status.json"
-ROUNDS_LOG = "rounds.jsonl"
 
-
-def read_records(state_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(state_dir) / ROUNDS_LOG
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        # A line being appended right now may be incomplete: skip it, it is read next time.
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+__all__ = ["ROUNDS_LOG", "STATUS_FILE", "format_status", "read_records", "read_status"]
 
 
 def read_status(state_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -49,6 +36,8 @@ def format_status(status: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"{'secure' if status.get('secure') else 'PLAIN (insecure)'} aggregation, "
         f"updated {age:.0f} s ago",
     ]
+    if status.get("reason"):
+        lines.append(f"stopped: {status['reason']}")
     envoys = status.get("envoys", {})
     online = [k for k, v in envoys.items() if v.get("online")]
     lines.append(f"envoys online {len(online)}/{len(envoys)}:")

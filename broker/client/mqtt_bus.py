@@ -49,6 +49,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker.client.bus import Bus, BusError, Will
 from broker.client.credentials import Credentials
+from broker.client.subscription import DEFAULT_MAX_QUEUED_BYTES
 from broker.client.subscription import Subscription as BaseSubscription
 from broker.mqtt_packets import PACKET_OVERHEAD_BYTES, publish_packet_size
 from broker.topics import (
@@ -265,6 +266,7 @@ class MqttBus(Bus):
         backoff_max_s: float = 5.0,
         dedupe_capacity: int = 65536,
         rng: random.Random | None = None,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         self.node_id = validate_id(node_id, field="node_id")
         if role not in ROLES:
@@ -275,6 +277,7 @@ class MqttBus(Bus):
         self.url = url
         self.role = role
         self.max_frame_bytes = max_frame_bytes
+        self.max_queued_bytes = max_queued_bytes  # per subscription (broker.client.subscription)
         if will is not None:
             _check_will(will, node_id=node_id, role=role, max_frame_bytes=max_frame_bytes)
         self.will = will
@@ -599,7 +602,7 @@ class MqttBus(Bus):
             validate_filter(topic_filter)
         except ValueError as exc:
             raise BusError(str(exc)) from None
-        sub = Subscription(self, topic_filter)
+        sub = Subscription(self, topic_filter, max_queued_bytes=self.max_queued_bytes)
         federation = federation_of(topic_filter)
         if federation is None or not acl_allows(
             federation=federation,
@@ -631,7 +634,7 @@ class MqttBus(Bus):
             # The broker sends retained frames only for a new subscription: replay ours.
             for topic, frame in self._retained_seen.items():
                 if topic_matches(topic_filter, topic):
-                    sub._queue.put_nowait(frame)
+                    sub._offer(frame)
         return sub
 
     def _start_subscribe(self, topic_filter: str) -> None:
@@ -738,7 +741,7 @@ class MqttBus(Bus):
             return
         for sub in self._subs:
             if not sub.closed and topic_matches(sub.topic_filter, topic):
-                sub._queue.put_nowait(payload)
+                sub._offer(payload)
 
 
 def _settle(sub: Subscription, fut: asyncio.Future[None]) -> None:

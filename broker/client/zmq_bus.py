@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker import zmq_commands as commands
 from broker.client.bus import Bus, BusError, Will
 from broker.client.credentials import Credentials
+from broker.client.subscription import DEFAULT_MAX_QUEUED_BYTES
 from broker.client.subscription import Subscription as BaseSubscription
 from broker.topics import (
     ROLES,
@@ -45,7 +46,7 @@ class Subscription(BaseSubscription):
     """A subscription on a `ZmqBus`; `req_id` pairs it with the broker's acknowledgement."""
 
     def __init__(self, bus: ZmqBus, topic_filter: str, req_id: bytes) -> None:
-        super().__init__(bus, topic_filter)
+        super().__init__(bus, topic_filter, max_queued_bytes=bus.max_queued_bytes)
         self.req_id = req_id
 
 
@@ -63,7 +64,11 @@ class ZmqBus(Bus):
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         insecure_no_auth: bool = False,
         heartbeat_ivl_s: float = 1.0,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
+        """`context`: a libzmq context to share (many buses in one process, each with its own
+        socket and connection, need not each start libzmq's threads); it stays open."""
         self.node_id = validate_id(node_id, field="node_id")
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {ROLES}")
@@ -78,12 +83,14 @@ class ZmqBus(Bus):
         self.role = role
         self.will = will
         self.max_frame_bytes = max_frame_bytes
+        self.max_queued_bytes = max_queued_bytes  # per subscription (broker.client.subscription)
         self.insecure = insecure_no_auth
         self._credentials = credentials
         self._hb_ivl = heartbeat_ivl_s
         self.log = structlog.get_logger("broker.client").bind(node=node_id)
 
-        self._ctx = zmq.asyncio.Context()
+        self._own_ctx = context is None
+        self._ctx = context if context is not None else zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._subs: dict[bytes, Subscription] = {}
         self._by_filter: dict[str, int] = {}
@@ -179,7 +186,8 @@ class ZmqBus(Bus):
         if sock is not None:
             sock.disable_monitor()
             sock.close()
-        self._ctx.term()
+        if self._own_ctx:
+            self._ctx.term()
         self.log.info("bus_closed", clean=clean)
 
     @property
@@ -322,7 +330,7 @@ class ZmqBus(Bus):
         if len(frames) == 4:  # a retained frame for one new subscription only
             sub = self._subs.get(frames[3].bytes)
             if sub is not None and not sub.closed:
-                sub._queue.put_nowait(payload)
+                sub._offer(payload)
             return
         targets = self._routes.get(topic)
         if targets is None:
@@ -330,7 +338,7 @@ class ZmqBus(Bus):
             self._routes[topic] = targets
         for sub in targets:
             if not sub.closed:
-                sub._queue.put_nowait(payload)
+                sub._offer(payload)
 
     def _on_suback(self, req_id: bytes, status: bytes, reason: bytes) -> None:
         sub = self._subs.get(req_id)

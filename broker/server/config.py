@@ -4,7 +4,9 @@
     bind = "tcp://0.0.0.0:5555"
     secret_key_file = "keys/broker.key"     # Z85 CurveZMQ secret key of the broker
     max_frame_bytes = 67108864
-    sndhwm = 1000
+    sndhwm = 1000                           # frames in a subscriber's transport pipe
+    max_queued_bytes = 268435456            # then a backlog of this many bytes ...
+    max_queued_frames = 100000              # ... and frames; past it frames drop (counted)
     io_threads = 1
     [heartbeat]
     interval_s = 1.0
@@ -32,7 +34,7 @@ import msgspec
 
 from broker.files import read_toml
 from broker.keys import KeyFileError, check_z85_key, read_key_file
-from broker.server.core import NodeIdentity
+from broker.server.core import DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_QUEUED_FRAMES, NodeIdentity
 from broker.server.zmq_broker import ZmqBroker
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import ConfigError, convert_config
@@ -80,7 +82,9 @@ class BrokerFile(_Table, frozen=True):
     bind: BindAddress = "tcp://127.0.0.1:5555"
     secret_key_file: PathStr | None = None
     max_frame_bytes: PosInt = DEFAULT_MAX_FRAME_BYTES
-    sndhwm: PosInt = 1000  # frames queued per subscriber before it drops (logged)
+    sndhwm: PosInt = 1000  # frames in a subscriber's transport pipe before its backlog
+    max_queued_bytes: PosInt = DEFAULT_MAX_QUEUED_BYTES  # a lagging subscriber's backlog ...
+    max_queued_frames: PosInt = DEFAULT_MAX_QUEUED_FRAMES  # ... past which frames drop
     io_threads: PosInt = 1
     heartbeat: Heartbeat = msgspec.field(default_factory=Heartbeat)
     allow: tuple[AllowEntry, ...] = ()
@@ -98,6 +102,8 @@ class BrokerConfig:
     heartbeat_ivl_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     sndhwm: int = 1000
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES
     io_threads: int = 1
 
     @classmethod
@@ -123,6 +129,8 @@ class BrokerConfig:
             heartbeat_ivl_s=doc.heartbeat.interval_s,
             heartbeat_timeout_s=doc.heartbeat.timeout_s,
             sndhwm=doc.sndhwm,
+            max_queued_bytes=doc.max_queued_bytes,
+            max_queued_frames=doc.max_queued_frames,
             io_threads=doc.io_threads,
         )
         if not insecure:
@@ -143,6 +151,8 @@ class BrokerConfig:
                 heartbeat_ivl_s=self.heartbeat_ivl_s,
                 heartbeat_timeout_s=self.heartbeat_timeout_s,
                 sndhwm=self.sndhwm,
+                max_queued_bytes=self.max_queued_bytes,
+                max_queued_frames=self.max_queued_frames,
                 io_threads=self.io_threads,
             )
         except ValueError as exc:

@@ -9,11 +9,17 @@ the I/O layer (`broker.server.zmq_broker.ZmqBroker`) feeds it events
     receive(peer, parts, user_id=..., now=...)    a multipart message from a peer
     expire(now)                                   the heartbeat sweep
     probe()                                       "which peers are still there?"
-    unreachable(peer) / queue_full(peer)          what happened to a send
-    delivered(count)                              how many routed copies went out
+    unreachable(peer) / queue_full(peer, parts)   what happened to a send
+    delivered(count) / backlog_sent(peer)         how many routed copies went out
 
 and carries out the actions they return: `Send` (parts to one or more peers) and `Log` (a
 structlog event). So every session rule is testable in memory, event by event.
+
+A subscriber whose transport queue is full (it reads slower than frames arrive) gets a
+backlog here, bounded in bytes and frames: every frame for it waits there, in order, until
+the I/O layer can hand it over (`backlog_head` / `backlog_sent`). Past the bounds a new frame
+for it is dropped, counted (`stats["dropped"]`, per session) and logged sparingly; the other
+subscribers never wait for it. The drop policy is Mosquitto's: the newest frame goes.
 
 Payload parts are opaque: the machine reads only the command, topic, flags and ids (small
 parts, via ``bytes(part)``) and hands payloads back untouched, so the I/O layer can forward
@@ -23,6 +29,7 @@ copied in user space).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,6 +39,8 @@ from broker.keys import check_z85_key
 from broker.topics import ROLES, acl_allows, topic_matches, validate_filter, validate_id
 
 __all__ = [
+    "DEFAULT_MAX_QUEUED_BYTES",
+    "DEFAULT_MAX_QUEUED_FRAMES",
     "MAX_FILTERS_PER_SESSION",
     "Action",
     "BrokerCore",
@@ -42,6 +51,10 @@ __all__ = [
 ]
 
 MAX_FILTERS_PER_SESSION = 1024
+# A lagging subscriber's backlog (on top of the transport's own queue): 4 frames of the
+# largest size the codec allows, or a day of heartbeats.
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_QUEUED_FRAMES = 100_000
 # Bounds on the memo tables: a client inventing topics must not grow them without limit.
 _ROUTE_CACHE_LIMIT = 10_000
 _PUBLISH_ACL_MEMO_LIMIT = 4096
@@ -94,7 +107,9 @@ class _Session:
     filters: set[str] = field(default_factory=set)
     will: tuple[bytes, Part, bool] | None = None  # (topic, payload, retain)
     pub_acl: dict[bytes, bool] = field(default_factory=dict)  # topic -> allowed, memoised
-    dropped: int = 0  # frames dropped because this subscriber's queue was full
+    backlog: deque[tuple[Part, ...]] = field(default_factory=deque)  # waiting, in order
+    backlog_bytes: int = 0
+    dropped: int = 0  # frames dropped because this subscriber's backlog was full
     refused: int = 0  # operations the ACL or the size limit refused
 
 
@@ -120,6 +135,10 @@ def _text(part: bytes) -> str:
     return part.decode("utf-8", "replace")
 
 
+def _size(parts: tuple[Part, ...]) -> int:
+    return sum(len(part) for part in parts)
+
+
 def _reply(peer: bytes, *parts: Part) -> Send:
     return Send((peer,), parts)
 
@@ -139,21 +158,35 @@ class BrokerCore:
         max_frame_bytes: int,
         heartbeat_ivl_s: float,
         heartbeat_timeout_s: float,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES,
     ) -> None:
         self.federation = validate_id(federation, field="federation")
         if max_frame_bytes <= 0:
             raise ValueError("max_frame_bytes must be positive")
+        if max_queued_bytes <= 0 or max_queued_frames <= 0:
+            raise ValueError("max_queued_bytes and max_queued_frames must be positive")
         if not (0 < heartbeat_ivl_s < heartbeat_timeout_s):
             raise ValueError("need 0 < heartbeat_ivl_s < heartbeat_timeout_s")
         self.insecure = allow is None
         self.allow: Mapping[str, NodeIdentity] = allow or {}
         self.max_frame_bytes = max_frame_bytes
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_frames = max_queued_frames
         self.heartbeat_ivl_s = heartbeat_ivl_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._sessions: dict[bytes, _Session] = {}
         self._retained: dict[bytes, Part] = {}
         self._routes: dict[bytes, tuple[bytes, ...]] = {}  # topic -> subscriber peers (cache)
-        self.stats = {"published": 0, "delivered": 0, "refused": 0, "dropped": 0, "wills": 0}
+        self._backlogged: set[bytes] = set()  # peers whose backlog is not empty
+        self.stats = {
+            "published": 0,
+            "delivered": 0,
+            "refused": 0,
+            "dropped": 0,
+            "wills": 0,
+            "backlogged": 0,  # frames that waited in a backlog before going out
+        }
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -176,6 +209,26 @@ class BrokerCore:
 
     def retained(self) -> dict[str, Part]:
         return {_text(topic): payload for topic, payload in self._retained.items()}
+
+    @property
+    def backlogged(self) -> frozenset[bytes]:
+        """The peers with frames waiting in their backlog."""
+        return frozenset(self._backlogged)
+
+    def backlog_head(self, peer: bytes) -> tuple[Part, ...] | None:
+        """The parts of the next frame waiting for `peer`, if any."""
+        sess = self._sessions.get(peer)
+        if sess is None or not sess.backlog:
+            return None
+        return sess.backlog[0]
+
+    def queued(self) -> dict[str, tuple[int, int]]:
+        """{node_id: (frames, bytes)} of every non-empty backlog."""
+        out: dict[str, tuple[int, int]] = {}
+        for peer in self._backlogged:
+            sess = self._sessions[peer]
+            out[sess.node_id] = (len(sess.backlog), sess.backlog_bytes)
+        return out
 
     # -- events -----------------------------------------------------------------------------
 
@@ -237,21 +290,53 @@ class BrokerCore:
             return []
         return self._drop(sess, fire_will=True, reason="disconnected")
 
-    def queue_full(self, peer: bytes) -> list[Action]:
-        """A send to `peer` was dropped because its queue is full (it lags behind)."""
-        self.stats["dropped"] += 1
+    def queue_full(self, peer: bytes, parts: tuple[Part, ...]) -> list[Action]:
+        """A send of `parts` to `peer` would block (its transport queue is full): the frame
+        waits in the peer's backlog, or is dropped when the backlog is full."""
         sess = self._sessions.get(peer)
         if sess is None:
+            self.stats["dropped"] += 1
             return []
-        sess.dropped += 1
-        if sess.dropped % _DROP_LOG_EVERY == 1:
-            fields = {"node": sess.node_id, "dropped": sess.dropped}
-            return [Log("warning", "subscriber_full_dropping", fields)]
-        return []
+        return self._enqueue(sess, parts)
+
+    def backlog_sent(self, peer: bytes) -> None:
+        """The head of `peer`'s backlog went out."""
+        sess = self._sessions.get(peer)
+        if sess is None or not sess.backlog:
+            return
+        parts = sess.backlog.popleft()
+        sess.backlog_bytes -= _size(parts)
+        if not sess.backlog:
+            self._backlogged.discard(peer)
+        self.stats["delivered"] += 1
 
     def delivered(self, count: int) -> None:
         """`count` routed copies went out."""
         self.stats["delivered"] += count
+
+    def _enqueue(self, sess: _Session, parts: tuple[Part, ...]) -> list[Action]:
+        size = _size(parts)
+        if sess.backlog and (
+            sess.backlog_bytes + size > self.max_queued_bytes
+            or len(sess.backlog) >= self.max_queued_frames
+        ):
+            self.stats["dropped"] += 1
+            sess.dropped += 1
+            if sess.dropped % _DROP_LOG_EVERY == 1:
+                fields = {
+                    "node": sess.node_id,
+                    "dropped": sess.dropped,
+                    "queued_frames": len(sess.backlog),
+                    "queued_bytes": sess.backlog_bytes,
+                }
+                return [Log("warning", "subscriber_full_dropping", fields)]
+            return []
+        if not sess.backlog:
+            self._backlogged.add(sess.peer)
+        sess.backlog.append(parts)
+        sess.backlog_bytes += size
+        self.stats["backlogged"] += 1
+        return []
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -288,6 +373,7 @@ class BrokerCore:
     def _drop(self, sess: _Session, *, fire_will: bool, reason: str) -> list[Action]:
         if self._sessions.pop(sess.peer, None) is None:
             return []
+        self._backlogged.discard(sess.peer)
         if sess.filters:
             self._routes.clear()
         out: list[Action] = [
@@ -416,7 +502,17 @@ class BrokerCore:
             self._routes[topic] = targets
         if not targets:
             return []
-        return [Send(targets, (commands.MSG, topic, payload), routed=True)]
+        parts = (commands.MSG, topic, payload)
+        if self._backlogged:
+            # A lagging subscriber's frames keep their order: behind its backlog.
+            out: list[Action] = []
+            for peer in (p for p in targets if p in self._backlogged):
+                out += self._enqueue(self._sessions[peer], parts)
+            targets = tuple(p for p in targets if p not in self._backlogged)
+            if targets:
+                out.append(Send(targets, parts, routed=True))
+            return out
+        return [Send(targets, parts, routed=True)]
 
     def _refusal(self, sess: _Session, what: str, **details: object) -> list[Action]:
         self.stats["refused"] += 1

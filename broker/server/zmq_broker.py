@@ -16,8 +16,14 @@ Design, and why:
   reference-counts the buffer, so one 4 MiB frame sent to five subscribers is never copied
   in user space.
 * A slow subscriber must not stall the federation: the ROUTER is `ROUTER_MANDATORY` and sends
-  are non-blocking, so a full pipe drops the frame for that subscriber only (and logs it),
-  like an MQTT broker's per-client queue limit.
+  are non-blocking. When a subscriber's pipe is full (`sndhwm` frames), its frames wait in a
+  backlog of the core, bounded in bytes and frames (`max_queued_bytes`, `max_queued_frames`),
+  and go out in order as the pipe drains (the loop retries every few milliseconds while any
+  backlog waits). Past the bounds a frame is dropped for that subscriber only, counted and
+  logged, like an MQTT broker's per-client queue limit; the others never wait for it.
+* Every `stats_every_s` the broker logs `broker_stats` (sessions, frames published,
+  delivered, backlogged, dropped) when anything changed, so an operator sees drops as they
+  happen, not only in the `broker_stopped` line.
 * One libzmq I/O thread by default, like zmq.proxy: a second one spends more CPU handing
   frames across threads than it saves (benchmarks/broker/bench_hop.py, hop CPU per GB).
 """
@@ -37,7 +43,16 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker import zmq_commands as commands
 from broker.keys import curve_public_key
-from broker.server.core import Action, BrokerCore, Log, NodeIdentity, Send, parse_allow_list
+from broker.server.core import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_FRAMES,
+    Action,
+    BrokerCore,
+    Log,
+    NodeIdentity,
+    Send,
+    parse_allow_list,
+)
 from broker.topics import validate_id
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 
@@ -50,6 +65,8 @@ _RECV_BATCH = 256
 _PROBE_DELAY_S = 0.05
 # Room for the command parts on top of the payload in libzmq's own size limit.
 _COMMAND_PARTS_BYTES = 65536
+# While a backlog waits, how often the loop tries to hand it to the transport again.
+_DRAIN_RETRY_S = 0.002
 
 
 class ZmqBroker:
@@ -68,6 +85,9 @@ class ZmqBroker:
         heartbeat_timeout_s: float = 5.0,
         sndhwm: int = 1000,
         io_threads: int = 1,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES,
+        stats_every_s: float = 60.0,
     ) -> None:
         validate_id(federation, field="federation")
         if not insecure_no_auth:
@@ -81,7 +101,11 @@ class ZmqBroker:
             max_frame_bytes=max_frame_bytes,
             heartbeat_ivl_s=heartbeat_ivl_s,
             heartbeat_timeout_s=heartbeat_timeout_s,
+            max_queued_bytes=max_queued_bytes,
+            max_queued_frames=max_queued_frames,
         )
+        self.stats_every_s = stats_every_s
+        self._stats_logged: dict[str, int] = {}
         self.federation = federation
         self.bind = bind
         self.insecure = insecure_no_auth
@@ -237,8 +261,11 @@ class ZmqBroker:
             if sock is not None:
                 poller.register(sock, zmq.POLLIN)
         next_sweep = time.monotonic() + self.heartbeat_ivl_s
+        next_stats = time.monotonic() + self.stats_every_s
         while True:
             deadline = next_sweep if self._probe_at is None else min(next_sweep, self._probe_at)
+            if self.core.backlogged:
+                deadline = min(deadline, time.monotonic() + _DRAIN_RETRY_S)
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(timeout_ms))
             if ctl in events:
@@ -249,6 +276,8 @@ class ZmqBroker:
                 while monitor.poll(0):
                     parse_monitor_message(monitor.recv_multipart())
                 self._probe_at = time.monotonic() + _PROBE_DELAY_S
+            if self.core.backlogged:
+                self._drain(router)
             if router in events:
                 self._receive_batch(router)
             now = time.monotonic()
@@ -258,6 +287,23 @@ class ZmqBroker:
             if now >= next_sweep:
                 next_sweep = now + self.heartbeat_ivl_s
                 self._execute(router, self.core.expire(now))
+            if now >= next_stats:
+                next_stats = now + self.stats_every_s
+                self._log_stats()
+
+    def _log_stats(self) -> None:
+        if self.stats == self._stats_logged:
+            return
+        self._stats_logged = dict(self.stats)
+        queued = self.core.queued()
+        self.log.info(
+            "broker_stats",
+            sessions=len(self.core.peers),
+            lagging=sorted(queued),
+            queued_frames=sum(f for f, _ in queued.values()),
+            queued_bytes=sum(b for _, b in queued.values()),
+            **self.stats,
+        )
 
     def _receive_batch(self, router: zmq.Socket[Any]) -> None:
         for _ in range(_RECV_BATCH):
@@ -309,7 +355,7 @@ class ZmqBroker:
                 router.send_multipart([peer, *send.parts], flags=zmq.NOBLOCK, copy=False)
                 sent += 1
             except zmq.Again:
-                follow += self.core.queue_full(peer)
+                follow += self.core.queue_full(peer, send.parts)
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
@@ -317,6 +363,24 @@ class ZmqBroker:
         if send.routed:
             self.core.delivered(sent)
         return follow
+
+    def _drain(self, router: zmq.Socket[Any]) -> None:
+        """Hand every backlog to the transport, in order, until its pipe is full again."""
+        follow: list[Action] = []
+        for peer in self.core.backlogged:
+            while (parts := self.core.backlog_head(peer)) is not None:
+                try:
+                    router.send_multipart([peer, *parts], flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    follow += self.core.unreachable(peer)
+                    break
+                self.core.backlog_sent(peer)
+        if follow:
+            self._execute(router, follow)
 
     # -- authentication ---------------------------------------------------------------------
 

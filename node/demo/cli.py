@@ -6,7 +6,8 @@
 Ctrl-C / SIGTERM stops every process the demo started. Exit status (node.errors.ExitCode)
 0 only when every round completed exactly once; 8 when --audit found a secure aggregate that
 differs from the survivors' updates; 130 when interrupted; 2 for bad arguments; 3 for missing
-or unusable data; 1 otherwise.
+or unusable data; the director's own code when it fails (5 a round failed every attempt, 6 quorum
+lost, 7 its state folder); 1 otherwise.
 """
 
 from __future__ import annotations
@@ -95,7 +96,14 @@ class Progress:
 
 def _round_line(rec: dict[str, Any], total: int) -> str:
     val = (rec.get("metrics") or {}).get("val") or {}
-    dropped = f" (dropped {', '.join(rec['dropped'])})" if rec["dropped"] else ""
+    fates = rec.get("fates", {})
+
+    def who(names: list[str]) -> str:
+        return ", ".join(f"{n} at {fates[n]['stage']}" if n in fates else n for n in names)
+
+    dropped = f" (dropped {who(rec['dropped'])})" if rec["dropped"] else ""
+    if rec.get("left"):
+        dropped += f" (left after its masked input: {who(rec['left'])})"
     width = len(str(total))
     return (
         f"round {rec['round']:{width}d}/{total}: {len(rec['survivors'])} envoys{dropped}, "
@@ -242,8 +250,17 @@ def _supervise(fed: Federation, progress: Progress) -> None:
                 if line:
                     progress.message(line)
     progress.update()
-    if director.popen.returncode != 0:
-        raise DemoError(f"the director exited with {director.popen.returncode}; see {director.log}")
+    code = director.popen.returncode
+    if code != 0:
+        status: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            status = json.loads((fed.director_state / "status.json").read_text())
+        why = f" ({status['reason']})" if status.get("reason") else ""
+        failed = DemoError(f"the director exited with {code}{why}; see {director.log}")
+        # Its documented reason (quorum lost, state folder, round failed) is the demo's too.
+        if code in {int(c) for c in ExitCode}:
+            failed.exit_code = ExitCode(code)
+        raise failed
     for name in fed.names:  # they got Shutdown; give them a moment to leave
         with contextlib.suppress(subprocess.TimeoutExpired):
             fed.procs[name].popen.wait(ENVOY_EXIT_GRACE_S)
@@ -330,7 +347,7 @@ def run(opts: Options) -> int:
         return exc.exit_code
     except (DemoError, ValueError) as exc:
         print(f"fedbus demo: {exc}", file=sys.stderr)
-        return ExitCode.FAILURE
+        return exc.exit_code if isinstance(exc, DemoError) else ExitCode.FAILURE
     finally:
         if progress is not None:
             progress.close()

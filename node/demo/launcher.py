@@ -290,12 +290,14 @@ class Federation:
         atomic_write_text(self.out / "pids.json", json.dumps(pids), mode=PUBLIC_MODE)
         return proc
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], *, module: str = "node.cli") -> Proc:
         log = self.logs / f"{name}.log"
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         # The same interpreter and installed fedbus as this process: no PYTHONPATH needed.
-        command = [sys.executable, "-m", "node.cli", "--log-level", configured_level(), *args]
+        # node.cli takes the level as its global flag; node.swarm is given its own in `args`.
+        level = ["--log-level", configured_level()] if module == "node.cli" else []
+        command = [sys.executable, "-m", module, *level, *args]
         with open(log, "ab") as fh:  # the child's stdout: a stream, not a saved file
             popen = subprocess.Popen(
                 command,
@@ -377,6 +379,29 @@ class Federation:
         if self.plan is not None:
             args += ["--faults-start", repr(self.started_at)]
         return self._spawn(name, args)
+
+    def start_swarm(
+        self,
+        name: str,
+        envoys: list[str],
+        *,
+        log_level: str = "info",
+        train_seconds: float = 0.0,
+        poison: Mapping[str, str] | None = None,
+    ) -> Proc:
+        """Envoys `envoys` as light envoys in one process (node.swarm: the real envoy, bus
+        and SecAgg client each, a synthetic trainer), for scale runs and quick harnesses;
+        `poison`: envoy -> poison spec (node.swarm.SyntheticTrainer)."""
+        args = [arg for envoy in envoys for arg in ("--config", str(self.config(envoy)))]
+        args += ["--log-level", log_level, "--train-seconds", repr(train_seconds)]
+        for envoy, spec in (poison or {}).items():
+            if envoy in envoys:
+                args += ["--poison", f"{envoy}={spec}"]
+        if self.opts.audit:
+            args.append("--audit")
+        if self.plan is not None:
+            args += ["--faults", str(self.faults_file), "--faults-start", repr(self.started_at)]
+        return self._spawn(name, args, module="node.swarm")
 
     def start_all(self) -> None:
         self.started_at = time.time()

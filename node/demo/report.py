@@ -247,6 +247,10 @@ def _round_summary(rec: dict[str, Any]) -> dict[str, Any]:
         "participants": rec["participants"],
         "survivors": rec["survivors"],
         "dropped": rec["dropped"],
+        # In the sum, but gone before the round's end (after its masked input).
+        "left": rec.get("left", []),
+        # Every participant: survivor, dropped at a stage, or left at a stage.
+        "fates": rec.get("fates", {}),
         "secure": rec["secure"],
         "aggregate_verified": rec.get("aggregate_verified"),
         "attempt": rec.get("attempt", 0),

@@ -65,7 +65,7 @@ from protocol.secagg.transitions import (
     State,
     advance,
 )
-from protocol.stages import Stage
+from protocol.stages import SECAGG_STAGES, Stage
 from protocol.tensors import TensorError, to_numpy
 
 log = structlog.get_logger("fedbus.secagg.server")
@@ -131,6 +131,7 @@ class SecAggServer(RefusalLog):
         self._signatures: dict[str, bytes] = {}  # U4
         self._bitmaps: dict[str, bytes] = {}  # U4's partner sets
         self._responded: set[str] = set()  # U5
+        self._answered: dict[str, Stage] = {}  # the last stage each client answered
         self._b_shares: dict[str, dict[int, bytes]] = {}
         self._s_shares: dict[str, dict[int, bytes]] = {}
 
@@ -167,6 +168,35 @@ class SecAggServer(RefusalLog):
             return self.participants - self._keys.keys()
         return frozenset()
 
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages of this round, in order (consistency only in the malicious mode)."""
+        return tuple(
+            s for s in SECAGG_STAGES if self.params.malicious or s is not Stage.CONSISTENCY
+        )
+
+    @property
+    def awaiting(self) -> frozenset[str]:
+        """The clients the current stage still waits for (none once the server is done)."""
+        if self.stage is Stage.ADVERTISE_KEYS:
+            return self.participants - self._keys.keys()
+        if self.stage is Stage.SHARE_KEYS:
+            return frozenset(self._keys.keys() - self._ciphertexts.keys())
+        if self.stage is Stage.MASKED_INPUT:
+            return self._u2 - self._u3
+        if self.stage is Stage.CONSISTENCY:
+            return self._survivors - self._signatures.keys()
+        if self.stage is Stage.UNMASK:
+            return self._unmask_responders() - self._responded
+        return frozenset()
+
+    def stopped_at(self, client: str) -> Stage | None:
+        """The first stage `client` has not answered (None: it answered every stage)."""
+        last = self._answered.get(client)
+        stages = self.stages
+        following = stages[stages.index(last) + 1 :] if last is not None else stages
+        return following[0] if following else None
+
     def receive(self, sender: str, body: Message) -> list[Outgoing]:
         """Collect one client message; when the stage has all it expects, it closes."""
         if self.done:
@@ -180,12 +210,14 @@ class SecAggServer(RefusalLog):
         handler = _HANDLERS.get(kind)
         if handler is None:
             return self.refuse(sender, body, "not a message for the server", round=self.round)
-        if (self.stage, kind) not in SERVER_TRANSITIONS:
-            return self.refuse(sender, body, f"server is at stage {self.stage}", round=self.round)
+        stage = self.stage
+        if not isinstance(stage, Stage) or (stage, kind) not in SERVER_TRANSITIONS:
+            return self.refuse(sender, body, f"server is at stage {stage}", round=self.round)
         try:
             complete = handler(self, sender, body)
         except Refused as refusal:
             return self.refuse(sender, body, refusal.reason, round=self.round)
+        self._answered[sender] = stage
         return self.close_stage() if complete else []
 
     def close_stage(self) -> list[Outgoing]:

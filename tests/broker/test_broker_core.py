@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -39,13 +39,14 @@ ALLOW = {
 TIMEOUT = 5.0
 
 
-def core(*, insecure: bool = False, max_frame: int = 1000) -> BrokerCore:
+def core(*, insecure: bool = False, max_frame: int = 1000, **queues: int) -> BrokerCore:
     return BrokerCore(
         federation=FED,
         allow=None if insecure else ALLOW,
         max_frame_bytes=max_frame,
         heartbeat_ivl_s=1.0,
         heartbeat_timeout_s=TIMEOUT,
+        **queues,
     )
 
 
@@ -286,13 +287,117 @@ def test_probe_asks_every_session() -> None:
     assert all(s.parts == (commands.PONG,) for s in sends(c.probe()))
 
 
-def test_full_queues_are_counted_per_subscriber_and_logged_sparingly() -> None:
-    c = core()
+def test_a_full_backlog_drops_counted_per_subscriber_and_logged_sparingly() -> None:
+    c = core(max_queued_frames=10)
     join(c, b"p", "e1")
-    warnings = [entry for _ in range(250) for entry in c.queue_full(b"p")]
+    frame = (commands.MSG, b"t", b"x" * 10)
+    warnings = [entry for _ in range(260) for entry in c.queue_full(b"p", frame)]
+    # The first 10 wait in the backlog; the 250 after them are dropped.
+    assert c.queued() == {"e1": (10, 10 * sum(map(len, frame)))}
     assert [w.fields["dropped"] for w in warnings] == [1, 101, 201]
-    assert c.stats["dropped"] == 250
-    assert c.queue_full(b"gone") == [] and c.stats["dropped"] == 251
+    assert c.stats["dropped"] == 250 and c.stats["backlogged"] == 10
+    assert c.queue_full(b"gone", frame) == [] and c.stats["dropped"] == 251
+
+
+def test_a_backlog_keeps_order_and_drains_in_order() -> None:
+    c = core()
+    join(c, b"d", "director")
+    join(c, b"p", "e1")
+    join(c, b"q", "e2")
+    for peer, node in ((b"p", "e1"), (b"q", "e2")):
+        c.receive(peer, [commands.SUB, b"s", T.broadcast.encode()], user_id=KEYS[node], now=0.0)
+    first = c.receive(b"d", pub(T.broadcast, b"1"), user_id=KEYS["director"], now=0.0)
+    assert [s.peers for s in routed(first)] == [(b"p", b"q")]
+    c.queue_full(b"p", routed(first)[0].parts)  # e1's pipe was full: frame 1 waits
+    # While e1 lags, its frames queue behind frame 1; e2 gets them straight away.
+    for payload in (b"2", b"3"):
+        out = c.receive(b"d", pub(T.broadcast, payload), user_id=KEYS["director"], now=0.0)
+        assert [s.peers for s in routed(out)] == [(b"q",)]
+    assert c.backlogged == {b"p"}
+    got = []
+    while (parts := c.backlog_head(b"p")) is not None:
+        got.append(parts[2])
+        c.backlog_sent(b"p")
+    assert got == [b"1", b"2", b"3"] and c.backlogged == frozenset()
+    out = c.receive(b"d", pub(T.broadcast, b"4"), user_id=KEYS["director"], now=0.0)
+    assert [s.peers for s in routed(out)] == [(b"p", b"q")]  # caught up: direct again
+    # A session that goes away takes its backlog with it.
+    c.queue_full(b"p", routed(out)[0].parts)
+    c.unreachable(b"p")
+    assert c.backlogged == frozenset() and c.backlog_head(b"p") is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    events=st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(1, 300)),
+            st.tuples(st.just("drain"), st.integers(0, 6)),
+        ),
+        max_size=120,
+    ),
+    pipe=st.integers(0, 4),
+    max_bytes=st.integers(1, 2000),
+    max_frames=st.integers(1, 12),
+)
+def test_every_frame_arrives_in_order_or_is_counted_as_dropped(
+    events, pipe, max_bytes, max_frames
+) -> None:
+    """A fake transport with a `pipe`-frame queue for a slow subscriber e1 (drained only on
+    'drain' events) and an unbounded one for e2: e2 gets every frame; e1 gets a subsequence
+    in publish order, and every frame it misses is one counted drop, made only while its
+    backlog was at its bounds."""
+    c = core(max_queued_bytes=max_bytes, max_queued_frames=max_frames)
+    join(c, b"d", "director")
+    for peer, node in ((b"p", "e1"), (b"q", "e2")):
+        join(c, peer, node)
+        c.receive(peer, [commands.SUB, b"s", T.broadcast.encode()], user_id=KEYS[node], now=0.0)
+    slow_pipe: list[bytes] = []
+    slow_got: list[bytes] = []
+    fast_got: list[bytes] = []
+    published: list[bytes] = []
+
+    def transmit(peer: bytes, parts: tuple) -> bool:
+        if peer == b"q":
+            fast_got.append(parts[2])
+            return True
+        if len(slow_pipe) >= pipe:
+            return False
+        slow_pipe.append(parts[2])
+        return True
+
+    def drain_backlog() -> None:
+        while (parts := c.backlog_head(b"p")) is not None and transmit(b"p", parts):
+            c.backlog_sent(b"p")
+
+    for i, (kind, n) in enumerate(events):
+        if kind == "publish":
+            payload = i.to_bytes(2, "big") + b"x" * (n - 1)
+            published.append(payload)
+            backlog_before = c.queued().get("e1", (0, 0))
+            dropped_before = c.stats["dropped"]
+            for send in routed(
+                c.receive(b"d", pub(T.broadcast, payload), user_id=KEYS["director"], now=0.0)
+            ):
+                for peer in send.peers:
+                    if not transmit(peer, send.parts):
+                        c.queue_full(peer, send.parts)
+            if c.stats["dropped"] > dropped_before:
+                frames, size = backlog_before
+                need = len(commands.MSG) + len(T.broadcast) + len(payload)
+                assert frames and (frames >= max_frames or size + need > max_bytes), (
+                    "dropped although the backlog had room"
+                )
+        else:
+            slow_got += slow_pipe[:n]
+            del slow_pipe[:n]
+            drain_backlog()
+    assert fast_got == published
+    frames, _ = c.queued().get("e1", (0, 0))
+    delivered = slow_got + slow_pipe
+    assert len(delivered) + frames + c.stats["dropped"] == len(published)
+    positions = [published.index(f) for f in delivered]
+    assert positions == sorted(positions)  # in publish order, never duplicated
 
 
 def test_refusals_are_all_answered_but_logged_sparingly() -> None:

@@ -295,7 +295,7 @@ async def test_closed_bus_ends_iteration_and_refuses_work(client, topics: Topics
 async def test_a_stuck_subscriber_does_not_stall_the_others(
     broker_factory, client, raw, keys: Keys, topics: Topics
 ) -> None:
-    small = broker_factory(sndhwm=4)
+    small = broker_factory(sndhwm=4, max_queued_bytes=4 << 20)
     director = await client("director", broker=small)
     reader = await client("envoy-a", broker=small)
     bcast = reader.subscribe(topics.broadcast)
@@ -306,10 +306,35 @@ async def test_a_stuck_subscriber_does_not_stall_the_others(
     stuck.send(commands.SUB, b"s", topics.broadcast.encode())
     stuck.recv_until(commands.SUBACK)  # ...and never reads again
     frame = os.urandom(256 << 10)
-    for i in range(300):  # 75 MiB: far more than loopback buffers hold for envoy-b
+    for i in range(300):  # 75 MiB: far more than loopback buffers and its 4 MiB backlog hold
         await director.publish(topics.broadcast, frame + i.to_bytes(4, "big"))
         assert await anext(bcast) == frame + i.to_bytes(4, "big")
+    # envoy-b's backlog filled up to its bound, then its frames were dropped (and counted).
     assert small.stats["dropped"] > 0
+    frames, size = small.core.queued()["envoy-b"]
+    assert size <= 4 << 20 and frames == size // (len(frame) + 4 + 3 + len(topics.broadcast))
+
+
+async def test_a_lagging_subscriber_gets_every_frame_in_order_from_its_backlog(
+    broker_factory, client, raw, keys: Keys, topics: Topics
+) -> None:
+    small = broker_factory(sndhwm=4)
+    director = await client("director", broker=small)
+    slow = raw("envoy-b", broker=small)
+    slow.sock.rcvhwm = 1
+    slow.hello("envoy-b", "envoy")
+    slow.send(commands.SUB, b"s", topics.broadcast.encode())
+    slow.recv_until(commands.SUBACK)
+    frame = os.urandom(256 << 10)
+    for i in range(200):  # 50 MiB while envoy-b reads nothing: most of it waits in its backlog
+        await director.publish(topics.broadcast, frame + i.to_bytes(4, "big"))
+    got = []
+    while len(got) < 200:  # ...then it catches up
+        msg = slow.recv_until(commands.MSG)
+        got.append(int.from_bytes(msg[2][-4:], "big"))
+    assert got == list(range(200))
+    assert small.stats["dropped"] == 0 and small.stats["backlogged"] > 0
+    assert small.core.queued() == {}
 
 
 async def test_publish_accepts_buffers(client, topics: Topics) -> None:

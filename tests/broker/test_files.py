@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.files import atomic_path, atomic_write_bytes, read_toml
+from broker.files import atomic_path, atomic_write_bytes, durable_append, read_toml
 from protocol.configfile import ConfigError
 
 
@@ -62,6 +62,18 @@ def test_read_toml_errors_name_the_file(tmp_path: Path) -> None:
         read_toml(bad)
     with pytest.raises(ConfigError, match="is a folder"):
         read_toml(tmp_path)
+
+
+def test_durable_append_adds_to_the_end_with_the_mode_and_refuses_symlinks(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    durable_append(log, b"one\n", mode=0o600)
+    durable_append(log, b"two\n", mode=0o644)  # the mode is the new file's only
+    assert log.read_bytes() == b"one\ntwo\n"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    (tmp_path / "link").symlink_to(log)
+    with pytest.raises(OSError):
+        durable_append(tmp_path / "link", b"three\n")
+    assert log.read_bytes() == b"one\ntwo\n"
 
 
 def test_atomic_path_never_exposes_a_secret_while_it_is_written(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ PneumoniaMNIST) and a short training recipe so the test stays small.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,9 @@ import pytest
 
 from broker.server.mosquitto_process import MosquittoProcess
 from broker.server.ports import free_port
+from node.checkpoint import load_checkpoint
 from node.provision import main as provision
+from node.roundlog import RoundLog
 from protocol.configfile import dump_toml
 from tests.datafiles import PNEUMONIAMNIST
 from tests.deploy.identities import public_keys_of
@@ -149,13 +150,42 @@ def test_three_hospitals_complete_secure_rounds_from_their_kits(
         if mosquitto is not None:
             mosquitto.stop()
 
-    records = [
-        json.loads(line)
-        for line in (out / "director" / "state" / "rounds.jsonl").read_text().splitlines()
-    ]
+    records = RoundLog(out / "director" / "state").load()
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert record["secure"] is True
         assert sorted(record["survivors"]) == list(ENVOYS)
         assert record["dropped"] == []
-        assert 0.0 <= record["metrics"]["val"]["auc"] <= 1.0
+    # The federated validation of the final model is the validation of that model on the
+    # union of the three hospitals' splits: rescored here, centrally, it gives the same
+    # histograms, so the same AUC and loss.
+    val = records[-1]["metrics"]["val"]
+    central = _central_validation(out, load_checkpoint(out / "director" / "state"))
+    assert val["num_samples"] == central["num_samples"]
+    assert val["auc"] == pytest.approx(central["auc"], abs=1e-9)
+    assert val["loss"] == pytest.approx(central["loss"], rel=1e-4)
+
+
+def _central_validation(kits: Path, ckpt) -> dict:
+    """The final model scored by each hospital's own trainer on its own validation split,
+    the histogram vectors summed in the clear and read as the director reads its sum."""
+    from node.config import load_director_config, load_envoy_config
+    from node.director import validation_metrics
+    from node.localdata import load_local_data
+    from node.trainer import make_trainer
+    from node.training.histograms import histogram_vector, vector_samples
+
+    director = load_director_config(kits / "director" / "director.toml")
+    weights = ckpt.weights_numpy()
+    total = None
+    loss = 0.0
+    for envoy in ENVOYS:
+        cfg = load_envoy_config(kits / envoy / "envoy.toml")
+        trainer, _ = make_trainer(cfg, data=load_local_data(cfg))
+        pred = trainer.evaluate(weights)
+        vector = histogram_vector(pred.probabilities, pred.labels, director.eval.bins)
+        total = vector if total is None else total + vector
+        loss += float(pred.loss_sum)
+    metrics = validation_metrics(director, total)
+    n = vector_samples(total, director.model.num_classes, director.eval.bins)
+    return {"auc": float(metrics["auc"]), "num_samples": n, "loss": loss / n}

@@ -143,6 +143,8 @@ def test_conf_has_no_anonymous_listener_and_the_frame_limit(tmp_path: Path) -> N
     lines = conf.splitlines()
     assert lines.count("allow_anonymous false") == 2
     assert "message_size_limit 12345" in lines
+    # Every client's queue is bounded, in messages and in bytes (never 0 = unlimited).
+    assert "max_queued_messages 100000" in lines and "max_queued_bytes 268435456" in lines
     assert "per_listener_settings true" in lines
     # Listener options before the first `listener` line would open the default port 1883.
     first_listener = next(i for i, line in enumerate(lines) if line.startswith("listener "))
@@ -155,3 +157,14 @@ def test_conf_has_no_anonymous_listener_and_the_frame_limit(tmp_path: Path) -> N
                 listeners=(), password_file=tmp_path, acl_file=tmp_path, data_dir=tmp_path
             )
         )
+    for unbounded in ({"max_queued_bytes": 0}, {"max_queued_messages": 0}):
+        with pytest.raises(ValueError, match="unbounded"):
+            render_conf(
+                MosquittoConfig(
+                    listeners=(Listener(port=1884),),
+                    password_file=tmp_path,
+                    acl_file=tmp_path,
+                    data_dir=tmp_path,
+                    **unbounded,
+                )
+            )

@@ -70,7 +70,7 @@ def test_kill9_director_then_resume_applies_no_round_twice(tmp_path):
     recs = records(fed.director_state)
     assert [r["round"] for r in recs] == [1, 2, 3, 4]
     assert load_checkpoint(fed.director_state).round == 4
-    assert [r["round"] for r in load_checkpoint(fed.director_state).records] == [1, 2, 3, 4]
+    assert load_checkpoint(fed.director_state).last_record == recs[-1]
     # Every aggregate that was applied is still verifiable bit for bit after the restart.
     audited = audit_rounds(fed, recs)
     assert all(r["aggregate_verified"] for r in audited)

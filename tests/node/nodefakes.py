@@ -48,10 +48,15 @@ class MemoryBus(Bus):
         self.queues: list[asyncio.Queue[bytes | None]] = []
         # Frames this node tried to publish, for assertions; `drop` filters them.
         self.drop_types: set[str] = set()
+        # A silent node (its link died, its session did not): nothing it publishes arrives,
+        # and no will either.
+        self.muted = False
 
     async def publish(self, topic: str, frame: bytes, *, retain: bool = False) -> None:
         if self.closed:
             raise BusError("closed")
+        if self.muted:
+            return
         self.broker.deliver(self.node_id, topic, bytes(frame), retain)
 
     def subscribe(self, topic_filter: str) -> AsyncIterator[bytes]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from crypto.signing import generate_signing_keypair
 from node.config import DirectorConfig, EnvoyConfig, parse_config
 from node.director import Director
 from node.envoy import Envoy
+from node.roundlog import RoundLog
 from tests.node.nodefakes import MemoryBroker, NumpyTrainer
 
 FED = "fedtest"
@@ -65,8 +65,7 @@ class Fed:
         return Director(self.director_cfg, bus, weights=initial(), **kw)
 
     def records(self) -> list[dict[str, Any]]:
-        path = Path(self.director_cfg.state_dir) / "rounds.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        return RoundLog(self.director_cfg.state_dir).load()
 
     async def stop(self) -> None:
         for task in self.tasks.values():
@@ -149,17 +148,19 @@ def make_fed(
     return Fed(tmp, MemoryBroker(), director_cfg, envoy_cfgs, trainers)
 
 
+def expected_weights(fed: Fed, survivors_per_round: list[list[str]]) -> dict[str, np.ndarray]:
+    """The global model after rounds of exact FedAvg over the given survivors (float64).
+
+    Each NumpyTrainer moves every weight half way to its target, so one round of weighted
+    FedAvg moves the model half way to the sample-weighted mean target of its survivors.
+    """
+    w = {k: v.astype(np.float64) for k, v in initial().items()}
+    for survivors in survivors_per_round:
+        total = sum(fed.trainers[s].num_samples for s in survivors)
+        target = sum(fed.trainers[s].num_samples * fed.trainers[s].target for s in survivors)
+        w = {k: v + 0.5 * (target / total - v) for k, v in w.items()}
+    return w
+
+
 def expected_after_one_round(fed: Fed, survivors: list[str]) -> dict[str, np.ndarray]:
-    w0 = initial()
-    tot = sum(fed.trainers[s].num_samples for s in survivors)
-    out = {}
-    for k, v in w0.items():
-        delta = sum(
-            fed.trainers[s].num_samples
-            / tot
-            * 0.5
-            * (fed.trainers[s].target - v.astype(np.float64))
-            for s in survivors
-        )
-        out[k] = v + delta
-    return out
+    return expected_weights(fed, [survivors])

@@ -27,6 +27,7 @@ from node.cli import COMMANDS, _take_log_level, exit_code_for, main
 from node.director import DirectorError
 from node.errors import ExitCode
 from node.logs import LEVELS, LOG_LEVEL_ENV, resolve_level
+from node.roundlog import encode_line
 from node.status import format_status, read_status
 from node.training.data import DataUnavailable
 from protocol.configfile import ConfigError
@@ -258,7 +259,7 @@ def test_status_reads_a_state_dir(tmp_path, capsys):
         "metrics": {"val": {"accuracy": 0.9, "auc": 0.95}},
     }
     # The last line is being written: it must be skipped, not crash the reader.
-    (tmp_path / "rounds.jsonl").write_text(json.dumps(rec) + "\n" + '{"round": 2, "surv')
+    (tmp_path / "rounds.jsonl").write_bytes(encode_line(rec) + b'{"record": {"round": 2, "surv')
     st, records = read_status(tmp_path)
     assert [r["round"] for r in records] == [1]
     text = format_status(st, records)

@@ -34,6 +34,7 @@ from node.export import (
     read_model_spec,
     write_model_spec,
 )
+from node.roundlog import RoundLog
 from node.training.data import load_pneumoniamnist
 from node.training.metrics import metrics_from_histograms
 from node.training.model import build_model
@@ -99,9 +100,11 @@ def state(tmp_path_factory, data) -> Path:
             best_weights=best_weights,
             best_threshold=best_val["threshold"],
             best_metrics=best_val,
-            records=records,
+            last_record=records[-1],
         ),
     )
+    for record in records:
+        RoundLog(folder).append(record)
     (folder / "status.json").write_text(json.dumps({"rounds_total": 20, "round": 2}))
     write_model_spec(folder, MODEL)
     return folder
@@ -222,7 +225,7 @@ def test_the_last_round_is_the_default(state, tmp_path) -> None:
     card = _strict_json(paths["card"].read_text())
     assert card["weights"]["which"] == "last" and card["weights"]["round"] == 2
     ckpt = load_checkpoint(state)
-    assert card["decision_threshold"] == ckpt.records[-1]["metrics"]["val"]["threshold"]
+    assert card["decision_threshold"] == ckpt.last_record["metrics"]["val"]["threshold"]
     assert [r["dropped"] for r in card["participation"]["rounds"]] == [[], ["envoy-3"]]
     loaded = load_file(str(paths["model"]))
     for name, value in ckpt.weights_numpy().items():
@@ -273,7 +276,7 @@ def test_a_config_of_another_federation_is_refused(state, tmp_path, capsys) -> N
     ("setup", "args", "code", "message"),
     [
         ("empty", [], ExitCode.STATE, "no checkpoint"),
-        ("corrupt", [], ExitCode.STATE, "unreadable checkpoint"),
+        ("corrupt", [], ExitCode.STATE, "corrupt checkpoint"),
         ("no_spec", [], ExitCode.CONFIG, "pass --config"),
         ("wrong_spec", [], ExitCode.CONFIG, "do not fit the described model"),
         ("initial_only", [], ExitCode.CONFIG, "no round has completed"),

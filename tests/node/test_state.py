@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from node.presence import Envoys, select_participants
 from node.state import FederationState, StateStore
-from node.status import read_records, read_status
+from node.status import read_status
 from protocol.messages import Presence
 
 
@@ -26,17 +26,23 @@ def mode(path) -> int:
 
 def test_every_file_of_the_state_folder_is_private_and_reads_back(tmp_path):
     store = StateStore(tmp_path, federation="f")
+    store.lock()
     state = FederationState(0, weights(1.0))
-    state.round = 2
-    state.records = [{"round": 1, "x": [1]}, {"round": 2, "x": []}]
+    store.save_checkpoint(state)
+    for r, x in ((1, [1]), (2, [])):
+        state.round = r
+        state.records.append({"round": r, "x": x})
+        store.save_checkpoint(state)
+        store.append_record(state.records[-1])
     state.consider_best(2, {"auc": 0.9, "threshold": 0.4})
     store.save_checkpoint(state)
-    store.write_rounds_log(state.records)
     store.write_status({"round": 2, "stage": "round_end"})
     store.write_audit(2, np.arange(5, dtype=np.uint32), ["envoy-1", "envoy-2"])
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.relative_to(tmp_path).as_posix() for p in written} == {
         "checkpoint.msgpack",
+        "checkpoint.prev.msgpack",
+        "director.lock",
         "rounds.jsonl",
         "status.json",
         "audit/round-2-sum.npy",
@@ -52,20 +58,12 @@ def test_every_file_of_the_state_folder_is_private_and_reads_back(tmp_path):
         "envoy-2",
     ]
     ckpt = store.load()
-    assert ckpt is not None and ckpt.federation == "f"
-    back = FederationState.from_checkpoint(ckpt)
+    assert ckpt is not None and ckpt.federation == "f" and ckpt.last_record == {"round": 2, "x": []}
+    back = FederationState.from_checkpoint(ckpt, store.load_records(ckpt))
     assert back.round == 2 and back.records == state.records
     assert back.best is not None and back.best.round == 2 and back.best.threshold == 0.4
     np.testing.assert_array_equal(back.weights["a"], weights(1.0)["a"])
-
-
-def test_the_rounds_log_is_rewritten_to_match_the_records_exactly(tmp_path):
-    store = StateStore(tmp_path, federation="f")
-    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"rou')  # torn tail
-    store.write_rounds_log([{"round": 1}])
-    assert read_records(tmp_path) == [{"round": 1}]
-    store.write_rounds_log([])
-    assert read_records(tmp_path) == []
+    store.unlock()
 
 
 def test_the_best_model_is_the_best_validation_auc_so_far_and_a_copy():

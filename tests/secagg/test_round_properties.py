@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.secagg.graph import build_graph
+from protocol.secagg.graph import Graph, build_graph
 from protocol.secagg.messages import (
     SecAggMaskedInput,
     SecAggParams,
@@ -90,13 +90,26 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         for u, s in dropouts.items()
         if SECAGG_STAGES.index(s) <= SECAGG_STAGES.index("masked_input")
     }
+    # Who must be in the sum, worked out here from the schedule and the public graph alone.
+    # The graph is seeded by the digest of the admitted key roster (issue #11), so it exists
+    # only once keys were advertised; every client derives the same one from the roster.
+    graph = server._graph
+    if graph is None:
+        advertised = {u for u in node_names(n) if dropouts.get(u) != "advertise_keys"}
+        assert sim.aborted and len(advertised) < params.t
+    in_sum = _reference_survivors(n, params, dropouts, graph)
+    if in_sum is None:
+        assert sim.aborted  # too few were left before the masked inputs
     if sim.aborted:
         assert sim.result is None and server.abort_reason
     else:
-        assert sim.result is not None
-        assert not (sim.survivors & early)
-        assert len(sim.survivors) >= params.t
-        np.testing.assert_array_equal(sim.result, sim.expected)
+        assert sim.result is not None and in_sum is not None
+        assert set(sim.survivors) == in_sum and not (in_sum & early)
+        assert len(in_sum) >= params.t
+        want = np.zeros(D, dtype=np.uint32)
+        for u in sorted(in_sum):
+            want += inputs[u]  # the test's own inputs, summed mod 2^32
+        np.testing.assert_array_equal(sim.result, want)
 
     # Success is not optional: on the complete graph the round must complete exactly when
     # at least t clients stay to the end (they are the ones who can answer Unmask) and the
@@ -109,6 +122,34 @@ def test_result_is_survivor_sum_or_clean_abort(case: dict) -> None:
         assert sim.aborted == fails, (to_end, sim.abort_reason)
 
     _check_view(sim, params, inputs)
+
+
+def _reference_survivors(
+    n: int, params: SecAggParams, dropouts: dict, graph: Graph | None
+) -> set[str] | None:
+    """The clients whose inputs a completed round must sum, or None if it must abort before
+    the masked inputs: Bonawitz et al.'s U1 > U2 > U3, with SecAgg+'s rule that a client
+    whose neighbourhood (itself included) among the remaining clients is below t is excluded.
+    """
+    names = node_names(n)
+    if graph is None:
+        return None
+
+    def without_weak_neighbourhoods(members: set[str]) -> set[str]:
+        while True:
+            weak = {u for u in members if len(graph.closed(u) & members) < params.t}
+            if not weak:
+                return members
+            members = members - weak
+
+    u1 = without_weak_neighbourhoods({u for u in names if dropouts.get(u) != "advertise_keys"})
+    if len(u1) < params.t:
+        return None
+    u2 = without_weak_neighbourhoods({u for u in u1 if dropouts.get(u) != "share_keys"})
+    if len(u2) < params.t:
+        return None
+    u3 = {u for u in u2 if dropouts.get(u) != "masked_input"}
+    return u3 if len(u3) >= params.t else None
 
 
 def _check_view(sim, params: SecAggParams, inputs: dict[str, np.ndarray]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from node.roundlog import encode_line
 from node.ui.feed import MemoryFeed, StateDirFeed, public_view
 from tests.ui.uiharness import director_status, round_record
 
@@ -106,13 +107,13 @@ def test_state_dir_feed_reads_what_the_director_writes(tmp_path: Path) -> None:
     status, records = feed.snapshot()
     assert status["stage"] == "no director status yet" and records == []
     (tmp_path / "status.json").write_text(json.dumps(director_status(1, "training", online={})))
-    with open(tmp_path / "rounds.jsonl", "a") as fh:
-        fh.write(json.dumps(round_record(1)) + "\n")
-        fh.write('{"round": 2, "trunc')  # a line being appended right now
+    with open(tmp_path / "rounds.jsonl", "ab") as fh:
+        fh.write(encode_line(round_record(1)))
+        fh.write(b'{"record": {"round": 2, "trunc')  # a line being appended right now
     status, records = feed.snapshot()
     assert status["federation"] == "pneumonia" and [r["round"] for r in records] == [1]
-    with open(tmp_path / "rounds.jsonl", "w") as fh:
-        fh.write("".join(json.dumps(round_record(r)) + "\n" for r in (1, 2)))
+    with open(tmp_path / "rounds.jsonl", "wb") as fh:
+        fh.write(b"".join(encode_line(round_record(r)) for r in (1, 2)))
     assert [r["round"] for r in feed.snapshot()[1]] == [1, 2]
 
 

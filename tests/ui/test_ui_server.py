@@ -12,6 +12,7 @@ import pytest
 
 from node.errors import ExitCode
 from node.provision import issue_cert, make_ca
+from node.roundlog import encode_line
 from node.ui.feed import MemoryFeed
 from node.ui.server import UiConfig, UiConfigError, check_bind_policy, parse_bind
 from tests.ui.uiharness import director_status, round_record, serving
@@ -206,7 +207,7 @@ def test_fedbus_ui_serves_a_state_folder_until_sigterm(tmp_path: Path) -> None:
     (tmp_path / "status.json").write_text(
         json.dumps(director_status(2, "unmask", online={"envoy-1": True}))
     )
-    (tmp_path / "rounds.jsonl").write_text(json.dumps(round_record(1)) + "\n")
+    (tmp_path / "rounds.jsonl").write_bytes(encode_line(round_record(1)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "ui", str(tmp_path), "--bind", "127.0.0.1:0"],
         cwd=REPO,
