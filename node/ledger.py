@@ -12,6 +12,9 @@ could do the same with the two trainings. So an envoy:
   holds all of the first attempt's signers (at least t - C honest envoys), never by one
   envoy (the masked input of an envoy that did not sign may go into two attempts: it cancels
   out of their difference);
+* trains a model once, ever: a later round on weights it already trained (a director that
+  "skips" a round without moving the model, or goes back to an earlier one) would let it
+  difference the sums of the two rounds, which differ in the retrained updates only;
 * evaluates once per round, and only a model it will train on next: the model evaluated
   after round r must be the one RoundStart r + 1 carries.
 
@@ -52,11 +55,18 @@ class _Evaluation:
     model: str = ""  # sha256 of the model evaluated after this round
 
 
+# Digests of the models trained before the current round, newest last. A director that wants
+# to bring back a model older than this many rounds has to wait as many rounds for it, each of
+# which moves the federation on; 64 bytes each on disk.
+TRAINED_MODELS_KEPT = 1024
+
+
 @dataclass
 class RoundLedger:
     path: Path | None = None
     training: _Training = field(default_factory=_Training)
     evaluation: _Evaluation = field(default_factory=_Evaluation)
+    trained_models: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, state_dir: str | Path | None) -> RoundLedger:
@@ -68,7 +78,15 @@ class RoundLedger:
             return cls(path)
         try:
             data = json.loads(path.read_text())
-            return cls(path, _Training(**data["training"]), _Evaluation(**data["evaluation"]))
+            trained = data.get("trained_models", [])  # absent in ledgers of older versions
+            if not isinstance(trained, list) or not all(isinstance(d, str) for d in trained):
+                raise ValueError("trained_models is not a list of digests")
+            return cls(
+                path,
+                _Training(**data["training"]),
+                _Evaluation(**data["evaluation"]),
+                trained,
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(
                 f"{path}: unreadable ({exc}); it records what this envoy revealed, so the "
@@ -79,7 +97,11 @@ class RoundLedger:
     def _save(self) -> None:
         if self.path is None:
             return
-        data = {"training": asdict(self.training), "evaluation": asdict(self.evaluation)}
+        data = {
+            "training": asdict(self.training),
+            "evaluation": asdict(self.evaluation),
+            "trained_models": self.trained_models,
+        }
         atomic_write_text(self.path, json.dumps(data, sort_keys=True) + "\n", mode=SECRET_MODE)
 
     # -- training ---------------------------------------------------------------------------
@@ -96,6 +118,13 @@ class RoundLedger:
             return f"round {round} was already trained on another model"
         if round == t.round and t.trained and not kept:
             return f"the update of round {round} was lost (restart); a round is never trained twice"
+        if round > t.round and (
+            (t.trained and weights == t.weights) or weights in self.trained_models
+        ):
+            return (
+                f"round {round} carries a model this envoy already trained (round "
+                f"{t.round} or earlier); training it again could be differenced against it"
+            )
         if round == t.round and t.signed:
             return (
                 f"a survivor set of round {round} was signed in an earlier attempt; a later "
@@ -107,6 +136,10 @@ class RoundLedger:
 
     def begin(self, round: int, weights: str) -> None:
         if round != self.training.round:
+            if self.training.trained:
+                self.trained_models = [*self.trained_models, self.training.weights][
+                    -TRAINED_MODELS_KEPT:
+                ]
             self.training = _Training(round=round, weights=weights)
             self._save()
 

@@ -173,6 +173,38 @@ async def test_3_an_attempt_that_never_reached_the_signatures_reuses_the_update(
         assert [stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()] == [0o600]
 
 
+async def test_3_a_model_already_trained_is_not_trained_again_under_a_new_round(tmp_path):
+    """Round 1 unmasks all four envoys; the director then "moves on" to round 2 (and later
+    round 3) without moving the model, leaving envoy-4 out: sum(round 1) - sum(round 2) would
+    be envoy-4's update up to the others' retraining noise. Nobody trains a model twice."""
+    fed = await started(tmp_path)
+    names = sorted(fed.envoy_cfgs)
+    keys = director_keys(fed)
+    async with ScriptedDirector(fed) as director:
+        await director.send(director.round_start(params=SECURE), round=1)
+        first = SecAggServer(
+            secagg_session(1, 0), SECURE, names, layout_length(), keys, federation=FED
+        )
+        await director.run_secagg(first, 1)
+        assert first.result is not None and first.survivors == frozenset(names)
+        moved = {k: v + 0.5 for k, v in initial().items()}
+        for r, weights in ((2, None), (3, moved), (4, None)):
+            # Round 3 trains a new model; rounds 2 and 4 bring back the model of round 1.
+            await director.send(
+                director.round_start(params=SECURE, selected=names[:3], weights=weights),
+                round=r,
+            )
+            await director.settle(1.0)
+        assert director.of_type(SecAggAdvertiseKeys, session=secagg_session(2, 0)) == []
+        assert director.of_type(SecAggAdvertiseKeys, session=secagg_session(4, 0)) == []
+    await fed.stop()
+    trained = {name: t.calls for name, t in fed.trainers.items()}
+    assert trained == {"envoy-1": 2, "envoy-2": 2, "envoy-3": 2, "envoy-4": 1}, trained
+    for name in names[:3]:
+        reasons = [reason for _, reason in fed.envoys[name].refused]
+        assert sum("already trained" in reason for reason in reasons) == 2, reasons
+
+
 # -- 8: the evaluation oracle -------------------------------------------------------------------
 
 
