@@ -110,11 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         version = run([fedbus, "--version"], empty, env).stdout.strip()
         require(version == f"fedbus {wheel_version(wheel)}", f"--version says {version!r}")
 
+        # Each hospital makes its own keys on its own host; provisioning gets the public halves.
+        for hospital in ("hospital-a", "hospital-b"):
+            run([fedbus, "envoy", "init", "--node-id", hospital, "--out", f"hosts/{hospital}"],
+                empty, env)  # fmt: skip
         run(
             [fedbus, "provision", "--federation", "smoke", "--envoys", "hospital-a,hospital-b",
+             "--public-keys", "hosts/hospital-a", "hosts/hospital-b",
              "--out", "kits", "--data", "/srv/xray/chest_xray"],
             empty, env,
         )  # fmt: skip
+        for hospital in ("hospital-a", "hospital-b"):
+            kit = {p.name for p in (empty / "kits" / hospital).iterdir()}
+            require("signing.key" not in kit, f"{hospital}'s kit holds its secret key: {kit}")
         template = tomllib.loads((REPO / "configs" / "director.toml").read_text())
         director = tomllib.loads((empty / "kits" / "director" / "director.toml").read_text())
         for table in ("train", "model", "secagg"):
