@@ -251,6 +251,9 @@ class PolicyConfig(_Section, frozen=True, kw_only=True):
     dropout_fraction: UnitFraction = DEFAULT_DROPOUT_FRACTION
     # The largest L2 norm bound of an update this envoy accepts from RoundStart.
     max_update_norm: PosFloat = DEFAULT_UPDATE_NORM
+    # The most local epochs a round may ask of this hospital's hardware: RoundStart's plan is
+    # the director's choice, and an envoy that trained 1000 epochs would be tied up for days.
+    max_local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     # Send updates and validation histograms in the clear when the director asks for it.
     insecure_plain_updates: bool = False
     # Seed training, augmentation and the bottleneck's noise from `seed` and the round

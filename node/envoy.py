@@ -321,6 +321,11 @@ class Envoy:
         """The round's contribution if the policy and the ledger allow it (else None, logged)."""
         kept = self._kept is not None and (self._kept.round, self._kept.weights) == (round, digest)
         reason = self.ledger.refuse_round(round, digest, kept=kept)
+        if not reason and rs.plan.local_epochs > self.policy.max_local_epochs:
+            reason = (
+                f"the round asks for {rs.plan.local_epochs} local epochs; this envoy's policy "
+                f"allows at most {self.policy.max_local_epochs} (policy.max_local_epochs)"
+            )
         if reason:
             self._refuse(round, reason)
             return None

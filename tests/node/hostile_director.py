@@ -104,12 +104,13 @@ class ScriptedDirector:
         attempt: int = 0,
         selected: Iterable[str] | None = None,
         weights: dict[str, np.ndarray] | None = None,
+        plan: TrainPlan | None = None,
         **extra: Any,
     ) -> RoundStart:
         return RoundStart(
             weights=state_from_numpy(weights if weights is not None else initial()),
             selected=sorted(selected if selected is not None else self.fed.envoy_cfgs),
-            plan=TrainPlan(local_epochs=1, batch_size=4, lr=0.1),
+            plan=plan or TrainPlan(local_epochs=1, batch_size=4, lr=0.1),
             deadlines={"training": 5.0},
             secagg=params,
             attempt=attempt,

@@ -26,6 +26,7 @@ from protocol.messages import (
     EvaluateRequest,
     EvaluateResult,
     Presence,
+    TrainPlan,
 )
 from protocol.secagg.common import EVALUATE
 from protocol.secagg.messages import (
@@ -102,6 +103,24 @@ async def test_2_an_update_norm_above_the_policy_is_refused(tmp_path):
         assert secagg_traffic(director) == []
     await fed.stop()
     assert all("max_update_norm" in e.refused[0][1] for e in fed.envoys.values())
+
+
+async def test_2_a_plan_beyond_the_envoys_epoch_bound_is_refused(tmp_path):
+    """The training plan is the director's; tying a hospital's hardware up for 1000 epochs
+    is not. Within the bound the same round trains."""
+    fed = await started(tmp_path)
+    greedy = TrainPlan(local_epochs=11, batch_size=4, lr=0.1)
+    async with ScriptedDirector(fed) as director:
+        await director.send(director.round_start(params=SECURE, plan=greedy), round=1)
+        await director.settle(1.0)
+        assert secagg_traffic(director) == []
+        fair = TrainPlan(local_epochs=10, batch_size=4, lr=0.1)
+        await director.send(director.round_start(params=SECURE, plan=fair), round=2)
+        while len(director.of_type(SecAggAdvertiseKeys)) < len(fed.envoys):
+            await asyncio.sleep(0.05)
+    await fed.stop()
+    assert all("policy.max_local_epochs" in e.refused[0][1] for e in fed.envoys.values())
+    assert all(t.calls == 1 for t in fed.trainers.values())
 
 
 # -- 3: one training, one survivor set per round ----------------------------------------------
