@@ -19,6 +19,7 @@ from node.config import DirectorConfig, EnvoyConfig, parse_config
 from node.director import Director
 from node.envoy import Envoy
 from node.export import read_model_spec
+from node.roundlog import read_records
 from node.trainer import make_trainer
 from node.ui.feed import public_view
 from protocol.stages import Stage
@@ -142,7 +143,7 @@ async def test_the_documented_package_federates_with_three_class_evaluation(tmp_
         await asyncio.wait_for(task, 30)  # they leave on the director's Shutdown
     assert rc == 0
 
-    records = [json.loads(line) for line in (tmp_path / "director" / "rounds.jsonl").open()]
+    records = read_records(tmp_path / "director")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert all(r["secure"] and r["survivors"] == ["envoy-1", "envoy-2"] for r in records)
     val = records[-1]["metrics"]["val"]

@@ -17,6 +17,7 @@ from node.config import ModelConfig
 from node.errors import ExitCode
 from node.export import export_model, write_model_spec
 from node.models import build_configured_model, initial_model_weights
+from node.roundlog import RoundLog
 from node.training.histograms import histogram_vector, metrics_from_vector
 from node.training.weights import set_weights
 from tests.byo.teamcode import team_module
@@ -73,9 +74,10 @@ def state_of(folder, model: ModelConfig):
             best_weights=weights,
             best_threshold=None,
             best_metrics=val,
-            records=[record],
+            last_record=record,
         ),
     )
+    RoundLog(folder).append(record)
     write_model_spec(folder, model)
     return weights
 
