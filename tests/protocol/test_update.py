@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError
@@ -232,6 +232,7 @@ def test_an_aggregate_outside_what_honest_updates_give_is_refused():
     bins=st.integers(2, 30),
     seed=st.integers(0, 2**16),
 )
+@example(m=1, classes=2, bins=2, seed=65536)  # one envoy without a validation image
 def test_evaluation_sums_are_exact_and_refused_out_of_range(m, classes, bins, seed):
     """The evaluation session carries node.training.histograms' vector for any number of
     classes (issue #13's multi-class layout) and sums it exactly."""
@@ -264,7 +265,8 @@ def test_evaluation_sums_are_exact_and_refused_out_of_range(m, classes, bins, se
     step = count_cap(m) * LOSS_CAP / (2**32 // m)  # one quantisation level of the loss
     assert got.loss_sum == pytest.approx(sum(losses), abs=2 * m * step + 1e-6)
     inflated = total.copy()
-    inflated[0] += np.uint32(m * count_cap(m))
+    # One image more than m envoys may hold between them (the sum may hold no image at all).
+    inflated[0] += np.uint32(m * count_cap(m) + 1)
     with pytest.raises(AggregateOutOfRange):
         decode_evaluation(layout, inflated, participants=m, summands=m)
     if classes > 2:
