@@ -668,7 +668,7 @@ class Director:
         deadline = stage_start + deadlines.get(stage, 60.0)
         members = set(participants)
         requests = StageRequests(opening or ())
-        retry = self._retry_schedule(stage_start)
+        retry = self._retry_schedule(stage_start, deadline - stage_start)
         reachable = self._reachable(agg.awaiting())
         while not agg.done:
             # Wake at least once a second to notice an awaited envoy that is back online.
@@ -716,15 +716,19 @@ class Director:
                 stage_start = self.clock()
                 deadline = stage_start + deadlines.get(stage, 60.0)
                 requests = StageRequests(outs)
-                retry = self._retry_schedule(stage_start)
+                retry = self._retry_schedule(stage_start, deadline - stage_start)
                 reachable = self._reachable(agg.awaiting())
                 self._set_stage(stage, deadline - self.clock())
             else:
                 requests.add(outs)
         stage_times[stage] = round(self.clock() - stage_start, 3)
 
-    def _retry_schedule(self, opened_at: float) -> RetrySchedule:
-        return RetrySchedule(self.cfg.retry.first_s, self.cfg.retry.max_s, opened_at)
+    def _retry_schedule(self, opened_at: float, span: float) -> RetrySchedule:
+        """The re-send schedule of a stage of `span` seconds: [retry], with waits of at most a
+        quarter of the stage, so a re-send that is lost too (a broker restart) still leaves
+        room for more before the deadline."""
+        max_s = min(self.cfg.retry.max_s, span / 4)
+        return RetrySchedule(min(self.cfg.retry.first_s, max_s), max_s, opened_at)
 
     def _reachable(self, names: Collection[str]) -> set[str]:
         return set(names) & set(self.online_envoys())
@@ -832,7 +836,7 @@ class Director:
         loss_sum = 0.0
         answered: set[str] = set()
         deadline = self.clock() + self.cfg.deadlines.evaluate
-        retry = self._retry_schedule(self.clock())
+        retry = self._retry_schedule(self.clock(), self.cfg.deadlines.evaluate)
         while answered != asked:
             env = await self._next(min(deadline, retry.due), lambda: asked - answered)
             if env is None:

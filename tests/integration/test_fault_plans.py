@@ -1,7 +1,8 @@
 """The shipped fault plans (configs/faults/*.toml) as whole federations with real processes:
 the ZeroMQ broker daemon, `fedbus director`, and seven light envoys (node.swarm), three
-rounds, --audit, the plan's own seed (and a second one for the crash plan). Plans that lose
-frames wait for retransmission (NOT_YET below).
+rounds, --audit, the plan's own seed (and a second one where it changes what happens). Lost
+frames are re-requested (node.retransmit), so no envoy is missing that the plan did not crash
+or cut off.
 
 The plans' timelines are written for the 20-round demo; here they are compressed tenfold
 (partitions and broker restarts land inside the three rounds) and start with the first round.
@@ -36,19 +37,6 @@ DEADLINES = {f"deadlines.{stage}": 5.0 for stage in CRASH_STAGES} | {
 # The processes need a few seconds (the director builds the model with torch) before round 1.
 PLAN_LEAD_S = 4.0
 
-# Lost stage messages are not re-requested yet (issue #16 point 1, phase 2): one lost
-# broadcast or answer costs a stage, so a plan with lossy links drops envoys that did not
-# crash (measured in benchmarks/faults). Such a run asserts nothing that holds today and costs
-# a minute or more of suite time, so these plans are listed here, not run, until stage
-# messages are re-requested; test_every_plan_is_covered keeps the list honest.
-NOT_YET = {
-    "lossy-links": "lost stage messages are not re-requested yet (#16 point 1)",
-    "chaos": "lost stage messages are not re-requested yet (#16 point 1)",
-    # Frames lost while the broker is down fail their attempt; once the envoys signed the
-    # attempt's survivor set they sit out the round's later attempts (issue #11), so a restart
-    # during consistency or unmask fails the round until lost messages are re-requested.
-    "broker-restart": "frames lost in a restart are not re-requested yet (#16 point 1)",
-}
 # A second seed only where it changes what happens (which frames a crash or cut-off hits);
 # one seed elsewhere keeps the suite short.
 SECOND_SEED = {"dropouts"}
@@ -56,8 +44,6 @@ SECOND_SEED = {"dropouts"}
 
 def _cases():
     for path in PLANS:
-        if path.stem in NOT_YET:
-            continue
         seed = FaultPlan.load(path).seed
         seeds = (seed, seed + 100) if path.stem in SECOND_SEED else (seed,)
         for s in seeds:
@@ -72,12 +58,6 @@ def test_every_plan_is_covered():
         "lossy-links",
         "partition",
     }
-    assert set(NOT_YET) <= {p.stem for p in PLANS}
-    # Only plans that lose frames (lossy links, broker restarts) wait for point 1.
-    for path in PLANS:
-        plan = FaultPlan.load(path)
-        loses_frames = bool(plan.links or plan.broker_restarts)
-        assert loses_frames == (path.stem in NOT_YET), path.stem
 
 
 @pytest.mark.parametrize(("path", "seed"), list(_cases()))
