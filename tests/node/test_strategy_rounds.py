@@ -114,10 +114,8 @@ async def test_resume_continues_the_momentum_exactly(tmp_path: Path) -> None:
     assert await run(stopped) == 0
     # Another optimiser cannot continue fedavgm's momentum: refused, naming both.
     other = msgspec.structs.replace(stopped.director_cfg.strategy, name="fedadam")
-    stopped.director_cfg = msgspec.structs.replace(
-        stopped.director_cfg, rounds=2, strategy=other
-    )
-    with pytest.raises(DirectorError, match="'fedavgm'.*'fedadam'"):
+    stopped.director_cfg = msgspec.structs.replace(stopped.director_cfg, rounds=2, strategy=other)
+    with pytest.raises(DirectorError, match=r"'fedavgm'.*'fedadam'"):
         await run(stopped, resume=True)
     stopped.director_cfg = msgspec.structs.replace(
         stopped.director_cfg, strategy=straight.director_cfg.strategy
