@@ -184,9 +184,10 @@ class FedAvgM(_Stateful):
         self.server_lr, self.momentum = server_lr, momentum
 
     def _step(self, name: str, delta: np.ndarray) -> np.ndarray:
-        m = self.momentum * self._slot("momentum", name, delta) + delta
+        m: np.ndarray = self.momentum * self._slot("momentum", name, delta) + delta
         self._keep("momentum", name, m)
-        return self.server_lr * m
+        step: np.ndarray = self.server_lr * m
+        return step
 
 
 class FedAdam(_Stateful):
@@ -220,7 +221,8 @@ class FedYogi(FedAdam):
     name = "fedyogi"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        return v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        out: np.ndarray = v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        return out
 
 
 def build_strategy(cfg: StrategyConfig, buffers: Iterable[str] = ()) -> Strategy:
