@@ -3,8 +3,8 @@
 `STATE_DIR/checkpoint.msgpack` holds the last completed round, the global weights, the server
 optimiser's state (node.strategy: its name and, for fedavgm / fedadam / fedyogi, the moments
 it steps with), the best model by validation (weights, round, threshold, metrics) and the
-record of the last completed round. Its size does not depend on how many rounds came before: the history of rounds lives in
-the append-only round log (node.roundlog).
+record of the last completed round. Its size does not depend on how many rounds came before:
+the history of rounds lives in the append-only round log (node.roundlog).
 
 On disk a checkpoint is a MessagePack envelope ``{format, version, sha256, payload}``: the
 payload is the encoded `Checkpoint`, and the SHA-256 digest covers it, so a flipped bit or a
