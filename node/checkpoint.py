@@ -1,9 +1,10 @@
 """Verified, atomic checkpoints of the director's federation state.
 
-`STATE_DIR/checkpoint.msgpack` holds the last completed round, the global weights, the best
-model by validation (weights, round, threshold, metrics) and the record of the last completed
-round. Its size does not depend on how many rounds came before: the history of rounds lives in
-the append-only round log (node.roundlog).
+`STATE_DIR/checkpoint.msgpack` holds the last completed round, the global weights, the server
+optimiser's state (node.strategy: its name and, for fedavgm / fedadam / fedyogi, the moments
+it steps with), the best model by validation (weights, round, threshold, metrics) and the
+record of the last completed round. Its size does not depend on how many rounds came before:
+the history of rounds lives in the append-only round log (node.roundlog).
 
 On disk a checkpoint is a MessagePack envelope ``{format, version, sha256, payload}``: the
 payload is the encoded `Checkpoint`, and the SHA-256 digest covers it, so a flipped bit or a
@@ -42,6 +43,7 @@ __all__ = [
     "PREVIOUS_NAME",
     "Checkpoint",
     "CheckpointError",
+    "StrategyState",
     "decode_checkpoint",
     "encode_checkpoint",
     "load_checkpoint",
@@ -53,6 +55,8 @@ CHECKPOINT_NAME = "checkpoint.msgpack"
 PREVIOUS_NAME = "checkpoint.prev.msgpack"
 FORMAT = "fedbus-checkpoint"
 # 1: no envelope, every round's record inside; 2: checksummed envelope, last record only.
+# Fields added with a default (such as `strategy`) keep the version: a format 2 file written
+# before them decodes with the default.
 FORMAT_VERSION = 2
 
 
@@ -62,10 +66,22 @@ class CheckpointError(FedbusError, RuntimeError):
     exit_code = ExitCode.STATE
 
 
+class StrategyState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The server optimiser that produced the weights, and its state (node.strategy)."""
+
+    name: str
+    state: dict[str, Tensor] = {}
+
+    def state_numpy(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in state_to_numpy(self.state).items()}
+
+
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     federation: str
     round: int  # last completed round (0 = only the initial weights)
     weights: dict[str, Tensor]
+    # None in checkpoints written before server optimisers were configurable: plain FedAvg.
+    strategy: StrategyState | None = None
     best_round: int | None = None
     best_weights: dict[str, Tensor] | None = None
     best_threshold: float | None = None
@@ -95,6 +111,8 @@ def make_checkpoint(
     federation: str,
     round: int,
     weights: Mapping[str, np.ndarray],
+    strategy: str | None = None,
+    strategy_state: Mapping[str, np.ndarray] | None = None,
     best_round: int | None = None,
     best_weights: Mapping[str, np.ndarray] | None = None,
     best_threshold: float | None = None,
@@ -105,6 +123,9 @@ def make_checkpoint(
         federation=federation,
         round=round,
         weights=state_from_numpy(weights),
+        strategy=None
+        if strategy is None
+        else StrategyState(name=strategy, state=state_from_numpy(strategy_state or {})),
         best_round=best_round,
         best_weights=None if best_weights is None else state_from_numpy(best_weights),
         best_threshold=best_threshold,

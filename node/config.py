@@ -18,11 +18,12 @@ import msgspec
 
 from broker.files import read_toml
 from node.entrypoints import ENTRY_POINT_PATTERN
+from node.strategy import StrategyConfig
 from node.training.device import DEVICE_SPEC_PATTERN
 from node.ui.config import UiConfig
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.configfile import convert_config
-from protocol.messages import DEFAULT_UPDATE_NORM
+from protocol.messages import DEFAULT_UPDATE_NORM, ProxMu
 from protocol.secagg.policy import DEFAULT_CORRUPT_FRACTION, DEFAULT_DROPOUT_FRACTION, ClientPolicy
 from protocol.types import NodeId
 
@@ -254,6 +255,9 @@ class PolicyConfig(_Section, frozen=True, kw_only=True):
     # The most local epochs a round may ask of this hospital's hardware: RoundStart's plan is
     # the director's choice, and an envoy that trained 1000 epochs would be tied up for days.
     max_local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    # The largest FedProx coefficient a round may ask for: a large mu pins local training to
+    # the global model (this hospital's data would barely count), and lr * mu > 2 diverges.
+    max_prox_mu: ProxMu = 1.0
     # Send updates and validation histograms in the clear when the director asks for it.
     insecure_plain_updates: bool = False
     # Seed training, augmentation and the bottleneck's noise from `seed` and the round
@@ -429,6 +433,10 @@ class TrainDefaults(_Section, frozen=True, kw_only=True):
     weight_decay: Annotated[float, msgspec.Meta(ge=0, le=1)] = 5e-4
     kl_beta: NonNegFloat = 1e-3
     augment: bool = True
+    # FedProx (Li et al. 2020): each envoy adds mu/2 ||w - w_global||^2 to its local loss;
+    # 0 = plain local training. Envoys refuse mu above their [policy] max_prox_mu, and an
+    # envoy training with differential privacy refuses any mu > 0.
+    prox_mu: ProxMu = 0.0
 
 
 class LrSchedule(_Section, frozen=True, kw_only=True):
@@ -512,6 +520,9 @@ class DirectorConfig(_Section, frozen=True, kw_only=True):
     lr_schedule: LrSchedule = msgspec.field(default_factory=LrSchedule)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     secagg: SecAggConfig = msgspec.field(default_factory=SecAggConfig)
+    # How the round's mean update moves the global model (node.strategy): fedavg (default),
+    # fedavgm, fedadam or fedyogi; their state is checkpointed with the weights.
+    strategy: StrategyConfig = msgspec.field(default_factory=StrategyConfig)
     # The only way to send plain (unmasked) updates: the director then sees each envoy's update.
     insecure_plain_aggregation: bool = False
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)

@@ -54,6 +54,7 @@ from node.monitoring import Monitor
 from node.presence import Envoys, select_participants
 from node.retransmit import RetrySchedule, StageRequests, resend_plan
 from node.state import FederationState, StateStore
+from node.strategy import Strategy, build_strategy, is_buffer_name
 from node.training.histograms import (
     EvaluationError,
     check_vector,
@@ -130,6 +131,7 @@ def train_plan_for_round(cfg: DirectorConfig, round: int) -> TrainPlan:
         weight_decay=t.weight_decay,
         kl_beta=t.kl_beta,
         augment=t.augment,
+        prox_mu=t.prox_mu,
     )
 
 
@@ -212,6 +214,7 @@ class Director:
         self.stage: str = "starting"
         self.state = FederationState(0, {})
         self.layout: Layout | None = None
+        self.strategy: Strategy | None = None  # the server optimiser, once the weights are known
         self._readers: list[asyncio.Task[None]] = []
         self._first_round = True
         self.failure: str | None = None  # why the director stopped early (status.json)
@@ -241,6 +244,7 @@ class Director:
                 0, weights if weights is not None else initial_weights(self.cfg)
             )
             self.layout = Layout.of(self.state.weights)
+            self._start_strategy()
             self.store.save_checkpoint(self.state)
             return 1
         if ckpt.federation != self.cfg.federation:
@@ -251,8 +255,45 @@ class Director:
         # A crash may sit between the checkpoint and the round log: the checkpoint wins.
         self.state = FederationState.from_checkpoint(ckpt, self.store.load_records(ckpt))
         self.layout = Layout.of(self.state.weights)
+        self._start_strategy()
         self.log.info("resumed", last_completed_round=ckpt.round)
         return ckpt.round + 1
+
+    def _start_strategy(self) -> None:
+        """The configured server optimiser, continuing the state the checkpoint carries.
+
+        State kept by another optimiser than the configured one cannot be continued (Adam's
+        moments are no momentum buffer): refused, rather than silently dropped. A checkpoint
+        without state (a new federation, plain FedAvg, or one written before optimisers were
+        configurable) starts the optimiser afresh.
+        """
+        cfg = self.cfg.strategy
+        weights = self.state.weights
+        strategy = build_strategy(cfg, buffers=[n for n in weights if is_buffer_name(n)])
+        kept, was = self.state.strategy_state, self.state.strategy
+        where = self.store.state_dir
+        if kept and was != cfg.name:
+            raise DirectorError(
+                f"{where}: the checkpoint carries the state of server optimiser {was!r}, "
+                f"which [strategy] name = {cfg.name!r} cannot continue: set name = {was!r} "
+                "to resume this federation, or start a new state_dir"
+            )
+        try:
+            strategy.load_state(kept, weights)
+        except ValueError as exc:
+            raise DirectorError(
+                f"{where}: the checkpoint's {cfg.name} state does not fit its weights ({exc}); "
+                "start a new state_dir"
+            ) from None
+        self.strategy = strategy
+        self.state.strategy = cfg.name
+        self.log.info(
+            "strategy",
+            name=cfg.name,
+            server_lr=getattr(strategy, "server_lr", None),
+            continued=bool(kept),
+            prox_mu=self.cfg.train.prox_mu,
+        )
 
     def _set_stage(self, stage: str, seconds: float | None = None) -> None:
         """Enter `stage`, which closes in `seconds` (None: no deadline)."""
@@ -627,11 +668,11 @@ class Director:
         return opening
 
     def _apply(self, r: int, result: AggregateResult) -> None:
-        """The round's mean update onto the global model (and, with --audit, its raw sum)."""
-        weights = self.state.weights
-        self.state.weights = {
-            name: (weights[name] + result.mean_delta[name]).astype(np.float32) for name in weights
-        }
+        """The round's mean update onto the global model through the server optimiser (BN
+        running statistics take the plain mean), and, with --audit, its raw sum."""
+        assert self.strategy is not None
+        self.state.weights = self.strategy.apply(self.state.weights, result.mean_delta)
+        self.state.strategy_state = self.strategy.state()
         if self.cfg.audit and result.unmasked_sum is not None:
             self.store.write_audit(r, result.unmasked_sum, result.survivors)
 

@@ -70,6 +70,7 @@ from protocol.messages import (
     RoundEnd,
     RoundStart,
     Shutdown,
+    TrainPlan,
 )
 from protocol.secagg.update import Layout, UpdateNotFinite, update_norm
 from protocol.stages import Stage
@@ -356,11 +357,8 @@ class Envoy:
         """The round's contribution if the policy and the ledger allow it (else None, logged)."""
         kept = self._kept is not None and (self._kept.round, self._kept.weights) == (round, digest)
         reason = self.ledger.refuse_round(round, digest, kept=kept)
-        if not reason and rs.plan.local_epochs > self.policy.max_local_epochs:
-            reason = (
-                f"the round asks for {rs.plan.local_epochs} local epochs; this envoy's policy "
-                f"allows at most {self.policy.max_local_epochs} (policy.max_local_epochs)"
-            )
+        if not reason:
+            reason = self._refuse_plan(rs.plan)
         if reason:
             self._refuse(round, reason)
             return None
@@ -398,6 +396,29 @@ class Envoy:
             )
         self.ledger.begin(round, digest)
         return contribution
+
+    def _refuse_plan(self, plan: TrainPlan) -> str:
+        """Why this envoy will not train as `plan` says ("" if it will): the plan is the
+        director's choice, the hospital's hardware and training are not."""
+        if plan.local_epochs > self.policy.max_local_epochs:
+            return (
+                f"the round asks for {plan.local_epochs} local epochs; this envoy's policy "
+                f"allows at most {self.policy.max_local_epochs} (policy.max_local_epochs)"
+            )
+        if plan.prox_mu > self.policy.max_prox_mu:
+            return (
+                f"the round asks for FedProx prox_mu {plan.prox_mu:g}; this envoy's policy "
+                f"allows at most {self.policy.max_prox_mu:g} (policy.max_prox_mu)"
+            )
+        if plan.prox_mu and self.cfg.train.privacy is not None:
+            # Checked here, before the envoy joins the round, not as a failed training run
+            # that would leave its partners waiting for an update that never comes.
+            return (
+                f"the round asks for FedProx prox_mu {plan.prox_mu:g}; this envoy trains with "
+                "differential privacy (train.privacy), whose DP-SGD takes no proximal term: "
+                "the director's [train] prox_mu must be 0 for it"
+            )
+        return ""
 
     async def _run_round(self, round: int, rs: RoundStart, answers: Answers) -> None:
         set_round(round, Stage.TRAINING)

@@ -1,7 +1,8 @@
 """The director's state folder: what survives a restart, and what others read while it runs.
 
-    checkpoint.msgpack       the last completed round, global weights, best model and the last
-                             round's record, checksummed (node.checkpoint)
+    checkpoint.msgpack       the last completed round, global weights, the server optimiser's
+                             state, best model and the last round's record, checksummed
+                             (node.checkpoint)
     checkpoint.prev.msgpack  the checkpoint before it, kept in case the last one rots
     rounds.jsonl             every completed round's record, one checksummed line each,
                              append-only (node.roundlog; node.status and the UI read it)
@@ -79,6 +80,10 @@ class FederationState:
     weights: dict[str, np.ndarray]
     records: list[dict[str, Any]] = field(default_factory=list)
     best: BestModel | None = None
+    # The server optimiser that produced `weights` and its state (node.strategy); None: a
+    # checkpoint from before optimisers were configurable, i.e. plain FedAvg.
+    strategy: str | None = None
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(
@@ -93,7 +98,15 @@ class FederationState:
                 threshold=ckpt.best_threshold,
                 metrics=ckpt.best_metrics or {},
             )
-        return cls(ckpt.round, ckpt.weights_numpy(), list(records or []), best)
+        strategy = ckpt.strategy
+        return cls(
+            ckpt.round,
+            ckpt.weights_numpy(),
+            list(records or []),
+            best,
+            strategy=strategy.name if strategy else None,
+            strategy_state=strategy.state_numpy() if strategy else {},
+        )
 
     def consider_best(self, round: int, val: dict[str, Any] | None) -> None:
         """Keep the current weights as the best model if their validation AUC is the best."""
@@ -196,6 +209,8 @@ class StateStore:
             federation=self.federation,
             round=state.round,
             weights=state.weights,
+            strategy=state.strategy,
+            strategy_state=state.strategy_state,
             best_round=best.round if best else None,
             best_weights=best.weights if best else None,
             best_threshold=best.threshold if best else None,

@@ -18,9 +18,12 @@ not huge), m at 0. BatchNorm running statistics are estimates, not parameters: t
 the optimiser and take the plain mean (w += delta), whatever the strategy. The names of
 such entries are given at construction (`buffers`).
 
-Strategies hold state (m, v) that the director must checkpoint with the weights; `state()`
-and `load_state()` give and take it as plain float32 arrays. A strategy is a pure function
-of (its state, weights, delta): deterministic, so a resumed director continues exactly.
+Strategies hold state (m, v) that the director checkpoints with the weights; `state()` and
+`load_state()` give and take it as plain float32 arrays. Each step computes in float64 from
+the float32 state and keeps the new state as float32 (as torch's optimisers keep theirs in
+the parameters' dtype), so the state in memory is exactly the state a checkpoint holds: a
+strategy is a pure function of (its state, weights, delta), and a director resumed from a
+checkpoint continues bit for bit as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -64,16 +67,20 @@ class Strategy(abc.ABC):
     def apply(
         self, weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """The next global weights (new arrays; the inputs are not modified)."""
+        """The next global weights (new arrays; the inputs are not modified). A delta that
+        does not fit the weights is a ValueError before any state changes."""
         if set(weights) != set(delta):
             missing = sorted(set(weights) ^ set(delta))
             raise ValueError(f"update and weights differ in entries: {missing[:5]}")
+        for name, w in weights.items():
+            if np.shape(w) != np.shape(delta[name]):
+                raise ValueError(
+                    f"update {name} has shape {np.shape(delta[name])}, weights {np.shape(w)}"
+                )
         out: dict[str, np.ndarray] = {}
         for name, w in weights.items():
             w64 = np.asarray(w, np.float64)
             d64 = np.asarray(delta[name], np.float64)
-            if w64.shape != d64.shape:
-                raise ValueError(f"update {name} has shape {d64.shape}, weights {w64.shape}")
             step = d64 if name in self.buffers else self._step(name, d64)
             out[name] = (w64 + step).astype(np.float32)
         return out
@@ -83,9 +90,16 @@ class Strategy(abc.ABC):
         """The change of one parameter tensor this round (updates the state)."""
 
     def state(self) -> dict[str, np.ndarray]:
+        """The optimiser state to checkpoint: float32 copies, "<slot>/<weight name>"."""
         return {}
 
-    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+    def load_state(
+        self,
+        state: Mapping[str, np.ndarray],
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Continue from `state()` of an earlier instance; with `weights`, every state tensor
+        must fit one of them (ValueError otherwise, and nothing is loaded)."""
         if state:
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:5]}")
 
@@ -111,25 +125,52 @@ class _Stateful(Strategy):
         self._state: dict[str, np.ndarray] = {}
 
     def _slot(self, slot: str, name: str, like: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """A float64 working copy of one state tensor (`fill` before its first step)."""
         key = f"{slot}/{name}"
-        if key not in self._state:
-            self._state[key] = np.full(like.shape, fill, np.float64)
-        elif self._state[key].shape != like.shape:
-            raise ValueError(f"state {key} has shape {self._state[key].shape}, not {like.shape}")
-        return self._state[key]
+        kept = self._state.get(key)
+        if kept is None:
+            return np.full(like.shape, fill, np.float64)
+        if kept.shape != like.shape:
+            raise ValueError(f"state {key} has shape {kept.shape}, not {like.shape}")
+        return kept.astype(np.float64)
+
+    def _keep(self, slot: str, name: str, value: np.ndarray) -> None:
+        self._state[f"{slot}/{name}"] = value.astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {k: v.astype(np.float32) for k, v in self._state.items()}
+        return {k: v.copy() for k, v in self._state.items()}
 
-    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+    def load_state(
+        self,
+        state: Mapping[str, np.ndarray],
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         bad = [k for k in state if k.split("/", 1)[0] not in self.slots]
         if bad:
             raise ValueError(f"{self.name} has no state {bad[:5]}")
+        loaded: dict[str, np.ndarray] = {}
         for k, v in state.items():
-            arr = np.asarray(v, np.float64)
+            arr = np.array(v, np.float32)
             if not np.isfinite(arr).all():
                 raise ValueError(f"state {k} is not finite")
-            self._state[k] = arr.copy()
+            if weights is not None:
+                _check_fits(k, arr, weights, self.buffers)
+            loaded[k] = arr
+        self._state = loaded
+
+
+def _check_fits(
+    key: str, state: np.ndarray, weights: Mapping[str, np.ndarray], buffers: frozenset[str]
+) -> None:
+    """A state tensor must belong to a stepped weight of the same shape: state kept for
+    another model would otherwise surface as a shape error in the middle of a round."""
+    name = key.split("/", 1)[1] if "/" in key else ""
+    if name not in weights or name in buffers:
+        raise ValueError(f"state {key} belongs to no weight the strategy steps")
+    if state.shape != np.shape(weights[name]):
+        raise ValueError(
+            f"state {key} has shape {state.shape}, the weight {np.shape(weights[name])}"
+        )
 
 
 class FedAvgM(_Stateful):
@@ -143,10 +184,10 @@ class FedAvgM(_Stateful):
         self.server_lr, self.momentum = server_lr, momentum
 
     def _step(self, name: str, delta: np.ndarray) -> np.ndarray:
-        m = self._slot("momentum", name, delta)
-        m *= self.momentum
-        m += delta
-        return self.server_lr * m
+        m: np.ndarray = self.momentum * self._slot("momentum", name, delta) + delta
+        self._keep("momentum", name, m)
+        step: np.ndarray = self.server_lr * m
+        return step
 
 
 class FedAdam(_Stateful):
@@ -164,16 +205,14 @@ class FedAdam(_Stateful):
         super().__init__(buffers)
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
 
-    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> None:
-        v *= self.beta2
-        v += (1 - self.beta2) * d2
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1 - self.beta2) * d2
 
     def _step(self, name: str, delta: np.ndarray) -> np.ndarray:
-        m = self._slot("m", name, delta)
-        v = self._slot("v", name, delta, fill=self.tau**2)
-        m *= self.beta1
-        m += (1 - self.beta1) * delta
-        self._second_moment(v, delta * delta)
+        m = self.beta1 * self._slot("m", name, delta) + (1 - self.beta1) * delta
+        v = self._second_moment(self._slot("v", name, delta, fill=self.tau**2), delta * delta)
+        self._keep("m", name, m)
+        self._keep("v", name, v)
         step: np.ndarray = self.server_lr * m / (np.sqrt(v) + self.tau)
         return step
 
@@ -181,8 +220,9 @@ class FedAdam(_Stateful):
 class FedYogi(FedAdam):
     name = "fedyogi"
 
-    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> None:
-        v -= (1 - self.beta2) * d2 * np.sign(v - d2)
+    def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        out: np.ndarray = v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        return out
 
 
 def build_strategy(cfg: StrategyConfig, buffers: Iterable[str] = ()) -> Strategy:

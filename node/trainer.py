@@ -4,7 +4,8 @@ The envoy's round code (node.envoy) only sees a `Trainer`:
 
 * ``train(weights, plan, *, seed) -> (new_weights, num_samples, mean_loss)``: start from the
   global weights, train on this envoy's data as the round's `TrainPlan` says (local_epochs,
-  batch_size, lr, momentum, weight_decay, kl_beta, augment), return the new weights (same
+  batch_size, lr, momentum, weight_decay, kl_beta, augment, and prox_mu: FedProx's
+  mu/2 ||w - w_global||^2 added to the loss, 0 = none), return the new weights (same
   names and shapes), how many samples they were trained on (the FedAvg weight) and the
   mean training loss. `seed` seeds everything random in the step;
 * ``evaluate(weights) -> Predictions``: score this envoy's validation split with the given
@@ -134,7 +135,13 @@ class TorchTrainer:
             result = self.privacy.train(plan, seed=seed)
         else:
             res = train_local(
-                self.model, ctx.train_data, None, plan, seed=seed, workers=ctx.workers
+                self.model,
+                ctx.train_data,
+                None,
+                plan,
+                seed=seed,
+                workers=ctx.workers,
+                prox_mu=plan.prox_mu,
             )
             result = (ctx.get_weights(self.model), int(res.num_samples), float(res.loss))
         log_bottleneck_snr(self.model)
@@ -231,7 +238,7 @@ class PrivateTraining:
         noise = torch.Generator(device).manual_seed(secret_seed())
         res = train_local(
             self.model, self.records.images, self.records.labels, plan, seed=seed,
-            privacy=self.dp, noise=noise,
+            privacy=self.dp, noise=noise, prox_mu=plan.prox_mu,
         )  # fmt: skip
         spend = getattr(res, "spend", None)
         assert spend is not None

@@ -36,6 +36,9 @@ Histograms = Annotated[list[Count], msgspec.Meta(max_length=MAX_HISTOGRAM)]
 # The L2 bound of an envoy's update when the director's config names none.
 DEFAULT_UPDATE_NORM = 100.0
 UpdateNorm = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
+# FedProx's proximal coefficient mu (0 = none). Steps of lr * mu > 2 would overshoot the
+# global model; 100 is far past any useful value (Li et al. 2020 try 0.001 to 1).
+ProxMu = Annotated[float, msgspec.Meta(ge=0, le=100)]
 # A model fingerprint: 32 hex digits of SHA-256 over a ModelSummary (node.modelcheck).
 Fingerprint = Annotated[str, msgspec.Meta(pattern="^([0-9a-f]{32})?$")]
 MAX_LAYERS = 100_000
@@ -80,6 +83,9 @@ class TrainPlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weight_decay: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     kl_beta: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     augment: bool = True
+    # FedProx: local training adds mu/2 ||w - w_global||^2 to its loss. A default, so frames
+    # of directors that predate it decode (as mu = 0, which is what they meant).
+    prox_mu: ProxMu = 0.0
 
 
 class RoundStart(Message, frozen=True):

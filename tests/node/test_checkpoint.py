@@ -4,6 +4,7 @@ round twice; disk errors and a second director end the director with exit code S
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import os
@@ -58,6 +59,61 @@ def test_roundtrip(tmp_path):
         np.testing.assert_array_equal(back.weights_numpy()[k], v)
     for k, v in weights(0.5).items():
         np.testing.assert_array_equal(back.best_weights_numpy()[k], v)
+
+
+def test_the_server_optimisers_state_round_trips_exactly(tmp_path):
+    moments = {"m/a": weights(0.1)["a"], "v/a": weights(1e-6)["a"]}
+    c = make_checkpoint(
+        federation="f", round=2, weights=weights(1.0), strategy="fedadam", strategy_state=moments
+    )
+    save_checkpoint(tmp_path, c)
+    back = load_checkpoint(tmp_path)
+    assert back.strategy is not None and back.strategy.name == "fedadam"
+    state = back.strategy.state_numpy()
+    assert sorted(state) == ["m/a", "v/a"]
+    for k, v in moments.items():
+        np.testing.assert_array_equal(state[k], v)
+        assert state[k].dtype == np.float32
+    # A stateless optimiser records its name and no state.
+    plain = make_checkpoint(federation="f", round=2, weights=weights(1.0), strategy="fedavg")
+    assert plain.strategy.name == "fedavg" and plain.strategy.state == {}
+
+
+# Written by fedbus at 18f1a27 (format 2, before [strategy]): make_checkpoint(federation=
+# "fedtest", round=1, weights={"conv.weight": 0.875 (2 x 3), "fc.bias": 0.75 (4)},
+# last_record={"round": 1, "attempt": 0, "survivors": ["envoy-1", "envoy-2", "envoy-3"]}).
+BEFORE_STRATEGIES = base64.b64decode(
+    "hKZmb3JtYXSxZmVkYnVzLWNoZWNrcG9pbnSndmVyc2lvbgKmc2hhMjU2xCCm2BLhCZSsyX26a0SQoxvQn43HT2du"
+    "gK+amKRhvJhFE6dwYXlsb2FkxOuIqmZlZGVyYXRpb26nZmVkdGVzdKVyb3VuZAGnd2VpZ2h0c4KrY29udi53ZWln"
+    "aHSTozxmNJICA8QYAABgPwAAYD8AAGA/AABgPwAAYD8AAGA/p2ZjLmJpYXOTozxmNJEExBAAAEA/AABAPwAAQD8A"
+    "AEA/qmJlc3Rfcm91bmTArGJlc3Rfd2VpZ2h0c8CuYmVzdF90aHJlc2hvbGTArGJlc3RfbWV0cmljc8CrbGFzdF9y"
+    "ZWNvcmSDpXJvdW5kAadhdHRlbXB0AKlzdXJ2aXZvcnOTp2Vudm95LTGnZW52b3ktMqdlbnZveS0z"
+)
+
+
+async def test_a_checkpoint_from_before_server_optimisers_resumes_under_fedavgm(tmp_path):
+    """It loads as plain FedAvg (no optimiser state) and a fedavgm federation continues it
+    with fresh momentum: round 2 is one momentum step from round 1's weights."""
+    fed = make_fed(tmp_path, 3, secure=False, rounds=2, strategy={"name": "fedavgm"})
+    state_dir = tmp_path / "director"
+    state_dir.mkdir()
+    (state_dir / ck.CHECKPOINT_NAME).write_bytes(BEFORE_STRATEGIES)
+    old = load_checkpoint(state_dir)
+    assert old.round == 1 and old.strategy is None
+    assert FederationState.from_checkpoint(old).strategy is None
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    assert await _run(fed, resume=True) == 0
+    await fed.stop()
+    assert [r["round"] for r in fed.records()] == [1, 2]  # round 1's record from the checkpoint
+    now = load_checkpoint(state_dir)
+    assert now.round == 2 and now.strategy.name == "fedavgm"
+    tot = sum(t.num_samples for t in fed.trainers.values())
+    target = sum(t.num_samples * t.target for t in fed.trainers.values()) / tot
+    for k, v in old.weights_numpy().items():
+        delta = 0.5 * (target - v.astype(np.float64))  # the momentum starts at 0: m = delta
+        np.testing.assert_allclose(now.weights_numpy()[k], v + delta, rtol=1e-6)
+        np.testing.assert_allclose(now.strategy.state_numpy()[f"momentum/{k}"], delta, rtol=1e-6)
 
 
 def test_no_checkpoint_is_none(tmp_path):

@@ -24,7 +24,8 @@ from node.config import (
     model_kwargs,
     parse_config,
 )
-from node.director import validation_metrics
+from node.director import train_plan_for_round, validation_metrics
+from node.strategy import StrategyConfig
 from node.training.histograms import histogram_vector
 from protocol.configfile import ConfigError, dump_toml
 
@@ -39,11 +40,12 @@ DIRECTOR: dict[str, Any] = {
     "target_envoys": 5,
     "participation": 0.8,
     "deadlines": {"training": 10.0, "share_keys": 5.0},
-    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
+    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1, "prox_mu": 0.01},
     "lr_schedule": {"kind": "cosine", "min_lr": 0.001},
     "model": {"arch": "cnn", "defense": "cvb", "width": 16},
     "secagg": {"clip": 0.5},
     "eval": {"bins": 50},
+    "strategy": {"name": "fedavgm", "server_lr": 0.8, "momentum": 0.5},
 }
 ENVOY: dict[str, Any] = {
     "node_id": "envoy-1",
@@ -57,6 +59,7 @@ ENVOY: dict[str, Any] = {
         "partition": {"scheme": "dirichlet", "alpha": 0.5, "index": 1, "count": 3, "seed": 0},
     },
     "model": {"arch": "cnn", "defense": "cvb"},
+    "policy": {"max_local_epochs": 5, "max_prox_mu": 0.1},
 }
 
 
@@ -78,6 +81,9 @@ def test_templates_in_configs_load():
     assert d.eval.operating_point == "binormal"
     assert EvalConfig().operating_point == "youden"
     assert model_kwargs(e.model)["arch"] == d.model.arch
+    # Plain FedAvg without a proximal term: what every federation ran before [strategy].
+    assert d.strategy == StrategyConfig() and d.train.prox_mu == 0.0
+    assert e.policy.max_prox_mu == 1.0
     # Paths are resolved against the config file's folder.
     assert Path(d.state_dir).is_absolute()
     assert (
@@ -89,7 +95,10 @@ def test_valid_configs_roundtrip(tmp_path):
     d = load_director_config(write(tmp_path, "d.toml", DIRECTOR))
     assert d.rounds == 3 and d.deadlines.training == 10.0 and d.deadlines.unmask == 30.0
     assert d.state_dir == str(tmp_path / "state")
+    assert d.strategy == StrategyConfig(name="fedavgm", server_lr=0.8, momentum=0.5)
+    assert train_plan_for_round(d, 1).prox_mu == 0.01
     e = load_envoy_config(write(tmp_path, "e.toml", ENVOY))
+    assert e.policy.max_prox_mu == 0.1
     assert e.data.partition.index == 1 and e.data.path == str(tmp_path / "data/pneumoniamnist.npz")
 
 
@@ -102,6 +111,11 @@ def test_valid_configs_roundtrip(tmp_path):
         (lambda d: d.update(bus_url="http://x"), "bus_url"),
         (lambda d: d["deadlines"].update(share_keys=-1.0), "deadlines.share_keys"),
         (lambda d: d["train"].update(lr="fast"), "train.lr"),
+        (lambda d: d["train"].update(prox_mu=-0.1), "train.prox_mu"),
+        (lambda d: d["strategy"].update(name="fedsgd"), "strategy.name"),
+        (lambda d: d["strategy"].update(momentum=1.0), "strategy.momentum"),
+        (lambda d: d["strategy"].update(server_lr=0), "strategy.server_lr"),
+        (lambda d: d["strategy"].update(beta_2=0.9), "beta_2"),
         (lambda d: d["model"].update(defense="vae"), "model.defense"),
         (lambda d: d.update(eval={"operating_point": "argmax"}), "eval.operating_point"),
         (lambda d: d.update(eval={"target_sensitivity": 1.5}), "eval.target_sensitivity"),
@@ -128,6 +142,15 @@ def test_cross_field_check_names_file(tmp_path):
     path = write(tmp_path, "director.toml", data)
     with pytest.raises(ConfigError, match=re.escape(str(path)) + ".*target_envoys"):
         load_director_config(path)
+
+
+@pytest.mark.parametrize("bound", [-0.5, 101.0, float("nan")])
+def test_an_envoy_prox_mu_bound_outside_its_range_names_the_field(tmp_path, bound):
+    data = copy.deepcopy(ENVOY)
+    data["policy"]["max_prox_mu"] = bound
+    path = write(tmp_path, "envoy.toml", data)
+    with pytest.raises(ConfigError, match=re.escape(str(path)) + ".*policy.max_prox_mu"):
+        load_envoy_config(path)
 
 
 def test_envoy_cannot_take_the_broadcast_name(tmp_path):

@@ -12,13 +12,14 @@ import asyncio
 import math
 import stat
 
+import msgspec
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
 from crypto.quantize import quantize
 from node.checkpoint import load_checkpoint
-from node.config import EnvoyConfig, parse_config
+from node.config import EnvoyConfig, PrivacySettings, parse_config
 from node.contribution import SecureContribution
 from node.training.seeds import reproducible_seed
 from protocol.configfile import ConfigError
@@ -121,6 +122,51 @@ async def test_2_a_plan_beyond_the_envoys_epoch_bound_is_refused(tmp_path):
     await fed.stop()
     assert all("policy.max_local_epochs" in e.refused[0][1] for e in fed.envoys.values())
     assert all(t.calls == 1 for t in fed.trainers.values())
+
+
+async def test_2_a_prox_mu_beyond_the_envoys_bound_is_refused(tmp_path):
+    """FedProx's mu is the director's to ask for and the hospital's to bound: past it, nothing
+    is sent (not even keys); at the bound the round trains."""
+    fed = await started(tmp_path)
+    pinned = TrainPlan(local_epochs=1, batch_size=4, lr=0.1, prox_mu=1.5)
+    async with ScriptedDirector(fed) as director:
+        await director.send(director.round_start(params=SECURE, plan=pinned), round=1)
+        await director.settle(1.0)
+        assert secagg_traffic(director) == []
+        fair = TrainPlan(local_epochs=1, batch_size=4, lr=0.1, prox_mu=1.0)
+        await director.send(director.round_start(params=SECURE, plan=fair), round=2)
+        while len(director.of_type(SecAggAdvertiseKeys)) < len(fed.envoys):
+            await asyncio.sleep(0.05)
+    await fed.stop()
+    for envoy in fed.envoys.values():
+        ((round, why),) = envoy.refused
+        assert round == 1 and "prox_mu 1.5" in why and "policy.max_prox_mu" in why
+    assert all(t.calls == 1 for t in fed.trainers.values())
+
+
+async def test_2_an_envoy_training_with_dp_refuses_prox_mu_before_joining(tmp_path):
+    """DP-SGD takes no proximal term: the envoy says so and stays out of the round, rather
+    than joining it and failing in training (its partners would wait for its update)."""
+    fed = make_fed(tmp_path, 2, secure=False)
+    private = PrivacySettings(noise_multiplier=1.0)
+    for name, cfg in fed.envoy_cfgs.items():
+        model = msgspec.structs.replace(cfg.model, norm="group")
+        train = msgspec.structs.replace(cfg.train, privacy=private)
+        fed.envoy_cfgs[name] = msgspec.structs.replace(cfg, model=model, train=train)
+        fed.start_envoy(name)
+    await asyncio.sleep(0.1)
+    plan = TrainPlan(local_epochs=1, batch_size=4, lr=0.1, prox_mu=0.01)
+    with capture_logs() as logs:
+        async with ScriptedDirector(fed) as director:
+            await director.send(director.round_start(params=None, plan=plan), round=1)
+            await director.settle(1.0)
+            assert secagg_traffic(director) == []
+    await fed.stop()
+    refusals = [e for e in logs if e["event"] == "round_refused"]
+    assert len(refusals) == 2
+    assert all("differential privacy" in e["reason"] for e in refusals)
+    assert all("train.privacy" in e["reason"] for e in refusals)
+    assert all(t.calls == 0 for t in fed.trainers.values())
 
 
 # -- 3: one training, one survivor set per round ----------------------------------------------

@@ -171,6 +171,17 @@ def test_a_budget_stops_training_before_it_is_exceeded(tmp_path: Path) -> None:
     assert (tmp_path / LEDGER_NAME).read_bytes() == before  # nothing spent, nothing recorded
 
 
+def test_the_private_trainer_refuses_a_proximal_term_and_spends_nothing(tmp_path: Path) -> None:
+    """Behind the envoy's own refusal: a plan with prox_mu never trains without it under DP."""
+    trainer = TorchTrainer(context(tmp_path, PrivacySettings(noise_multiplier=1.0)))
+    start = get_weights(trainer.model)
+    prox = TrainPlan(local_epochs=1, batch_size=16, lr=0.05, augment=False, prox_mu=0.01)
+    with pytest.raises(PrivacyError, match="prox_mu"):
+        trainer.train(start, prox, seed=1)
+    assert not (tmp_path / LEDGER_NAME).exists()
+    assert all(np.array_equal(v, start[k]) for k, v in get_weights(trainer.model).items())
+
+
 def test_an_unreadable_or_mismatched_ledger_is_refused(tmp_path: Path) -> None:
     settings = PrivacySettings(noise_multiplier=1.0)
     (tmp_path / LEDGER_NAME).write_text("{not json")

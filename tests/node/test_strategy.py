@@ -41,6 +41,22 @@ def test_fedavg_adds_the_mean_update(w: np.ndarray, d: np.ndarray) -> None:
     np.testing.assert_allclose(half["conv.weight"], w + 0.5 * d, rtol=1e-6, atol=1e-6)
 
 
+# Magnitudes from subnormal to huge: float64 then float32 must round like float32 addition.
+BIG = float(np.float32(1e37))  # sums stay finite in float32
+wide = st.floats(-BIG, BIG, allow_nan=False, allow_subnormal=True, width=32)
+
+
+@given(hnp.arrays(np.float32, (8,), elements=wide), hnp.arrays(np.float32, (8,), elements=wide))
+def test_default_fedavg_is_bit_for_bit_the_directors_old_sum(w: np.ndarray, d: np.ndarray) -> None:
+    """Before [strategy] the director applied (w + delta).astype(float32) in float32; the
+    default strategy must give the same bits, so default federations do not change."""
+    s = build_strategy(StrategyConfig(), buffers=["bn.running_var"])
+    out = s.apply({"conv.weight": w, "bn.running_var": d}, {"conv.weight": d, "bn.running_var": w})
+    np.testing.assert_array_equal(out["conv.weight"], (w + d).astype(np.float32))
+    np.testing.assert_array_equal(out["bn.running_var"], (d + w).astype(np.float32))
+    assert s.state() == {}
+
+
 @given(st.lists(deltas, min_size=1, max_size=5), st.floats(0, 0.99))
 def test_fedavgm_is_heavy_ball_on_the_pseudo_gradient(steps: list[np.ndarray], beta: float) -> None:
     s = FedAvgM(server_lr=0.7, momentum=beta)
@@ -118,7 +134,11 @@ def test_state_round_trip_resumes_exactly(name: str, steps: list[np.ndarray], da
     resumed.load_state(first.state())
     for d in steps[cut:]:
         w2 = resumed.apply(w2, {"x": d})
-    np.testing.assert_allclose(w2["x"], w1["x"], rtol=1e-6, atol=1e-7)
+    # Bit for bit: the state at rest is float32, in memory as in a checkpoint.
+    np.testing.assert_array_equal(w2["x"], w1["x"])
+    assert all(v.dtype == np.float32 for v in resumed.state().values())
+    for k, v in straight.state().items():
+        np.testing.assert_array_equal(resumed.state()[k], v)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -144,6 +164,23 @@ def test_mismatched_updates_and_bad_state_are_refused() -> None:
         s.load_state({"m/x": np.array([np.nan])})
     with pytest.raises(ValueError, match="no state"):
         FedAvg().load_state({"m/x": np.zeros(1)})
+
+
+def test_state_that_does_not_fit_the_weights_is_refused_and_nothing_loaded() -> None:
+    weights = _w(np.zeros(3))
+    s = FedAvgM(buffers=["bn.running_var"])
+    s.load_state({"momentum/conv.weight": np.ones(3)}, weights)
+    for bad, why in [
+        ({"momentum/conv.weight": np.ones(4)}, "shape"),
+        ({"momentum/fc.weight": np.ones(3)}, "no weight"),
+        ({"momentum/bn.running_var": np.ones(2)}, "no weight"),  # buffers are never stepped
+    ]:
+        with pytest.raises(ValueError, match=why):
+            s.load_state({"momentum/conv.weight": np.zeros(3), **bad}, weights)
+        np.testing.assert_array_equal(s.state()["momentum/conv.weight"], np.ones(3))
+    with pytest.raises(ValueError, match="shape"):
+        s.apply(weights, {"conv.weight": np.zeros(4), "bn.running_var": np.zeros(2)})
+    np.testing.assert_array_equal(s.state()["momentum/conv.weight"], np.ones(3))
 
 
 def test_config_from_toml_names_the_bad_field() -> None:
