@@ -104,6 +104,8 @@ _PRESENCE_POLL_S = 0.2
 # How often a stage that waits looks whether an awaited envoy came back online (to re-send
 # it the stage's requests at once rather than at the next scheduled re-send).
 _RETURN_POLL_S = 1.0
+# How long the director waits, at the end, for the envoys to leave after its Shutdown.
+_GOODBYE_S = 10.0
 
 
 def lr_for_round(cfg: DirectorConfig, round: int) -> float:
@@ -543,7 +545,7 @@ class Director:
                     return ExitCode.ROUND_FAILED
             self.round = self.cfg.rounds
             self._set_stage("finished")
-            await self._send(BROADCAST, Shutdown(reason="federation finished"), round=self.round)
+            await self._shut_down_envoys()
             best = self.state.best
             self.log.info(
                 "finished", rounds=self.cfg.rounds, best_round=best.round if best else None
@@ -555,6 +557,22 @@ class Director:
             for task in self._readers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _shut_down_envoys(self) -> None:
+        """Tell the envoys the federation is over. An envoy acknowledges by leaving (its
+        presence goes offline); one still online is told again on the retry schedule, for at
+        most _GOODBYE_S, so a lost Shutdown does not leave a hospital's envoy waiting."""
+        body = Shutdown(reason="federation finished")
+        await self._send(BROADCAST, body, round=self.round)
+        start = self.clock()
+        retry = self._retry_schedule(start, _GOODBYE_S)
+        while (staying := self.online_envoys()) and self.clock() - start < _GOODBYE_S:
+            if self.clock() >= retry.due:
+                retry = retry.resent(self.clock())
+                self.log.info("shutdown_resent", to=staying, resends=retry.resends)
+                for name in staying:
+                    await self._send(name, body, round=self.round)
+            await asyncio.sleep(_PRESENCE_POLL_S)
 
     async def _run_attempts(self, r: int) -> bool:
         """Round `r`, retried with fresh participants until it completes; False if it never did."""

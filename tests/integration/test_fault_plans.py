@@ -33,6 +33,8 @@ TIME_SCALE = 0.1
 DEADLINES = {f"deadlines.{stage}": 5.0 for stage in CRASH_STAGES} | {
     "deadlines.masked_input": 8.0,
     "deadlines.evaluate": 5.0,
+    # A light round's stages answer in tens of milliseconds: a lost frame is re-sent sooner.
+    "retry.first_s": 0.5,
 }
 # The processes need a few seconds (the director builds the model with torch) before round 1.
 PLAN_LEAD_S = 4.0

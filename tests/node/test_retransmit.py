@@ -22,7 +22,7 @@ from node.checkpoint import load_checkpoint
 from node.retransmit import Answers, RetrySchedule, StageRequests, message_key, resend_plan
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
-from protocol.messages import RoundEnd, Shutdown
+from protocol.messages import RoundEnd
 from tests.node.nodeharness import expected_weights, make_fed
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -177,14 +177,14 @@ class LoseFirstCopies:
 
 
 class LoseShare:
-    """Loses a seeded share of every copy of the round's messages (not presence: that one
-    is retained, and losing it is heartbeat loss, tested elsewhere)."""
+    """Loses a seeded share of every copy of every message but presence (retained, and
+    losing it is heartbeat loss, tested elsewhere): the Shutdown at the end too."""
 
     def __init__(self, p: float, seed: int) -> None:
         self.p, self.rng, self.lost = p, random.Random(seed), 0
 
     def __call__(self, sender: str, topic: str, frame: bytes, receiver: str) -> bool:
-        if "/presence/" in topic or isinstance(CODEC.decode(frame).body, Shutdown):
+        if "/presence/" in topic:
             return False
         if self.rng.random() < self.p:
             self.lost += 1
@@ -217,7 +217,11 @@ async def _federation_under(tmp_path, lose, *, secure: bool = True, rounds: int 
     for name in fed.envoy_cfgs:
         fed.start_envoy(name)
     rc = await asyncio.wait_for(fed.director().run(), 180)
+    # The director returns once every envoy left after its Shutdown (told again if lost).
+    await asyncio.wait(fed.tasks.values(), timeout=5)  # their last steps after going offline
+    left = {name: task.done() for name, task in fed.tasks.items()}
     await fed.stop()
+    assert all(left.values()), left
     return fed, rc
 
 
