@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import msgspec
 
+from protocol.base import Message
 from protocol.events import BROADCAST, Outgoing
 from protocol.messages import Body
 
@@ -39,7 +40,7 @@ __all__ = ["Answers", "RetrySchedule", "StageRequests", "message_key", "resend_p
 _ENCODER = msgspec.msgpack.Encoder()
 
 
-def message_key(round: int, body: Body) -> bytes:
+def message_key(round: int, body: Message) -> bytes:
     """What identifies a message of `round` by content (its type and every field), whatever
     envelope carried it: SHA-256 of the round and the body's MessagePack encoding. The round
     is the envelope's: two rounds' RoundStarts may carry the very same body."""

@@ -23,6 +23,7 @@ from node.retransmit import Answers, RetrySchedule, StageRequests, message_key, 
 from protocol.codec import Codec
 from protocol.events import BROADCAST, Outgoing
 from protocol.messages import RoundEnd
+from tests.datafiles import REPO
 from tests.node.nodeharness import expected_weights, make_fed
 
 # -- the schedule ------------------------------------------------------------------------------
@@ -268,3 +269,18 @@ async def test_rounds_complete_with_every_envoy_when_a_tenth_of_all_frames_is_lo
     fed, rc = await _federation_under(tmp_path, lose)
     _assert_every_envoy_in_every_round(fed, rc, 2)
     assert lose.lost >= 5  # the run did lose frames
+
+
+def test_a_retry_config_out_of_order_names_the_field_and_the_file(tmp_path):
+    from node.config import load_director_config
+    from protocol.configfile import ConfigError
+
+    text = (REPO / "configs" / "director.toml").read_text()
+    bad = tmp_path / "director.toml"
+    bad.write_text(text.replace("first_s = 2.0", "first_s = 60.0"))
+    with pytest.raises(ConfigError) as exc:
+        load_director_config(bad)
+    assert "first_s" in str(exc.value) and str(bad) in str(exc.value)
+    bad.write_text(text.replace("max_s = 30.0", "max_s = -1.0"))
+    with pytest.raises(ConfigError, match=r"retry\.max_s"):
+        load_director_config(bad)
