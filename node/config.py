@@ -412,6 +412,19 @@ class Deadlines(_Section, frozen=True, kw_only=True):
     evaluate: PosFloat = 120.0
 
 
+class RetryConfig(_Section, frozen=True, kw_only=True):
+    """When a stage's requests go again to participants that have not answered (node.retransmit):
+    first after max(first_s, twice the time the stage's answers so far took), then each wait
+    doubles up to max_s (and up to a quarter of the stage's deadline), until the deadline."""
+
+    first_s: PosFloat = 2.0
+    max_s: PosFloat = 30.0
+
+    def __post_init__(self) -> None:
+        if self.first_s > self.max_s:
+            raise ValueError(f"first_s ({self.first_s}) is above max_s ({self.max_s})")
+
+
 class TrainDefaults(_Section, frozen=True, kw_only=True):
     local_epochs: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 32
@@ -502,6 +515,7 @@ class DirectorConfig(_Section, frozen=True, kw_only=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=64)] = 3
     heartbeat_timeout_s: PosFloat = 10.0
     deadlines: Deadlines = msgspec.field(default_factory=Deadlines)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     train: TrainDefaults = msgspec.field(default_factory=TrainDefaults)
     lr_schedule: LrSchedule = msgspec.field(default_factory=LrSchedule)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)

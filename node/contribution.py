@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from node.errors import FedbusError
+from node.retransmit import Answers
 from protocol.base import Message
 from protocol.errors import ProtocolError
 from protocol.events import Outgoing, RefusalLog
@@ -105,6 +106,10 @@ class Contribution(RefusalLog, abc.ABC):
     def __init__(self, *, director_id: str) -> None:
         super().__init__("fedbus.contribution", "contribution_refused")
         self.director_id = director_id
+        # What this session sent in answer to each director message, so a message the
+        # director sends again gets the very same answer (node.retransmit). The envoy hands
+        # in the one its opening message (RoundStart, EvaluateRequest) started.
+        self.answers = Answers()
 
     @property
     @abc.abstractmethod

@@ -52,6 +52,7 @@ from node.logs import get_logger, set_round, set_stage
 from node.modelcheck import ModelGate, model_summary
 from node.monitoring import Monitor
 from node.presence import Envoys, select_participants
+from node.retransmit import RetrySchedule, StageRequests, resend_plan
 from node.state import FederationState, StateStore
 from node.strategy import Strategy, build_strategy, is_buffer_name
 from node.training.histograms import (
@@ -100,6 +101,11 @@ class QuorumLost(FedbusError, RuntimeError):
 # While a stage waits, how often the director looks whether everybody it still waits for is
 # gone (heartbeat loss has no event of its own; a last will also wakes the wait at once).
 _PRESENCE_POLL_S = 0.2
+# How often a stage that waits looks whether an awaited envoy came back online (to re-send
+# it the stage's requests at once rather than at the next scheduled re-send).
+_RETURN_POLL_S = 1.0
+# How long the director waits, at the end, for the envoys to leave after its Shutdown.
+_GOODBYE_S = 10.0
 
 
 def lr_for_round(cfg: DirectorConfig, round: int) -> float:
@@ -539,7 +545,7 @@ class Director:
                     return ExitCode.ROUND_FAILED
             self.round = self.cfg.rounds
             self._set_stage("finished")
-            await self._send(BROADCAST, Shutdown(reason="federation finished"), round=self.round)
+            await self._shut_down_envoys()
             best = self.state.best
             self.log.info(
                 "finished", rounds=self.cfg.rounds, best_round=best.round if best else None
@@ -551,6 +557,22 @@ class Director:
             for task in self._readers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _shut_down_envoys(self) -> None:
+        """Tell the envoys the federation is over. An envoy acknowledges by leaving (its
+        presence goes offline); one still online is told again on the retry schedule, for at
+        most _GOODBYE_S, so a lost Shutdown does not leave a hospital's envoy waiting."""
+        body = Shutdown(reason="federation finished")
+        await self._send(BROADCAST, body, round=self.round)
+        start = self.clock()
+        retry = self._retry_schedule(start, _GOODBYE_S)
+        while (staying := self.online_envoys()) and self.clock() - start < _GOODBYE_S:
+            if self.clock() >= retry.due:
+                retry = retry.resent(self.clock())
+                self.log.info("shutdown_resent", to=staying, resends=retry.resends)
+                for name in staying:
+                    await self._send(name, body, round=self.round)
+            await asyncio.sleep(_PRESENCE_POLL_S)
 
     async def _run_attempts(self, r: int) -> bool:
         """Round `r`, retried with fresh participants until it completes; False if it never did."""
@@ -568,9 +590,9 @@ class Director:
         stage_times: dict[str, float] = {}
         agg = self.aggregation_factory(round=secagg_session(r, attempt), participants=participants)
         deadlines = _deadlines(self.cfg)
-        await self._start_round(r, attempt, participants, agg, deadlines)
+        opening = await self._start_round(r, attempt, participants, agg, deadlines)
         missed: set[str] = set()
-        await self._drive(agg, r, participants, deadlines, stage_times, missed)
+        await self._drive(agg, r, participants, deadlines, stage_times, missed, opening=opening)
         result = self._result(agg)
         if result is None:
             reason = agg.failure or "aggregation failed"
@@ -641,7 +663,9 @@ class Director:
         participants: list[str],
         agg: Aggregation,
         deadlines: dict[str, float],
-    ) -> None:
+    ) -> list[Outgoing]:
+        """Send the round's opening messages (RoundStart first); they are what the first
+        stage re-sends to a participant that does not answer."""
         plan = train_plan_for_round(self.cfg, r)
         start = RoundStart(
             weights=state_from_numpy(self.state.weights),
@@ -657,8 +681,9 @@ class Director:
         )
         self._log_parameters(agg.params, len(participants), "train")
         self._set_stage(agg.stage, deadlines.get(agg.stage))
-        await self._send(BROADCAST, start, round=r)
-        await self._send_all(agg.start(), r)
+        opening = [Outgoing(BROADCAST, start), *agg.start()]
+        await self._send_all(opening, r)
+        return opening
 
     def _apply(self, r: int, result: AggregateResult) -> None:
         """The round's mean update onto the global model through the server optimiser (BN
@@ -686,25 +711,50 @@ class Director:
         deadlines: dict[str, float],
         stage_times: dict[str, float],
         missed: set[str] | None = None,
+        *,
+        opening: list[Outgoing] | None = None,
     ) -> None:
         """Feed `agg` (an Aggregation or SecureEvaluation) until it is done, a deadline per
         stage; its result or failure is the caller's to read. `missed` gets every participant
-        a stage closed without."""
+        a stage closed without.
+
+        A participant that has not answered is sent the stage's requests again (`opening`
+        for the first stage: what the caller already sent), on the schedule of the [retry]
+        config and at once when it comes back online (node.retransmit): a lost frame costs
+        a retry, not the stage."""
         stage: State = agg.stage
         stage_start = self.clock()
         deadline = stage_start + deadlines.get(stage, 60.0)
         members = set(participants)
+        requests = StageRequests(opening or ())
+        retry = self._retry_schedule(stage_start, deadline - stage_start)
+        reachable = self._reachable(agg.awaiting())
         while not agg.done:
-            env = await self._next(deadline, agg.awaiting)
+            # Wake at least once a second to notice an awaited envoy that is back online.
+            until = min(deadline, retry.due, self.clock() + _RETURN_POLL_S)
+            env = await self._next(until, agg.awaiting)
+            outs: list[Outgoing] = []
             if env is None:
-                waited_for = sorted(agg.awaiting())
-                if self.clock() >= deadline:
+                awaited = agg.awaiting()
+                now = self.clock()
+                if now < deadline and not self._all_gone(awaited):
+                    now_reachable = self._reachable(awaited)
+                    if now >= retry.due:
+                        targets, retry = now_reachable, retry.resent(now)
+                    else:
+                        targets = now_reachable - reachable  # back after a partition
+                    reachable = now_reachable
+                    await self._resend(requests, sorted(targets), r, stage, retry.resends)
+                    continue
+                waited_for = sorted(awaited)
+                if now >= deadline:
                     self.log.info("stage_deadline", stage=stage, missing=waited_for)
                 else:
                     self.log.info("stage_closed_early", stage=stage, gone=waited_for)
                 if missed is not None:
                     missed.update(waited_for)
-                await self._send_all(agg.close_stage(), r)
+                outs = agg.close_stage()
+                await self._send_all(outs, r)
             elif env.round != r:
                 self.log.warning("wrong_round", sender=env.sender, got=env.round, type=env.type)
                 continue
@@ -716,14 +766,41 @@ class Director:
                 self.log.debug("other_session", sender=env.sender, type=env.type)
                 continue
             else:
-                await self._send_all(self._receive(agg, env), r)
+                outs = self._receive(agg, env)
+                await self._send_all(outs, r)
+                retry = retry.answered(self.clock())
             if agg.stage != stage:
                 stage_times[stage] = round(self.clock() - stage_start, 3)
                 stage = agg.stage
                 stage_start = self.clock()
                 deadline = stage_start + deadlines.get(stage, 60.0)
+                requests = StageRequests(outs)
+                retry = self._retry_schedule(stage_start, deadline - stage_start)
+                reachable = self._reachable(agg.awaiting())
                 self._set_stage(stage, deadline - self.clock())
+            else:
+                requests.add(outs)
         stage_times[stage] = round(self.clock() - stage_start, 3)
+
+    def _retry_schedule(self, opened_at: float, span: float) -> RetrySchedule:
+        """The re-send schedule of a stage of `span` seconds: [retry], with waits of at most a
+        quarter of the stage, so a re-send that is lost too (a broker restart) still leaves
+        room for more before the deadline."""
+        max_s = min(self.cfg.retry.max_s, span / 4)
+        return RetrySchedule(min(self.cfg.retry.first_s, max_s), max_s, opened_at)
+
+    def _reachable(self, names: Collection[str]) -> set[str]:
+        return set(names) & set(self.online_envoys())
+
+    async def _resend(
+        self, requests: StageRequests, names: list[str], r: int, stage: str, resends: int
+    ) -> None:
+        """The stage's requests again, to each of `names` on its own topic."""
+        outs = resend_plan(requests, names)
+        if not outs:
+            return
+        self.log.info("stage_resent", stage=stage, to=names, resends=resends, frames=len(outs))
+        await self._send_all(outs, r)
 
     def _receive(self, agg: Driven, env: Envelope) -> list[Outgoing]:
         """One participant's message into the aggregation; refusals are logged, not raised."""
@@ -735,7 +812,10 @@ class Director:
             )
             return []
         for refusal in agg.take_refusals():
-            self.log.warning(
+            # An answer sent again (node.retransmit) or after its stage closed is expected on
+            # a lossy bus; anything else is worth a warning.
+            expected = refusal.reason == "duplicate" or refusal.reason.startswith("server is")
+            (self.log.info if expected else self.log.warning)(
                 "message_dropped", sender=refusal.sender, type=refusal.type, reason=refusal.reason
             )
         return outs
@@ -771,11 +851,12 @@ class Director:
             attempt=attempt,
         )
         self._log_parameters(params, len(asked), EVALUATE)
-        await self._send(BROADCAST, req, round=r)
+        opening = [Outgoing(BROADCAST, req)]
+        await self._send_all(opening, r)
         deadlines = _deadlines(self.cfg)
         # The envoys score the model while they exchange keys: that stage takes the time.
         deadlines[Stage.MASKED_INPUT] = float(self.cfg.deadlines.evaluate)
-        await self._drive(agg, r, asked, deadlines, {})
+        await self._drive(agg, r, asked, deadlines, {}, opening=opening)
         if agg.failure:
             self.log.warning("evaluation_failed", reason=agg.failure)
             return {"val": None, "evaluated_by": []}
@@ -808,14 +889,22 @@ class Director:
         req = EvaluateRequest(
             weights=state_from_numpy(self.state.weights), bins=self.cfg.eval.bins, attempt=attempt
         )
+        requests = StageRequests([Outgoing(BROADCAST, req)])
         await self._send(BROADCAST, req, round=r)
         total: np.ndarray | None = None
         loss_sum = 0.0
         answered: set[str] = set()
         deadline = self.clock() + self.cfg.deadlines.evaluate
+        retry = self._retry_schedule(self.clock(), self.cfg.deadlines.evaluate)
         while answered != asked:
-            env = await self._next(deadline, lambda: asked - answered)
+            env = await self._next(min(deadline, retry.due), lambda: asked - answered)
             if env is None:
+                now = self.clock()
+                if now < deadline and not self._all_gone(asked - answered):
+                    retry = retry.resent(now)
+                    targets = sorted(self._reachable(asked - answered))
+                    await self._resend(requests, targets, r, EVALUATE, retry.resends)
+                    continue
                 break
             body = env.body
             if env.round != r or not isinstance(body, EvaluateResult):
@@ -840,6 +929,7 @@ class Director:
                 continue
             answered.add(env.sender)
             asked.add(env.sender)  # a late joiner's split counts too
+            retry = retry.answered(self.clock())
             total = vector if total is None else total + vector
             loss_sum += body.loss_sum
         return self._val_metrics(total, loss_sum, sorted(answered))

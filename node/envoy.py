@@ -53,6 +53,7 @@ from node.errors import FedbusError
 from node.ledger import RoundLedger
 from node.logs import get_logger, set_round, set_stage
 from node.modelcheck import fingerprint, mismatch_error
+from node.retransmit import Answers, message_key
 from node.trainer import Trainer
 from node.training.histograms import EvaluationError, histogram_vector
 from node.training.seeds import reproducible_seed, secret_seed
@@ -153,6 +154,10 @@ class Envoy:
         self.evaluations = 0
         # (round, why) of the latest refused requests of the director
         self.refused: collections.deque[tuple[int, str]] = collections.deque(maxlen=256)
+        # The latest opening messages (RoundStart, EvaluateRequest) by content, with what was
+        # sent in answer: the director sends one again when it has no answer (node.retransmit).
+        self._opened: collections.OrderedDict[bytes, Answers] = collections.OrderedDict()
+        self.answered_again = 0  # director messages answered again from `Answers`
 
     # -- presence -----------------------------------------------------------------------------
 
@@ -252,12 +257,16 @@ class Envoy:
 
     async def _dispatch(self, env: Envelope) -> None:
         body = env.body
-        if isinstance(body, RoundStart):
-            self._on_round_start(env.round, body)
-        elif isinstance(body, EvaluateRequest):
-            task = asyncio.create_task(self._evaluate(env.round, body))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if isinstance(body, RoundStart | EvaluateRequest):
+            answers = await self._open(env.round, body)
+            if answers is None:
+                return  # seen before: answered again
+            if isinstance(body, RoundStart):
+                self._on_round_start(env.round, body, answers)
+            else:
+                task = asyncio.create_task(self._evaluate(env.round, body, answers))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         elif isinstance(body, RoundEnd):
             if (
                 env.round == self.round
@@ -275,6 +284,32 @@ class Envoy:
             self._model_refused(body)
         else:
             await self._on_round_message(env.round, body)
+
+    async def _open(self, round: int, body: RoundStart | EvaluateRequest) -> Answers | None:
+        """The `Answers` of the session `body` opens; None if it was seen before, in which case
+        whatever was sent for it is sent again (the director did not get it)."""
+        key = message_key(round, body)
+        seen = self._opened.get(key)
+        if seen is not None:
+            await self._answer_again(round, seen, key, body)
+            return None
+        answers = Answers()
+        answers.opened(key)
+        self._opened[key] = answers
+        while len(self._opened) > _OPENINGS_KEPT:
+            self._opened.popitem(last=False)
+        return answers
+
+    async def _answer_again(self, round: int, answers: Answers, key: bytes, body: Message) -> None:
+        """A director message that arrived before: send its answer again, unchanged (nothing,
+        if it has none yet: its answer is still being computed, or the policy refused it)."""
+        again = answers.replay(key) or []
+        self.log.info("answered_again", type=type(body).__name__, frames=len(again))
+        for out in again:
+            await self.endpoint.send(
+                self.topics.director, round=round, recipient=self.cfg.director_id, body=out
+            )
+        self.answered_again += 1
 
     def _refuse(self, round: int, reason: str) -> None:
         """The policy refused a request of the director: log it, send nothing."""
@@ -302,7 +337,7 @@ class Envoy:
         self._contribution = None
         self._contribution_round = None
 
-    def _on_round_start(self, round: int, body: RoundStart) -> None:
+    def _on_round_start(self, round: int, body: RoundStart, answers: Answers) -> None:
         if self.cfg.node_id not in body.selected:
             self.log.info("not_selected", round=round)
             return
@@ -314,7 +349,7 @@ class Envoy:
         self.round = round
         self.attempt = body.attempt
         set_round(round, Stage.TRAINING)
-        self._round_task = asyncio.create_task(self._run_round(round, body))
+        self._round_task = asyncio.create_task(self._run_round(round, body, answers))
 
     def _start_contribution(
         self, round: int, rs: RoundStart, weights: dict[str, np.ndarray], digest: str
@@ -385,7 +420,7 @@ class Envoy:
             )
         return ""
 
-    async def _run_round(self, round: int, rs: RoundStart) -> None:
+    async def _run_round(self, round: int, rs: RoundStart, answers: Answers) -> None:
         set_round(round, Stage.TRAINING)
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(rs.weights).items()}
@@ -398,6 +433,7 @@ class Envoy:
         if contribution is None:
             self._set_stage(IDLE)
             return
+        contribution.answers = answers
         self._contribution, self._contribution_round = contribution, round
         if contribution.session is not None:
             self._sessions[contribution.session] = contribution
@@ -487,6 +523,11 @@ class Envoy:
         if contribution is None or contribution.round != round:
             self.log.info("not_in_round", type=type(body).__name__, round=round)
             return
+        key = message_key(round, body)
+        if contribution.answers.replay(key) is not None:
+            await self._answer_again(round, contribution.answers, key, body)
+            return
+        contribution.answers.opened(key)
         stage = contribution.entered_on(body)
         if stage is not None:
             self._crash_point(round, stage)
@@ -517,10 +558,11 @@ class Envoy:
                 recipient=self.cfg.director_id,
                 body=out.body,
             )
+            contribution.answers.sent(out.body)
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    async def _evaluate(self, round: int, req: EvaluateRequest) -> None:
+    async def _evaluate(self, round: int, req: EvaluateRequest, answers: Answers) -> None:
         """Score the round's model once, and send the histograms through secure aggregation."""
         try:
             weights = {k: np.array(v) for k, v in state_to_numpy(req.weights).items()}
@@ -564,6 +606,7 @@ class Envoy:
         self.ledger.evaluating(round, digest)
         if contribution is not None:
             assert contribution.session is not None
+            contribution.answers = answers
             self._sessions[contribution.session] = contribution
             await self._emit(round, contribution, contribution.start())
         try:
@@ -595,7 +638,12 @@ class Envoy:
         await self.endpoint.send(
             self.topics.director, round=round, recipient=self.cfg.director_id, body=body
         )
+        answers.sent(body)
 
+
+# How many opening messages (RoundStart, EvaluateRequest) the envoy remembers for answering
+# again: the director only re-sends those of the round it is driving.
+_OPENINGS_KEPT = 8
 
 # The envoy's opt-outs of its own protections (node.config.PolicyConfig).
 INSECURE_POLICY = ("insecure_plain_updates", "insecure_reproducible_seeds")

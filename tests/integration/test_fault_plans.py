@@ -1,7 +1,8 @@
 """The shipped fault plans (configs/faults/*.toml) as whole federations with real processes:
 the ZeroMQ broker daemon, `fedbus director`, and seven light envoys (node.swarm), three
-rounds, --audit, the plan's own seed (and a second one for the crash plan). Plans that lose
-frames wait for retransmission (NOT_YET below).
+rounds, --audit, the plan's own seed (and a second one where it changes what happens). Lost
+frames are re-requested (node.retransmit), so no envoy is missing that the plan did not crash
+or cut off.
 
 The plans' timelines are written for the 20-round demo; here they are compressed tenfold
 (partitions and broker restarts land inside the three rounds) and start with the first round.
@@ -32,36 +33,29 @@ TIME_SCALE = 0.1
 DEADLINES = {f"deadlines.{stage}": 5.0 for stage in CRASH_STAGES} | {
     "deadlines.masked_input": 8.0,
     "deadlines.evaluate": 5.0,
+    # A light round's stages answer in tens of milliseconds: a lost frame is re-sent sooner.
+    "retry.first_s": 0.5,
 }
 # The processes need a few seconds (the director builds the model with torch) before round 1.
 PLAN_LEAD_S = 4.0
 
-# Lost stage messages are not re-requested yet (issue #16 point 1, phase 2): one lost
-# broadcast or answer costs a stage, so a plan with lossy links drops envoys that did not
-# crash (measured in benchmarks/faults). Such a run asserts nothing that holds today and costs
-# a minute or more of suite time, so these plans are listed here, not run, until stage
-# messages are re-requested; test_every_plan_is_covered keeps the list honest.
-NOT_YET = {
-    "lossy-links": "lost stage messages are not re-requested yet (#16 point 1)",
-    "chaos": "lost stage messages are not re-requested yet (#16 point 1)",
-    # Frames lost while the broker is down fail their attempt; once the envoys signed the
-    # attempt's survivor set they sit out the round's later attempts (issue #11), so a restart
-    # during consistency or unmask fails the round until lost messages are re-requested.
-    "broker-restart": "frames lost in a restart are not re-requested yet (#16 point 1)",
-}
 # A second seed only where it changes what happens (which frames a crash or cut-off hits);
 # one seed elsewhere keeps the suite short.
 SECOND_SEED = {"dropouts"}
+# Through Mosquitto as well where the transport changes what a fault does: lost frames are
+# re-sent by the director and the envoys above MQTT's own QoS 1, and a broker restart drops
+# the MQTT sessions.
+ALSO_MQTT = {"lossy-links", "broker-restart"}
 
 
 def _cases():
     for path in PLANS:
-        if path.stem in NOT_YET:
-            continue
         seed = FaultPlan.load(path).seed
         seeds = (seed, seed + 100) if path.stem in SECOND_SEED else (seed,)
         for s in seeds:
-            yield pytest.param(path, s, id=f"{path.stem}-seed{s}")
+            yield pytest.param(path, s, "zmq", id=f"{path.stem}-seed{s}")
+        if path.stem in ALSO_MQTT:
+            yield pytest.param(path, seed, "mqtt", id=f"{path.stem}-seed{seed}-mqtt")
 
 
 def test_every_plan_is_covered():
@@ -72,22 +66,19 @@ def test_every_plan_is_covered():
         "lossy-links",
         "partition",
     }
-    assert set(NOT_YET) <= {p.stem for p in PLANS}
-    # Only plans that lose frames (lossy links, broker restarts) wait for point 1.
-    for path in PLANS:
-        plan = FaultPlan.load(path)
-        loses_frames = bool(plan.links or plan.broker_restarts)
-        assert loses_frames == (path.stem in NOT_YET), path.stem
 
 
-@pytest.mark.parametrize(("path", "seed"), list(_cases()))
-def test_shipped_fault_plan_federation_is_secure_and_verified(tmp_path: Path, path, seed):
+@pytest.mark.parametrize(("path", "seed", "transport"), list(_cases()))
+def test_shipped_fault_plan_federation_is_secure_and_verified(
+    tmp_path: Path, path, seed, transport
+):
     plan = scaled(FaultPlan.load(path), TIME_SCALE, seed=seed)
     run = run_light_federation(
         tmp_path / "run",
         data=PNEUMONIAMNIST,
         envoys=ENVOYS,
         rounds=ROUNDS,
+        transport=transport,
         plan=plan,
         train_seconds=0.5,
         director_set=DEADLINES,

@@ -8,7 +8,7 @@ real ZeroMQ broker is exercised by tests/integration.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import numpy as np
 
@@ -22,6 +22,9 @@ class MemoryBroker:
         self.subs: list[tuple[str, asyncio.Queue[bytes | None], MemoryBus]] = []
         self.retained: dict[str, bytes] = {}
         self.log: list[tuple[str, str, bytes]] = []  # (sender node, topic, frame)
+        # Which copies the bus loses, as a lossy link would: called per delivery with
+        # (sender node, topic, frame, receiving node); True loses that copy only.
+        self.lose: Callable[[str, str, bytes, str], bool] | None = None
 
     def connect(self, node_id: str, will: Will | None = None) -> MemoryBus:
         return MemoryBus(self, node_id, will)
@@ -30,8 +33,10 @@ class MemoryBroker:
         self.log.append((sender, topic, frame))
         if retain:
             self.retained[topic] = frame
-        for flt, queue, _bus in self.subs:
+        for flt, queue, bus in self.subs:
             if topic_matches(flt, topic):
+                if self.lose is not None and self.lose(sender, topic, frame, bus.node_id):
+                    continue
                 queue.put_nowait(frame)
 
     def inject(self, topic: str, frame: bytes) -> None:
@@ -46,8 +51,6 @@ class MemoryBus(Bus):
         self.will = will
         self.closed = False
         self.queues: list[asyncio.Queue[bytes | None]] = []
-        # Frames this node tried to publish, for assertions; `drop` filters them.
-        self.drop_types: set[str] = set()
         # A silent node (its link died, its session did not): nothing it publishes arrives,
         # and no will either.
         self.muted = False

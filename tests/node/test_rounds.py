@@ -307,6 +307,10 @@ async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_pa
     )
     await asyncio.sleep(0.6)
     assert envoy._round_task is None
-    sent = [f for sender, _t, f in fed.broker.log if sender == "envoy-1"]
-    assert sum(isinstance(codec.decode(f).body, PlainUpdate) for f in sent) == 1
+    sent = [codec.decode(f).body for sender, _t, f in fed.broker.log if sender == "envoy-1"]
+    # The same RoundStart again is answered again (node.retransmit), with the same update:
+    # one update was computed and sent, the second frame repeats it.
+    updates_sent = [b for b in sent if isinstance(b, PlainUpdate)]
+    assert len(updates_sent) == 2 and updates_sent[0] == updates_sent[1]
+    assert envoy.answered_again == 1
     await fed.stop()

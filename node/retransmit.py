@@ -1,0 +1,137 @@
+"""Re-sending stage messages, so a lost frame costs a retry, not the round.
+
+The bus may lose any frame (a lossy link, a broker restart, a partition). A round's stages
+are request and answer: the director's message opens a stage (RoundStart, the key roster, the
+forwarded shares, ...) and each participant answers it. The director cannot tell a lost
+request from a lost answer, so it does one thing for both: it sends the stage's request again
+to every participant it still waits for (`StageRequests`, on the schedule of `RetrySchedule`),
+and a participant that already answered that very request sends the very same answer again
+(`Answers`) instead of computing a second one. Re-sending is idempotent:
+
+* a request arriving twice gets the same answer twice, never a different one, so a director
+  gains nothing by asking again (a SecAgg client that answered two different unmask requests
+  would leak; the machines in protocol.secagg refuse a second request that differs, and this
+  module only ever repeats what was sent);
+* an answer arriving twice is refused as a duplicate by the director's SecAgg server, without
+  a state change.
+
+Requests are matched by round and content (`message_key`), not by envelope: every re-sent frame is a
+new envelope with a fresh message id (the endpoints refuse a replayed message id), so only
+the body says that it is the same question.
+
+Nothing here does I/O or reads a clock: the director and the envoy pass times and send what
+these classes return.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import msgspec
+
+from protocol.base import Message
+from protocol.events import BROADCAST, Outgoing
+from protocol.messages import Body
+
+__all__ = ["Answers", "RetrySchedule", "StageRequests", "message_key", "resend_plan"]
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def message_key(round: int, body: Message) -> bytes:
+    """What identifies a message of `round` by content (its type and every field), whatever
+    envelope carried it: SHA-256 of the round and the body's MessagePack encoding. The round
+    is the envelope's: two rounds' RoundStarts may carry the very same body."""
+    return hashlib.sha256(_ENCODER.encode([round, body])).digest()
+
+
+class Answers:
+    """What one participant sent in answer to each director message of one session.
+
+    `opened(key)` when a director message starts being handled; everything `sent` afterwards,
+    until the next `opened`, answers it (the masked input, sent once training ends, answers
+    the forwarded shares that came before it). `replay(key)` is that answer, for a message
+    that arrives again, or None for a message not seen before (handle it normally). A request
+    seen but not answered yet (the envoy is still training) replays as an empty list: there
+    is nothing to repeat, and nothing new may be computed for it either.
+    """
+
+    def __init__(self) -> None:
+        self._by_request: dict[bytes, list[Body]] = {}
+        self._latest: bytes | None = None
+
+    def opened(self, key: bytes) -> None:
+        self._by_request.setdefault(key, [])
+        self._latest = key
+
+    def sent(self, body: Body) -> None:
+        if self._latest is not None:
+            self._by_request[self._latest].append(body)
+
+    def replay(self, key: bytes) -> list[Body] | None:
+        answer = self._by_request.get(key)
+        return None if answer is None else list(answer)
+
+
+class StageRequests:
+    """The messages that opened the director's current stage, by recipient: what a
+    participant that has not answered is sent again."""
+
+    def __init__(self, opening: Iterable[Outgoing] = ()) -> None:
+        self._sent: list[Outgoing] = list(opening)
+
+    def add(self, outs: Iterable[Outgoing]) -> None:
+        """Messages sent later in the same stage (they are re-sent too)."""
+        self._sent.extend(outs)
+
+    def for_participant(self, name: str) -> list[Body]:
+        """Every message of the stage that `name` should have received, in order."""
+        return [out.body for out in self._sent if out.recipient in (BROADCAST, name)]
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """When the director sends a stage's requests again to those that have not answered.
+
+    The first re-send comes `max(first_s, 2 x busy)` after the stage opened, where `busy` is
+    how long the answers received so far took: while answers keep arriving the stage is busy
+    (many envoys, slow hardware), not lossy, and waiting as long again is cheap; once they
+    stop, the silence of the rest is likely a loss. Each further re-send waits twice as long
+    as the previous one, at most `max_s`, so a participant that is merely slow (local training
+    takes minutes) costs a few small frames, while a lost frame costs seconds, not the stage's
+    deadline.
+    """
+
+    first_s: float
+    max_s: float
+    opened_at: float
+    last_answer_at: float | None = None
+    resent_at: float | None = None
+    resends: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first_s <= self.max_s:
+            raise ValueError(f"need 0 < first_s <= max_s, got {self.first_s}, {self.max_s}")
+
+    @property
+    def due(self) -> float:
+        """The time of the next re-send."""
+        busy = 0.0 if self.last_answer_at is None else self.last_answer_at - self.opened_at
+        wait = min(self.max_s, max(self.first_s, 2.0 * busy) * 2.0 ** min(self.resends, 64))
+        since = self.opened_at if self.resent_at is None else self.resent_at
+        return since + wait
+
+    def answered(self, now: float) -> RetrySchedule:
+        """An answer arrived at `now` (the first re-send moves later)."""
+        return replace(self, last_answer_at=now)
+
+    def resent(self, now: float) -> RetrySchedule:
+        """The requests were sent again at `now` (the next wait doubles)."""
+        return replace(self, resent_at=now, resends=self.resends + 1)
+
+
+def resend_plan(requests: StageRequests, names: Sequence[str]) -> list[Outgoing]:
+    """The messages to send again, each addressed to one participant."""
+    return [Outgoing(name, body) for name in names for body in requests.for_participant(name)]
