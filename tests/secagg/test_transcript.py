@@ -105,6 +105,6 @@ def test_the_update_vector_and_the_envelope_are_the_same_bytes():
     )
     # Before issue #11 (RoundStart without update_norm, SecAggParams with graph_seed) the
     # same inputs gave e0516863...; that digest came from the code before the update format
-    # moved into protocol/ too.
+    # moved into protocol/ too. Before TrainPlan carried FedProx's prox_mu (#15): 285cd17b...
     h = hashlib.sha256(vector.tobytes() + _encoder.encode(envelope))
-    assert h.hexdigest() == "285cd17bba54b35f3815527399c91fd50969a935e726f1cd006262f5d85dd142"
+    assert h.hexdigest() == "7f610612fa162cb8527e810cca0b69c29fb445c248ac9b5e63a5498ebfd49c85"
