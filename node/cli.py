@@ -216,7 +216,7 @@ def director_main(argv: Sequence[str]) -> int:
             get_logger().error("director_failed", reason=str(exc), exit_code=int(exc.exit_code))
             raise
         finally:
-            await bus.close()
+            await outer.close()  # the fault wrapper's delayed frames first, then the bus
 
     return _run_async(run)
 

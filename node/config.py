@@ -414,8 +414,8 @@ class Deadlines(_Section, frozen=True, kw_only=True):
 
 class RetryConfig(_Section, frozen=True, kw_only=True):
     """When a stage's requests go again to participants that have not answered (node.retransmit):
-    first after max(first_s, twice the time the stage's answers so far took), then each wait
-    doubles up to max_s (and up to a quarter of the stage's deadline), until the deadline."""
+    after first_s without any answer, then each wait doubles while the silence lasts, up to
+    max_s (and up to a quarter of the stage's deadline); every answer resets it to first_s."""
 
     first_s: PosFloat = 2.0
     max_s: PosFloat = 30.0

@@ -70,6 +70,7 @@ from protocol.messages import (
     EvaluateRequest,
     EvaluateResult,
     Presence,
+    RoundDeclined,
     RoundEnd,
     RoundStart,
     Shutdown,
@@ -592,7 +593,18 @@ class Director:
         deadlines = _deadlines(self.cfg)
         opening = await self._start_round(r, attempt, participants, agg, deadlines)
         missed: set[str] = set()
-        await self._drive(agg, r, participants, deadlines, stage_times, missed, opening=opening)
+        declined: dict[str, str] = {}
+        await self._drive(
+            agg,
+            r,
+            participants,
+            deadlines,
+            stage_times,
+            missed,
+            opening=opening,
+            session=secagg_session(r, attempt),
+            declined=declined,
+        )
         result = self._result(agg)
         if result is None:
             reason = agg.failure or "aggregation failed"
@@ -613,6 +625,7 @@ class Director:
             stopped_at=agg.stopped_at,
             missed=missed,
             online=self.online_envoys(),
+            declined=declined,
         )
         record = {
             "round": r,
@@ -713,6 +726,8 @@ class Director:
         missed: set[str] | None = None,
         *,
         opening: list[Outgoing] | None = None,
+        session: int,
+        declined: dict[str, str] | None = None,
     ) -> None:
         """Feed `agg` (an Aggregation or SecureEvaluation) until it is done, a deadline per
         stage; its result or failure is the caller's to read. `missed` gets every participant
@@ -721,24 +736,37 @@ class Director:
         A participant that has not answered is sent the stage's requests again (`opening`
         for the first stage: what the caller already sent), on the schedule of the [retry]
         config and at once when it comes back online (node.retransmit): a lost frame costs
-        a retry, not the stage."""
+        a retry, not the stage. A participant that declines the session (RoundDeclined,
+        matched to `session`; the reason goes into `declined`) is not waited for: a stage
+        whose awaited participants are all gone or declined closes at once."""
         stage: State = agg.stage
         stage_start = self.clock()
         deadline = stage_start + deadlines.get(stage, 60.0)
         members = set(participants)
+        declined = {} if declined is None else declined
+
+        def awaited() -> list[str]:
+            return [u for u in agg.awaiting() if u not in declined]
+
         requests = StageRequests(opening or ())
         retry = self._retry_schedule(stage_start, deadline - stage_start)
-        reachable = self._reachable(agg.awaiting())
+        reachable = self._reachable(awaited())
         while not agg.done:
             # Wake at least once a second to notice an awaited envoy that is back online.
             until = min(deadline, retry.due, self.clock() + _RETURN_POLL_S)
-            env = await self._next(until, agg.awaiting)
+            env = await self._next(until, awaited)
             outs: list[Outgoing] = []
+            if env is not None and isinstance(env.body, RoundDeclined) and env.sender in members:
+                if self._declines(env, session):
+                    declined[env.sender] = env.body.reason
+                    self.log.warning("round_declined", envoy=env.sender, reason=env.body.reason)
+                if not agg.awaiting() or awaited():
+                    continue
+                env = None  # everyone still awaited declined: close the stage now
             if env is None:
-                awaited = agg.awaiting()
                 now = self.clock()
-                if now < deadline and not self._all_gone(awaited):
-                    now_reachable = self._reachable(awaited)
+                if now < deadline and awaited() and not self._all_gone(awaited()):
+                    now_reachable = self._reachable(awaited())
                     if now >= retry.due:
                         targets, retry = now_reachable, retry.resent(now)
                     else:
@@ -746,7 +774,7 @@ class Director:
                     reachable = now_reachable
                     await self._resend(requests, sorted(targets), r, stage, retry.resends)
                     continue
-                waited_for = sorted(awaited)
+                waited_for = sorted(agg.awaiting())
                 if now >= deadline:
                     self.log.info("stage_deadline", stage=stage, missing=waited_for)
                 else:
@@ -776,11 +804,18 @@ class Director:
                 deadline = stage_start + deadlines.get(stage, 60.0)
                 requests = StageRequests(outs)
                 retry = self._retry_schedule(stage_start, deadline - stage_start)
-                reachable = self._reachable(agg.awaiting())
+                reachable = self._reachable(awaited())
                 self._set_stage(stage, deadline - self.clock())
             else:
                 requests.add(outs)
         stage_times[stage] = round(self.clock() - stage_start, 3)
+
+    @staticmethod
+    def _declines(env: Envelope, session: int) -> bool:
+        """Whether a RoundDeclined is about `session` (a late one of another try is not)."""
+        body = env.body
+        assert isinstance(body, RoundDeclined)
+        return secagg_session(env.round, body.attempt, body.purpose) == session
 
     def _retry_schedule(self, opened_at: float, span: float) -> RetrySchedule:
         """The re-send schedule of a stage of `span` seconds: [retry], with waits of at most a
@@ -856,7 +891,15 @@ class Director:
         deadlines = _deadlines(self.cfg)
         # The envoys score the model while they exchange keys: that stage takes the time.
         deadlines[Stage.MASKED_INPUT] = float(self.cfg.deadlines.evaluate)
-        await self._drive(agg, r, asked, deadlines, {}, opening=opening)
+        await self._drive(
+            agg,
+            r,
+            asked,
+            deadlines,
+            {},
+            opening=opening,
+            session=secagg_session(r, attempt, EVALUATE),
+        )
         if agg.failure:
             self.log.warning("evaluation_failed", reason=agg.failure)
             return {"val": None, "evaluated_by": []}
@@ -907,6 +950,11 @@ class Director:
                     continue
                 break
             body = env.body
+            if isinstance(body, RoundDeclined) and env.sender in asked:
+                if self._declines(env, secagg_session(r, attempt, EVALUATE)):
+                    self.log.warning("round_declined", envoy=env.sender, reason=body.reason)
+                    asked.discard(env.sender)
+                continue
             if env.round != r or not isinstance(body, EvaluateResult):
                 self.log.warning(
                     "unexpected_message", sender=env.sender, type=env.type, round=env.round
@@ -951,6 +999,7 @@ def participant_fates(
     stopped_at: Callable[[str], str | None],
     missed: Collection[str],
     online: Collection[str],
+    declined: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What became of each participant of a completed round, for its record.
 
@@ -959,6 +1008,9 @@ def participant_fates(
     * dropped at `stage`: its update is not in the sum; `stage` is the first it did not answer;
     * left at `stage`: its update is in the sum (it sent its masked input), but a later stage
       closed without it, or it was gone by the end of the round.
+
+    A participant that declined the round (its own policy or ledger refused it) is dropped,
+    with its reason under "declined".
     """
     survivors = set(survivors)
     online = set(online)
@@ -968,6 +1020,8 @@ def participant_fates(
         stage = None if stage is None else str(stage)
         if name not in survivors:
             out[name] = {"fate": "dropped", "stage": stage}
+            if declined and name in declined:
+                out[name]["declined"] = declined[name]
         elif stage is not None and (name in missed or name not in online):
             out[name] = {"fate": "left", "stage": stage}
         else:

@@ -67,11 +67,13 @@ from protocol.messages import (
     ModelMismatch,
     ModelSummary,
     Presence,
+    RoundDeclined,
     RoundEnd,
     RoundStart,
     Shutdown,
     TrainPlan,
 )
+from protocol.secagg.common import EVALUATE, TRAIN
 from protocol.secagg.update import Layout, UpdateNotFinite, update_norm
 from protocol.stages import Stage
 from protocol.tensors import TensorError, state_digest, state_to_numpy
@@ -312,9 +314,22 @@ class Envoy:
         self.answered_again += 1
 
     def _refuse(self, round: int, reason: str) -> None:
-        """The policy refused a request of the director: log it, send nothing."""
+        """The policy refused a request of the director: log it; nothing of it is sent."""
         self.refused.append((round, reason))
         self.log.warning("round_refused", round=round, reason=reason)
+
+    async def _decline(
+        self, round: int, attempt: int, purpose: str, reason: str, answers: Answers
+    ) -> None:
+        """Refuse a session this envoy was asked into, and say so (RoundDeclined), so the
+        director stops waiting for it; the same request again is declined again."""
+        self._refuse(round, reason)
+        body = RoundDeclined(attempt=attempt, purpose=purpose, reason=reason[:500])
+        with contextlib.suppress(Exception):  # the refusal holds whether or not it arrives
+            await self.endpoint.send(
+                self.topics.director, round=round, recipient=self.cfg.director_id, body=body
+            )
+            answers.sent(body)
 
     def _model_refused(self, body: ModelMismatch) -> None:
         """The director builds another model: a config error here, named, and the end."""
@@ -353,34 +368,30 @@ class Envoy:
 
     def _start_contribution(
         self, round: int, rs: RoundStart, weights: dict[str, np.ndarray], digest: str
-    ) -> Contribution | None:
-        """The round's contribution if the policy and the ledger allow it (else None, logged)."""
+    ) -> Contribution:
+        """The round's contribution; RoundRefused (the reason) if the policy or the ledger
+        refuses it."""
         kept = self._kept is not None and (self._kept.round, self._kept.weights) == (round, digest)
         reason = self.ledger.refuse_round(round, digest, kept=kept)
         if not reason:
             reason = self._refuse_plan(rs.plan)
         if reason:
-            self._refuse(round, reason)
-            return None
-        try:
-            contribution = contribution_for(
-                rs,
-                round=round,
-                node_id=self.cfg.node_id,
-                director_id=self.cfg.director_id,
-                layout=Layout.of(weights),
-                signing_key=self.signing_key,
-                peer_signing_keys=self.peer_signing_keys,
-                federation=self.cfg.federation,
-                policy=self.client_policy,
-                max_update_norm=self.policy.max_update_norm,
-                allow_plain=self.policy.insecure_plain_updates,
-                guard=self.ledger,
-                audit=functools.partial(self._audit, round) if self.cfg.audit else None,
-            )
-        except RoundRefused as exc:
-            self._refuse(round, str(exc))
-            return None
+            raise RoundRefused(reason)
+        contribution = contribution_for(
+            rs,
+            round=round,
+            node_id=self.cfg.node_id,
+            director_id=self.cfg.director_id,
+            layout=Layout.of(weights),
+            signing_key=self.signing_key,
+            peer_signing_keys=self.peer_signing_keys,
+            federation=self.cfg.federation,
+            policy=self.client_policy,
+            max_update_norm=self.policy.max_update_norm,
+            allow_plain=self.policy.insecure_plain_updates,
+            guard=self.ledger,
+            audit=functools.partial(self._audit, round) if self.cfg.audit else None,
+        )
         if isinstance(contribution, SecureContribution):
             v = contribution.verdict
             self.log.info(
@@ -429,8 +440,10 @@ class Envoy:
             return
         digest = state_digest(weights)
         self._crash_point(round, Stage.TRAINING)
-        contribution = self._start_contribution(round, rs, weights, digest)
-        if contribution is None:
+        try:
+            contribution = self._start_contribution(round, rs, weights, digest)
+        except RoundRefused as exc:
+            await self._decline(round, rs.attempt, TRAIN, str(exc), answers)
             self._set_stage(IDLE)
             return
         contribution.answers = answers
@@ -576,11 +589,11 @@ class Envoy:
                 "the director asks for plain validation histograms; this envoy's policy "
                 "requires secure aggregation (policy.insecure_plain_updates is off)"
             )
-        if reason:
-            self._refuse(round, reason)
-            return
         if req.secagg is not None and self.cfg.node_id not in req.selected:
             self.log.info("not_selected_for_evaluation", round=round)
+            return
+        if reason:
+            await self._decline(round, req.attempt, EVALUATE, reason, answers)
             return
         contribution: SecureEvaluation | None = None
         if req.secagg is not None:
@@ -600,7 +613,7 @@ class Envoy:
                     policy=self.client_policy,
                 )
             except RoundRefused as exc:
-                self._refuse(round, str(exc))
+                await self._decline(round, req.attempt, EVALUATE, str(exc), answers)
                 return
         # Once per round, whatever happens next: recorded before anything leaves.
         self.ledger.evaluating(round, digest)

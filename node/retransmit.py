@@ -95,13 +95,13 @@ class StageRequests:
 class RetrySchedule:
     """When the director sends a stage's requests again to those that have not answered.
 
-    The first re-send comes `max(first_s, 2 x busy)` after the stage opened, where `busy` is
-    how long the answers received so far took: while answers keep arriving the stage is busy
-    (many envoys, slow hardware), not lossy, and waiting as long again is cheap; once they
-    stop, the silence of the rest is likely a loss. Each further re-send waits twice as long
-    as the previous one, at most `max_s`, so a participant that is merely slow (local training
-    takes minutes) costs a few small frames, while a lost frame costs seconds, not the stage's
-    deadline.
+    Silence is the sign of a loss: the requests go again once the stage has been quiet for
+    `first_s` (no answer since it opened, since the last answer, or since the last re-send).
+    While the silence lasts, each further wait doubles, up to `max_s`, so a participant that
+    is merely slow (local training takes minutes) costs a few small frames; every answer that
+    arrives resets the wait to `first_s`, so a frame lost while the others are still
+    answering costs about `first_s`, not the stage's deadline. A stage whose answers keep
+    trickling in (hundreds of envoys on a few cores) is not re-sent at all.
     """
 
     first_s: float
@@ -109,23 +109,27 @@ class RetrySchedule:
     opened_at: float
     last_answer_at: float | None = None
     resent_at: float | None = None
-    resends: int = 0
+    resends: int = 0  # since the last answer
 
     def __post_init__(self) -> None:
         if not 0 < self.first_s <= self.max_s:
             raise ValueError(f"need 0 < first_s <= max_s, got {self.first_s}, {self.max_s}")
 
     @property
+    def quiet_since(self) -> float:
+        """When the stage last heard or sent anything."""
+        return max(
+            t for t in (self.opened_at, self.last_answer_at, self.resent_at) if t is not None
+        )
+
+    @property
     def due(self) -> float:
         """The time of the next re-send."""
-        busy = 0.0 if self.last_answer_at is None else self.last_answer_at - self.opened_at
-        wait = min(self.max_s, max(self.first_s, 2.0 * busy) * 2.0 ** min(self.resends, 64))
-        since = self.opened_at if self.resent_at is None else self.resent_at
-        return since + wait
+        return self.quiet_since + min(self.max_s, self.first_s * 2.0 ** min(self.resends, 64))
 
     def answered(self, now: float) -> RetrySchedule:
-        """An answer arrived at `now` (the first re-send moves later)."""
-        return replace(self, last_answer_at=now)
+        """An answer arrived at `now`: the wait starts again from first_s."""
+        return replace(self, last_answer_at=now, resends=0)
 
     def resent(self, now: float) -> RetrySchedule:
         """The requests were sent again at `now` (the next wait doubles)."""

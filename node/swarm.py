@@ -188,7 +188,8 @@ async def _run_envoy(
     )
     bus = _Severable(inner)
     holder["bus"] = bus
-    envoy.attach(_faulty(bus, plan, cfg.node_id, faults_start))
+    outer = _faulty(bus, plan, cfg.node_id, faults_start)
+    envoy.attach(outer)
     holder["task"] = asyncio.current_task()
     try:
         return await envoy.run()
@@ -196,7 +197,8 @@ async def _run_envoy(
         return 137 if bus.severed else 143
     finally:
         with contextlib.suppress(Exception):
-            await bus.close()
+            # Through the fault wrapper: its delayed frames (the offline presence) go first.
+            await outer.close()
 
 
 async def run_swarm(

@@ -171,10 +171,22 @@ class StatusReply(Message, frozen=True):
     envoys: Annotated[dict[NodeId, EnvoyStatus], msgspec.Meta(max_length=MAX_PARTICIPANTS)]
 
 
+class RoundDeclined(Message, frozen=True):
+    """Envoy -> director: this envoy takes no part in the session named by the envelope's
+    round, `attempt` and `purpose` ("train": a RoundStart, "evaluate": an EvaluateRequest),
+    because its own policy or ledger refused it; `reason` says which rule. The director stops
+    waiting for it at once instead of at the stage deadline."""
+
+    attempt: Attempt = 0
+    purpose: Annotated[str, msgspec.Meta(pattern="^(train|evaluate)$")] = "train"
+    reason: ShortText = ""
+
+
 CoreMessage = (
     Presence
     | ModelMismatch
     | RoundStart
+    | RoundDeclined
     | PlainUpdate
     | EvaluateRequest
     | EvaluateResult

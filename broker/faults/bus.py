@@ -47,6 +47,7 @@ class FaultyBus(Bus):
         self._held: tuple[str, bytes, bool, int] | None = None
         self._held_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._delayed: set[asyncio.Task[None]] = set()  # frames on their way (delay_ms)
         self.log = structlog.get_logger("faults").bind(node=node_id)
         self.counts = {
             "sent": 0,
@@ -99,7 +100,9 @@ class FaultyBus(Bus):
         for _ in range(copies):
             if delay_s > 0:
                 self.counts["delayed"] += 1
-                self._spawn(self._send_later(delay_s, topic, frame, retain))
+                sending = self._spawn(self._send_later(delay_s, topic, frame, retain))
+                self._delayed.add(sending)
+                sending.add_done_callback(self._delayed.discard)
             else:
                 await self._send(topic, frame, retain)
         await self._release_held()
@@ -146,6 +149,12 @@ class FaultyBus(Bus):
         return FaultySubscription(self, self.inner.subscribe(topic_filter))
 
     async def close(self) -> None:
+        # A slow link delays frames, it does not eat them: what was published before a clean
+        # close (an envoy's offline presence) still arrives, after its delay.
+        with contextlib.suppress(Exception):
+            await self._release_held()
+        if self._delayed:
+            await asyncio.wait(list(self._delayed))
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -235,6 +235,18 @@ async def test_delay_delivers_everything_later() -> None:
     assert inner.closed
 
 
+@pytest.mark.parametrize("link", [{"delay_ms": (20, 50)}, {"reorder": 1.0}])
+async def test_a_clean_close_still_delivers_what_was_published_before_it(link) -> None:
+    """A slow link delays frames, it does not eat them: an envoy's last presence, published
+    just before it leaves, reaches the broker (a lost one left the director waiting)."""
+    inner = MemoryBus()
+    bus = FaultyBus(inner, FaultPlan().link(**link), "envoy-1")
+    await send_all(bus, 3)
+    await bus.close()
+    assert sorted(f for _, f, _ in inner.sent) == [b"frame-%04d" % i for i in range(3)]
+    assert inner.closed
+
+
 link_params = st.fixed_dictionaries(
     {
         "drop": st.floats(0, 1),

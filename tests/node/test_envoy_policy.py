@@ -27,6 +27,7 @@ from protocol.messages import (
     EvaluateRequest,
     EvaluateResult,
     Presence,
+    RoundDeclined,
     TrainPlan,
 )
 from protocol.secagg.common import EVALUATE
@@ -55,7 +56,13 @@ async def started(tmp_path, n: int = 4, **kw):
 
 
 def secagg_traffic(director: ScriptedDirector) -> list:
-    return [e for e in director.received if not isinstance(e.body, Presence)]
+    """What the envoys sent besides presence and their refusals (RoundDeclined carries the
+    policy's reason and nothing of the envoy's keys, data or update)."""
+    return [e for e in director.received if not isinstance(e.body, Presence | RoundDeclined)]
+
+
+def declines(director: ScriptedDirector) -> dict[str, str]:
+    return {e.sender: e.body.reason for e in director.received if isinstance(e.body, RoundDeclined)}
 
 
 # -- 2: downgrades are the envoy's choice, not the director's ----------------------------------
@@ -75,7 +82,11 @@ async def test_2_a_downgraded_round_start_is_refused_and_nothing_is_sent(tmp_pat
         await director.send(director.round_start(params=params), round=1)
         await director.settle(1.0)
         assert secagg_traffic(director) == []  # no keys, no update: nothing at all
+        # Each envoy said why it declined, so an honest director need not wait for it.
+        said = declines(director)
     await fed.stop()
+    assert set(said) == set(fed.envoys)
+    assert all(said[name] == envoy.refused[-1][1] for name, envoy in fed.envoys.items())
     for envoy in fed.envoys.values():
         ((round, why),) = envoy.refused
         assert round == 1

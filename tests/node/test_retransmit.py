@@ -36,43 +36,43 @@ spans = st.floats(min_value=1e-3, max_value=100, allow_nan=False)
     first=spans,
     extra=spans,
     opened=times,
-    answers=st.lists(spans, max_size=5),
-    n=st.integers(0, 80),
+    events=st.lists(st.tuples(st.booleans(), spans), max_size=12),
 )
-def test_retries_wait_at_least_first_s_and_at_most_max_s_and_never_shrink(
-    first, extra, opened, answers, n
+def test_re_sends_follow_silence_doubling_up_to_max_s_and_reset_by_answers(
+    first, extra, opened, events
 ):
+    """(True, gap): an answer `gap` after the last event; (False, _): a re-send when due."""
     max_s = first + extra
     s = RetrySchedule(first, max_s, opened)
-    at = opened
-    for gap in answers:
-        at += gap
-        later = s.answered(at)
-        assert later.due >= s.due  # an answer never brings the re-send forward
-        s = later
-    assert s.due >= opened + first - 1e-9
-    previous_wait = None
-    for _ in range(n):
-        now = s.due
-        since = s.resent_at if s.resent_at is not None else s.opened_at
-        wait = s.due - since
-        assert first - 1e-9 <= wait <= max_s + 1e-9
-        if previous_wait is not None:
-            assert wait >= previous_wait - 1e-9  # back-off: waits never shrink
-        previous_wait = wait
-        s = s.resent(now)
-    assert s.resends == n
+    now = opened
+    silent_waits: list[float] = []
+    for is_answer, gap in events:
+        if is_answer:
+            now += gap
+            s = s.answered(now)
+            silent_waits = []
+            assert s.due == pytest.approx(now + first)  # every answer restarts the wait
+        else:
+            wait = s.due - s.quiet_since
+            assert first * (1 - 1e-9) <= wait <= max_s * (1 + 1e-9)
+            if silent_waits:  # back-off while the silence lasts: waits double up to max_s
+                assert wait == pytest.approx(min(max_s, 2 * silent_waits[-1]))
+            silent_waits.append(wait)
+            now = s.due
+            s = s.resent(now)
+        assert s.due > now  # never due in the past
 
 
-def test_a_busy_stage_waits_twice_as_long_as_its_answers_took():
+def test_a_stage_is_re_sent_after_first_s_of_silence():
     s = RetrySchedule(2.0, 30.0, opened_at=100.0)
     assert s.due == 102.0
-    s = s.answered(105.0)  # answers took 5 s: the rest may be slow, not lost
-    assert s.due == 110.0
-    s = s.resent(110.0)
-    assert s.due == 130.0  # then 20 s, ...
-    s = s.resent(130.0)
-    assert s.due == 160.0  # ... capped at max_s
+    s = s.answered(105.0)  # answers keep coming: nothing is due while they do
+    assert s.due == 107.0
+    s = s.resent(107.0)
+    assert s.due == 111.0  # silence: 4 s, 8 s, 16 s, then at most 30 s
+    s = s.resent(111.0).resent(119.0).resent(135.0)
+    assert s.due == 165.0
+    assert s.answered(140.0).due == 142.0
 
 
 @pytest.mark.parametrize(("first", "max_s"), [(0.0, 1.0), (2.0, 1.0), (-1.0, 5.0)])

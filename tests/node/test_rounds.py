@@ -314,3 +314,42 @@ async def test_late_abort_of_an_earlier_attempt_does_not_cancel_the_retry(tmp_pa
     assert len(updates_sent) == 2 and updates_sent[0] == updates_sent[1]
     assert envoy.answered_again == 1
     await fed.stop()
+
+
+async def test_an_envoy_whose_policy_refuses_the_round_declines_and_is_not_waited_for(tmp_path):
+    """envoy-4's policy allows one local epoch, the director asks for two: envoy-4 declines
+    (RoundDeclined, its reason named), and the round goes on at once without it although
+    every stage deadline is ten minutes."""
+    import msgspec
+
+    fed = make_fed(
+        tmp_path,
+        4,
+        secure=True,
+        rounds=2,
+        deadlines={s: 600.0 for s in CRASH_STAGES},
+        train={"local_epochs": 2},
+    )
+    cfg = fed.envoy_cfgs["envoy-4"]
+    fed.envoy_cfgs["envoy-4"] = msgspec.structs.replace(
+        cfg, policy=msgspec.structs.replace(cfg.policy, max_local_epochs=1)
+    )
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    with capture_logs() as logs:
+        rc = await run_director(fed)
+    await fed.stop()
+    assert rc == 0
+    others = ["envoy-1", "envoy-2", "envoy-3"]
+    for rec in fed.records():
+        assert rec["survivors"] == others and rec["dropped"] == ["envoy-4"]
+        fate = rec["fates"]["envoy-4"]
+        assert fate["fate"] == "dropped" and fate["stage"] == "advertise_keys"
+        assert "policy.max_local_epochs" in fate["declined"]
+    assert fed.trainers["envoy-4"].calls == 0
+    assert not [e for e in logs if e["event"] == "stage_deadline"]
+    declines = [e for e in logs if e["event"] == "round_declined"]
+    assert [e["envoy"] for e in declines] == ["envoy-4", "envoy-4"]
+    want = expected_weights(fed, [others, others])
+    for k, v in load_checkpoint(fed.director_cfg.state_dir).weights_numpy().items():
+        np.testing.assert_allclose(v, want[k], rtol=0, atol=2e-6)
