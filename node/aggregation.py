@@ -86,6 +86,8 @@ class Driven(Protocol):
 
     def awaiting(self) -> frozenset[str]: ...
 
+    def short_of_threshold(self) -> bool: ...
+
     def take_refusals(self) -> list[Refusal]: ...
 
 
@@ -132,6 +134,10 @@ class Aggregation(RefusalLog, abc.ABC):
     @abc.abstractmethod
     def awaiting(self) -> frozenset[str]:
         """The participants the current stage still waits for."""
+
+    @abc.abstractmethod
+    def short_of_threshold(self) -> bool:
+        """Whether closing the current stage now would fail the attempt for lack of answers."""
 
     @abc.abstractmethod
     def stopped_at(self, participant: str) -> Stage | None:
@@ -188,6 +194,9 @@ class PlainAggregation(Aggregation):
         if self._closed:
             return frozenset()
         return frozenset(self.participants) - self._updates.keys()
+
+    def short_of_threshold(self) -> bool:
+        return len(self._updates) < self.min_survivors
 
     def stopped_at(self, participant: str) -> Stage | None:
         return None if participant in self._updates else Stage.TRAINING
@@ -336,6 +345,9 @@ class _SecAggDriver(RefusalLog):
 
     def awaiting(self) -> frozenset[str]:
         return self.server.awaiting
+
+    def short_of_threshold(self) -> bool:
+        return self.server.short_of_threshold()
 
     def stopped_at(self, participant: str) -> Stage | None:
         return self.server.stopped_at(participant)

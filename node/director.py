@@ -389,20 +389,20 @@ class Director:
             await self._send(out.recipient, out.body, round=round)
 
     async def _next(
-        self, deadline: float, awaiting: Callable[[], Collection[str]] | None = None
+        self, deadline: float, stop: Callable[[], bool] | None = None
     ) -> Envelope | None:
-        """The next message; None once `deadline` passes or, with `awaiting`, as soon as every
-        envoy still awaited is gone (presence offline or heartbeat lost): waiting for them
-        longer could only end at the deadline."""
+        """The next message; None once `deadline` passes or, with `stop`, as soon as it says
+        there is nobody left worth waiting for (checked on every presence change, and at
+        least every _PRESENCE_POLL_S, since heartbeat loss has no event of its own)."""
         while True:
             with contextlib.suppress(asyncio.QueueEmpty):
                 return self.inbox.get_nowait()
-            if awaiting is not None and self._all_gone(awaiting()):
+            if stop is not None and stop():
                 return None
             timeout = deadline - self.clock()
             if timeout <= 0:
                 return None
-            if awaiting is None:
+            if stop is None:
                 with contextlib.suppress(TimeoutError):
                     return await asyncio.wait_for(self.inbox.get(), timeout)
                 return None
@@ -748,24 +748,42 @@ class Director:
         def awaited() -> list[str]:
             return [u for u in agg.awaiting() if u not in declined]
 
+        def nobody_to_wait_for() -> bool:
+            """Every participant the stage awaits declined or is gone, and waiting longer
+            could not save the attempt. One that is only silent (heartbeat lost: a
+            partition, a broker restart), not gone (its goodbye or last will), is waited
+            for while closing without it would fail the attempt for lack of answers: after
+            its envoys signed a survivor set, a failed attempt fails the whole round."""
+            names = awaited()
+            if not names:
+                return bool(agg.awaiting())  # all declined
+            if not self._all_gone(names):
+                return False
+            if all(self.envoys.said_offline(u) for u in names) or not agg.short_of_threshold():
+                return True
+            if stage not in waited_for_return:
+                waited_for_return.add(stage)
+                self.log.info("stage_waits_for_return", stage=stage, silent=sorted(names))
+            return False
+
+        waited_for_return: set[State] = set()
+
         requests = StageRequests(opening or ())
         retry = self._retry_schedule(stage_start, deadline - stage_start)
         reachable = self._reachable(awaited())
         while not agg.done:
             # Wake at least once a second to notice an awaited envoy that is back online.
             until = min(deadline, retry.due, self.clock() + _RETURN_POLL_S)
-            env = await self._next(until, awaited)
+            env = await self._next(until, nobody_to_wait_for)
             outs: list[Outgoing] = []
             if env is not None and isinstance(env.body, RoundDeclined) and env.sender in members:
                 if self._declines(env, session):
                     declined[env.sender] = env.body.reason
                     self.log.warning("round_declined", envoy=env.sender, reason=env.body.reason)
-                if not agg.awaiting() or awaited():
-                    continue
-                env = None  # everyone still awaited declined: close the stage now
+                continue  # if nobody is left to wait for, the next _next says so at once
             if env is None:
                 now = self.clock()
-                if now < deadline and awaited() and not self._all_gone(awaited()):
+                if now < deadline and not nobody_to_wait_for():
                     now_reachable = self._reachable(awaited())
                     if now >= retry.due:
                         targets, retry = now_reachable, retry.resent(now)
@@ -940,7 +958,9 @@ class Director:
         deadline = self.clock() + self.cfg.deadlines.evaluate
         retry = self._retry_schedule(self.clock(), self.cfg.deadlines.evaluate)
         while answered != asked:
-            env = await self._next(min(deadline, retry.due), lambda: asked - answered)
+            env = await self._next(
+                min(deadline, retry.due), lambda: self._all_gone(asked - answered)
+            )
             if env is None:
                 now = self.clock()
                 if now < deadline and not self._all_gone(asked - answered):

@@ -66,6 +66,13 @@ class Envoys:
         seen.stage = body.stage
         return was != body.online
 
+    def said_offline(self, name: str) -> bool:
+        """Whether `name`'s presence says it left (its goodbye, or the broker's last will on a
+        dropped connection), as opposed to merely not heard from for a while (a partition,
+        a broker restart: it may be back)."""
+        seen = self.seen.get(name)
+        return seen is not None and not seen.online
+
     def online(self) -> list[str]:
         now = self.clock()
         return sorted(

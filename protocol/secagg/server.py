@@ -190,6 +190,23 @@ class SecAggServer(RefusalLog):
             return self._unmask_responders() - self._responded
         return frozenset()
 
+    def short_of_threshold(self) -> bool:
+        """Whether closing the current stage now would end the session for lack of answers
+        (fewer than t; in unmask, a secret with fewer than t shares): then a participant that
+        is only silent, not gone, is worth waiting for until the deadline."""
+        t = self.params.t
+        if self.stage is Stage.ADVERTISE_KEYS:
+            return len(self._keys) < t
+        if self.stage is Stage.SHARE_KEYS:
+            return len(self._ciphertexts) < t
+        if self.stage is Stage.MASKED_INPUT:
+            return len(self._u3) < t
+        if self.stage is Stage.CONSISTENCY:
+            return len(self._signatures) < t
+        if self.stage is Stage.UNMASK:
+            return not self._have_all_shares()
+        return False
+
     def stopped_at(self, client: str) -> Stage | None:
         """The first stage `client` has not answered (None: it answered every stage)."""
         last = self._answered.get(client)

@@ -284,3 +284,70 @@ def test_a_retry_config_out_of_order_names_the_field_and_the_file(tmp_path):
     bad.write_text(text.replace("max_s = 30.0", "max_s = -1.0"))
     with pytest.raises(ConfigError, match=r"retry\.max_s"):
         load_director_config(bad)
+
+
+class CutOffDuringConsistency:
+    """Loses every frame from and to `names` for `seconds`, from the moment the director
+    first asks for consistency signatures (a partition that lands where a failed attempt
+    would fail the round: the signers sit out its later attempts)."""
+
+    def __init__(self, names: set[str], seconds: float) -> None:
+        self.names, self.seconds = names, seconds
+        self.started: float | None = None
+        self.lost = 0
+
+    def __call__(self, sender: str, topic: str, frame: bytes, receiver: str) -> bool:
+        import time
+
+        if self.started is None:
+            if sender == "director" and type(CODEC.decode(frame).body).__name__ == (
+                "SecAggConsistencyRequest"
+            ):
+                self.started = time.monotonic()
+            else:
+                return False
+        if time.monotonic() - self.started > self.seconds:
+            return False
+        if sender in self.names or receiver in self.names:
+            self.lost += 1
+            return True
+        return False
+
+
+async def test_envoys_cut_off_during_consistency_are_waited_for_and_the_round_completes(tmp_path):
+    """Three of five envoys fall silent (heartbeats lost too) right as consistency opens:
+    closing the stage without them would leave fewer signatures than t and fail the round
+    for good. They are only silent, not gone, so the director waits for them; when they are
+    back it sends them the request again and the round completes with everyone."""
+    from structlog.testing import capture_logs
+
+    cut = CutOffDuringConsistency({"envoy-3", "envoy-4", "envoy-5"}, seconds=2.5)
+    fed = make_fed(
+        tmp_path,
+        5,
+        secure=True,
+        rounds=1,
+        heartbeat_timeout_s=1.0,
+        retry={"first_s": 0.2, "max_s": 1.0},
+        deadlines={
+            s: 20.0
+            for s in (
+                "advertise_keys",
+                "share_keys",
+                "masked_input",
+                "consistency",
+                "unmask",
+                "evaluate",
+            )
+        },
+    )
+    fed.broker.lose = cut
+    for name in fed.envoy_cfgs:
+        fed.start_envoy(name)
+    with capture_logs() as logs:
+        rc = await asyncio.wait_for(fed.director().run(), 120)
+    await fed.stop()
+    assert cut.started is not None and cut.lost > 0
+    events = [e["event"] for e in logs]
+    assert "stage_waits_for_return" in events and "round_aborted" not in events
+    _assert_every_envoy_in_every_round(fed, rc, 1)
