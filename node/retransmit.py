@@ -15,9 +15,9 @@ and a participant that already answered that very request sends the very same an
 * an answer arriving twice is refused as a duplicate by the director's SecAgg server, without
   a state change.
 
-Requests are matched by round and content (`message_key`), not by envelope: every re-sent frame is a
-new envelope with a fresh message id (the endpoints refuse a replayed message id), so only
-the body says that it is the same question.
+Requests are matched by round and content (`message_key`), not by envelope: every re-sent
+frame is a new envelope with a fresh message id (the endpoints refuse a replayed message
+id), so only the round and the body say that it is the same question.
 
 Nothing here does I/O or reads a clock: the director and the envoy pass times and send what
 these classes return.
