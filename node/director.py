@@ -577,14 +577,18 @@ class Director:
 
     async def _run_attempts(self, r: int) -> bool:
         """Round `r`, retried with fresh participants until it completes; False if it never did."""
+        first_start = self.clock()
         for attempt in range(self.cfg.max_attempts):
             online = await self._wait_for_envoys()
             self._first_round = False
-            if await self._round(r, attempt, self._select(online, r, attempt)):
+            if await self._round(r, attempt, self._select(online, r, attempt), first_start):
                 return True
         return False
 
-    async def _round(self, r: int, attempt: int, participants: list[str]) -> bool:
+    async def _round(
+        self, r: int, attempt: int, participants: list[str], first_start: float
+    ) -> bool:
+        """One attempt of round `r` (`first_start`: when its first attempt began)."""
         self.round = r
         set_round(r, "round_start")
         t0 = self.clock()
@@ -639,7 +643,9 @@ class Director:
             "aggregate_verified": None,
             "metrics": {"train_loss": result.train_loss, **metrics},
             "best_round": self.state.best.round if self.state.best else None,
-            "seconds": round(self.clock() - t0, 3),
+            "seconds": round(self.clock() - t0, 3),  # this attempt
+            # the whole round, failed attempts and the waits between them included
+            "round_seconds": round(self.clock() - first_start, 3),
             "stage_seconds": stage_times,
         }
         self._commit(r, record)

@@ -158,6 +158,8 @@ def _round(rec: dict[str, Any]) -> dict[str, Any]:
         "dropped": {n: fates.get(n, {}).get("stage") for n in rec["dropped"]},
         "left": list(rec.get("left", [])),
         "seconds": rec["seconds"],
+        # every attempt of the round (records before round_seconds existed: the last one)
+        "round_seconds": rec.get("round_seconds", rec["seconds"]),
     }
 
 
@@ -173,7 +175,7 @@ def judge(run: dict[str, Any], plan: FaultPlan | None, base: list[float]) -> dic
             if not (name in cut_off or crashed.get(name, 1 << 30) <= r["round"]):
                 unexplained.append((r["round"], name, r["dropped"].get(name, "left")))
     ratios = [
-        round(r["seconds"] / base[r["round"] - 1], 2)
+        round(r["round_seconds"] / base[r["round"] - 1], 2)
         for r in run["records"]
         if r["round"] <= len(base)
     ]
@@ -218,7 +220,7 @@ def main() -> None:
 
     for transport in args.transports.split(","):
         base = demo(work / f"{transport}-fault-free", transport=transport, plan=None, args=args)
-        base_s = [r["seconds"] for r in base["records"]]
+        base_s = [r["round_seconds"] for r in base["records"]]
         save({"transport": transport, "plan": None, **base, **judge(base, None, base_s)})
         for path in plans:
             plan = FaultPlan.load(path)
