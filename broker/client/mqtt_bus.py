@@ -14,6 +14,11 @@ Delivery guarantees, and how they are kept:
 * Presence: the node's `Will` is registered with the broker (published if we vanish), and
   the retained frames the node published are published again after every reconnect, since
   the broker may have replaced them with our will meanwhile.
+* A connection the broker stops answering on is made again: when acknowledgements are
+  awaited and nothing (no PUBACK, SUBACK or message) has come in for `stall_s`, the bus
+  disconnects and reconnects (`bus_stalled`), rather than waiting out the keepalive. Seen
+  after a Mosquitto restart: a connection that came up while the client's earlier attempts
+  were being refused read nothing for a whole keepalive (30 s) while its writes went out.
 * Reconnects use exponential backoff with jitter, forever, until `close()`; a broker that
   refuses our credentials (bad password, not authorised, TLS certificate refused) is fatal:
   retrying cannot help and would hide the error.
@@ -261,6 +266,7 @@ class MqttBus(Bus):
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         insecure_no_auth: bool = False,
         keepalive_s: int = 30,
+        stall_s: float = 10.0,
         session_expiry_s: int = 3600,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 5.0,
@@ -287,6 +293,12 @@ class MqttBus(Bus):
         self._username, self._password = login
         self._tls = _tls_for(self.scheme, url, credentials)
         self._keepalive_s = keepalive_s
+        if stall_s <= 0:
+            raise ValueError("stall_s must be positive")
+        self._stall_s = stall_s
+        # Acknowledgements (PUBACK, SUBACK) awaited now, and when anything last came in.
+        self._awaiting_acks = 0
+        self._last_inbound = time.monotonic()
         self._session_expiry_s = session_expiry_s
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._rng = rng or random.Random()
@@ -313,6 +325,7 @@ class MqttBus(Bus):
         # Observability for tests and status: what the broker refused, how often we came back.
         self.refusals: list[tuple[str, str, str]] = []
         self.reconnects = 0
+        self.stalls = 0
         self.duplicates_dropped = 0
         self.oversized_dropped = 0
 
@@ -433,9 +446,28 @@ class MqttBus(Bus):
         for topic, frame in self._own_retained.items():
             # Our will may have replaced our retained state while we were away.
             self._spawn(self._publish_raw(topic, frame, retain=True))
+        self._last_inbound = time.monotonic()  # the CONNACK
+        self._spawn(self._watch_connection(client, self._connection_lost))
         self._connected.set()
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
+
+    async def _watch_connection(self, client: _Client, lost: asyncio.Event) -> None:
+        """Drop a connection that reads nothing while acknowledgements are awaited (see the
+        module docstring); the supervisor then reconnects, and paho sends the frames still
+        unacknowledged again."""
+        while not lost.is_set() and not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), min(1.0, self._stall_s / 2))
+            silent = time.monotonic() - self._last_inbound
+            if lost.is_set() or not self._awaiting_acks or silent <= self._stall_s:
+                continue
+            self.stalls += 1
+            self.log.warning(
+                "bus_stalled", awaiting_acks=self._awaiting_acks, silent_s=round(silent, 3)
+            )
+            client._client.disconnect()  # paho: on_disconnect ends the connection's loop
+            return
 
     def _fail(self, error: BusError) -> None:
         self.log.error("bus_failed", error=str(error))
@@ -575,13 +607,17 @@ class MqttBus(Bus):
                 client.publish(topic, frame, qos=1, retain=retain, timeout=math.inf)
             )
             assert self._closed_future is not None
+            self._awaiting_acks += 1
             try:
                 await asyncio.wait(
                     {sending, self._closed_future}, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
+                self._awaiting_acks -= 1
                 if not sending.done():
                     sending.cancel()
+                elif not sending.cancelled() and sending.exception() is None:
+                    self._last_inbound = time.monotonic()  # the PUBACK
             if not sending.done() or sending.cancelled():
                 self._check_open()
                 raise BusError("bus closed")
@@ -660,12 +696,16 @@ class MqttBus(Bus):
             self._client.subscribe(topic_filter, options=options, timeout=math.inf)
         )
         ending = asyncio.ensure_future(lost.wait())
+        self._awaiting_acks += 1
         try:
             await asyncio.wait({subscribing, ending}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._awaiting_acks -= 1
             ending.cancel()
             if not subscribing.done():
                 subscribing.cancel()
+            elif not subscribing.cancelled() and subscribing.exception() is None:
+                self._last_inbound = time.monotonic()  # the SUBACK
         if subscribing.cancelled() or subscribing.exception() is not None:
             error = None if subscribing.cancelled() else subscribing.exception()
             self.log.info("subscribe_interrupted", filter=topic_filter, error=str(error))
@@ -721,6 +761,7 @@ class MqttBus(Bus):
         self.log.warning("publish_refused", mid=mid, reason=text)
 
     def _deliver(self, message: aiomqtt.Message) -> None:
+        self._last_inbound = time.monotonic()
         topic = message.topic.value
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):

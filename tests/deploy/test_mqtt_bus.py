@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -284,3 +285,98 @@ def test_deduplicator_is_an_lru_set(frames: list[bytes], capacity: int) -> None:
             model.remove(frame)
         model.append(frame)
         del model[:-capacity]
+
+
+class StallingProxy:
+    """A TCP proxy in front of Mosquitto. `stall()` keeps the connections open now open but
+    drops everything the broker sends on them (the client's writes still go out), as a
+    half-dead connection does; connections opened later pass normally."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._stalled: set[asyncio.StreamWriter] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> StallingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stall(self) -> None:
+        self._stalled |= self._open
+
+    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter):
+        b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._open.add(c_writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, to_client: bool):
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    if to_client and c_writer in self._stalled:
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pump(c_reader, b_writer, False), pump(b_reader, c_writer, True))
+        self._open.discard(c_writer)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in list(self._open):
+            w.close()
+
+
+async def test_a_connection_that_reads_nothing_is_made_again(
+    mosquitto: Broker, bus: BusFactory, topics
+) -> None:
+    """After a broker restart a connection once came up that sent but never read (so no
+    PUBACK arrived) for a whole keepalive. The bus notices acknowledgements awaited with
+    nothing coming in for stall_s, reconnects, and the publish completes."""
+    from structlog.testing import capture_logs
+
+    director = await bus("director")
+    inbox = director.subscribe(topics.director)
+    await inbox.ready()
+    proxy = await StallingProxy(mosquitto.plain_port).start()
+    e1 = MqttBus(
+        f"mqtt://127.0.0.1:{proxy.port}",
+        node_id="e1",
+        role="envoy",
+        credentials=mosquitto.credentials("e1"),
+        max_frame_bytes=1024 * 1024,
+        stall_s=1.0,
+    )
+    await e1.start(timeout_s=20)
+    try:
+        await e1.publish(topics.director, b"before")
+        assert await anext(inbox) == b"before"
+        assert e1.stalls == 0  # an idle healthy connection is never taken for a stalled one
+        proxy.stall()
+        with capture_logs() as logs:
+            # Returns once the frame is acknowledged, which needs a new connection.
+            await asyncio.wait_for(e1.publish(topics.director, b"during"), 120)
+        assert e1.stalls == 1 and e1.reconnects == 1
+        assert [e["event"] for e in logs if e["event"] == "bus_stalled"] == ["bus_stalled"]
+        assert await anext(inbox) == b"during"  # delivered once (a resend is deduplicated)
+        await e1.publish(topics.director, b"after")
+        assert await anext(inbox) == b"after"
+    finally:
+        await e1.close()
+        await proxy.close()
+
+
+def test_stall_s_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="stall_s"):
+        MqttBus(
+            "mqtt://127.0.0.1:1883",
+            node_id="e1",
+            role="envoy",
+            credentials=None,
+            insecure_no_auth=True,
+            stall_s=0,
+        )
