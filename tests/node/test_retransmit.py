@@ -219,10 +219,10 @@ async def _federation_under(tmp_path, lose, *, secure: bool = True, rounds: int 
         fed.start_envoy(name)
     rc = await asyncio.wait_for(fed.director().run(), 180)
     # The director returns once every envoy left after its Shutdown (told again if lost).
-    await asyncio.wait(fed.tasks.values(), timeout=5)  # their last steps after going offline
-    left = {name: task.done() for name, task in fed.tasks.items()}
+    # Their last steps after going offline; the bound only guards against a hang (an envoy
+    # that never got its Shutdown would never end).
+    await asyncio.wait_for(asyncio.wait(fed.tasks.values()), 120)
     await fed.stop()
-    assert all(left.values()), left
     return fed, rc
 
 
