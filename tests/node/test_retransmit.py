@@ -193,26 +193,30 @@ class LoseShare:
         return False
 
 
-async def _federation_under(tmp_path, lose, *, secure: bool = True, rounds: int = 2):
+# The SecAgg stages and the evaluation: the deadlines the loss tests set.
+STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask", "evaluate")
+
+
+async def _federation_under(
+    tmp_path,
+    lose,
+    *,
+    envoys: int = 4,
+    secure: bool = True,
+    rounds: int = 2,
+    deadline_s: float = 8.0,
+    **director: object,
+):
     fed = make_fed(
         tmp_path,
-        4,
+        envoys,
         secure=secure,
         rounds=rounds,
         retry={"first_s": 0.2, "max_s": 1.0},
         # A stage that closed without an envoy would drop it: the deadlines are long enough
         # for several re-sends and short enough that a missing retry fails the test quickly.
-        deadlines={
-            s: 8.0
-            for s in (
-                "advertise_keys",
-                "share_keys",
-                "masked_input",
-                "consistency",
-                "unmask",
-                "evaluate",
-            )
-        },
+        deadlines={s: deadline_s for s in STAGES},
+        **director,
     )
     fed.broker.lose = lose
     for name in fed.envoy_cfgs:
@@ -322,31 +326,10 @@ async def test_envoys_cut_off_during_consistency_are_waited_for_and_the_round_co
     from structlog.testing import capture_logs
 
     cut = CutOffDuringConsistency({"envoy-3", "envoy-4", "envoy-5"}, seconds=2.5)
-    fed = make_fed(
-        tmp_path,
-        5,
-        secure=True,
-        rounds=1,
-        heartbeat_timeout_s=1.0,
-        retry={"first_s": 0.2, "max_s": 1.0},
-        deadlines={
-            s: 20.0
-            for s in (
-                "advertise_keys",
-                "share_keys",
-                "masked_input",
-                "consistency",
-                "unmask",
-                "evaluate",
-            )
-        },
-    )
-    fed.broker.lose = cut
-    for name in fed.envoy_cfgs:
-        fed.start_envoy(name)
     with capture_logs() as logs:
-        rc = await asyncio.wait_for(fed.director().run(), 120)
-    await fed.stop()
+        fed, rc = await _federation_under(
+            tmp_path, cut, envoys=5, rounds=1, deadline_s=20.0, heartbeat_timeout_s=1.0
+        )
     assert cut.started is not None and cut.lost > 0
     events = [e["event"] for e in logs]
     assert "stage_waits_for_return" in events and "round_aborted" not in events
