@@ -1,8 +1,9 @@
 """Accuracy cost of a defence over paired seeds, with a paired confidence interval.
 
 Each seed is one federation per defence with everything else equal (partition, training
-seeds, initial-weight seed): ``benchmarks/accuracy/simulate_fedavg.py --defense none,cvb
---seed S --init-seed S`` runs such a pair. The cost per seed is the difference of the test
+seeds, initial-weight seed): either one file of ``benchmarks/accuracy/simulate_fedavg.py
+--defense none,cvb --seed S --init-seed S`` (both runs in it), or two files of
+``benchmarks/leakage/federation.py --defense D --seed S`` (paired here by seed). The cost per seed is the difference of the test
 metric of the model chosen on validation (test AUC, and test accuracy at the validation-
 chosen threshold); its mean over seeds comes with a Student-t interval on the paired
 differences, which removes what the seed does to both runs alike.
@@ -49,10 +50,39 @@ def load_pair(path: Path, defence: str, baseline: str) -> tuple[dict[str, float]
     return runs[baseline]["test"], runs[defence]["test"]
 
 
+def federation_pairs(
+    files: list[Path], defence: str, baseline: str
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """(label, baseline test, defence test) per seed from federation.py outputs."""
+    by_seed: dict[int, dict[str, tuple[Path, dict[str, float]]]] = {}
+    for f in files:
+        doc = json.loads(f.read_text())
+        runs = by_seed.setdefault(int(doc["seed"]), {})
+        d = doc["model"]["defense"]
+        if d in runs:
+            raise SystemExit(f"{f}: a second {d} run of seed {doc['seed']} ({runs[d][0]})")
+        runs[d] = (f, doc["test"])
+    out = []
+    for seed, runs in sorted(by_seed.items()):
+        if baseline not in runs or defence not in runs:
+            raise SystemExit(f"seed {seed}: needs runs of both {baseline} and {defence}")
+        label = f"seed {seed}: {runs[baseline][0].name} vs {runs[defence][0].name}"
+        out.append((label, runs[baseline][1], runs[defence][1]))
+    return out
+
+
+def pairs(
+    files: list[Path], defence: str, baseline: str
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """(label, baseline test, defence test) per seed, from either kind of file."""
+    if all("runs" in json.loads(f.read_text()) for f in files):
+        return [(f.name, *load_pair(f, defence, baseline)) for f in files]
+    return federation_pairs(files, defence, baseline)
+
+
 def summarise(files: list[Path], defence: str, baseline: str) -> dict[str, Any]:
     seeds = []
-    for f in files:
-        base, ours = load_pair(f, defence, baseline)
+    for f, base, ours in pairs(files, defence, baseline):
         seeds.append(
             {
                 "file": str(f),
@@ -83,7 +113,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for s in doc["seeds"]:
         lines.append(
-            f"| {Path(s['file']).name} | {s[b]['auc']:.4f} | {s[d]['auc']:.4f} | "
+            f"| {s['file']} | {s[b]['auc']:.4f} | {s[d]['auc']:.4f} | "
             f"{s[b]['accuracy']:.4f} | {s[d]['accuracy']:.4f} |"
         )
     lines.append("")

@@ -3,8 +3,9 @@
 The envoys' own code (PneumoniaMNIST loader, Dirichlet partitioner, ``train_local`` with
 the director config's recipe, weighted FedAvg, federated histogram validation) without the
 bus and secure aggregation, which change no number. One run = one federation of
-``--envoys`` envoys over ``--rounds`` rounds; the best round and its threshold are chosen
-on the summed validation histograms, and the test split is read only to report them.
+``--envoys`` envoys over ``--rounds`` rounds; the best round (by validation AUC) and its
+threshold (the config's ``[eval] operating_point``) are chosen on the summed validation
+histograms, and the test split is read only to report them.
 
 Per round it logs what the privacy work needs besides accuracy: the bottleneck's
 signal-to-noise ratio (dB) on each envoy's training images, and under ``--dp-epsilon`` the
@@ -19,7 +20,12 @@ DP (``--dp-epsilon E``): each envoy calibrates its noise multiplier so that its 
 spend at most E (at ``--dp-delta``) over all rounds, given its own sampling rate
 (``--dp-batch`` expected records per step) and steps; per-record clipping at
 ``--dp-clip``; no class weights (they would be a statistic of the private labels); the
-model must not use batch norm.
+model must not use batch norm. Each DP envoy reports FedAvg weight 1 (the envoy's public
+``sample_weight`` default), not its record count. ``--dp-mode distributed``: one step a
+round over all of an envoy's records (q = 1), each envoy adding 1/t of the noise variance
+(``--dp-honest`` t, default every envoy), so that the sum carries the full noise; the
+accountant composes that full noise (the guarantee holds under secure aggregation with t
+honest survivors).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -43,8 +50,9 @@ from gradient_leakage.bottleneck import bottleneck_snr_db  # noqa: E402
 from node.config import load_director_config, model_kwargs  # noqa: E402
 from node.director import train_plan_for_round  # noqa: E402
 from node.training.data import load_pneumoniamnist  # noqa: E402
-from node.training.metrics import binary_metrics, metrics_from_histograms  # noqa: E402
+from node.training.metrics import binary_metrics  # noqa: E402
 from node.training.model import build_model  # noqa: E402
+from node.training.operating_point import validation_metrics_at  # noqa: E402
 from node.training.partition import select_partition  # noqa: E402
 from node.training.privacy import (  # noqa: E402
     DPConfig,
@@ -76,6 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dp-lr", type=float, default=None, help="DP learning rate (default: the plan's)"
     )
     p.add_argument("--dp-accountant", choices=("rdp", "prv"), default="rdp")
+    p.add_argument(
+        "--dp-mode",
+        choices=("local", "distributed"),
+        default="local",
+        help="distributed: one full-batch step a round, each envoy adding 1/t of the noise "
+        "variance (sound only under secure aggregation with t honest survivors)",
+    )
+    p.add_argument("--dp-honest", type=int, default=None, help="t (default: all envoys)")
     p.add_argument("--save-weights", type=Path, default=None, help="folder: weights per round")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
@@ -128,16 +144,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dp_configs: list[DPConfig | None] = [None] * args.envoys
     accountants = [PrivacyAccountant(args.dp_accountant) for _ in range(args.envoys)]
     if args.dp_epsilon is not None:
+        distributed = args.dp_mode == "distributed"
+        honest = (args.dp_honest or args.envoys) if distributed else 1
         for i, (train, _) in enumerate(parts):
-            q = min(1.0, args.dp_batch / len(train))
-            steps = max(1, round(cfg.train.local_epochs / q)) * rounds
+            # Distributed: every record is in the one step of every round (q = 1).
+            q = 1.0 if distributed else min(1.0, args.dp_batch / len(train))
+            steps = (1 if distributed else max(1, round(cfg.train.local_epochs / q))) * rounds
             sigma = calibrate_noise(
                 args.dp_epsilon, delta=args.dp_delta, sample_rate=q, steps=steps,
                 accountant=args.dp_accountant,
             )  # fmt: skip
             dp_configs[i] = DPConfig(
                 noise_multiplier=sigma, max_grad_norm=args.dp_clip, sample_rate=q,
-                delta=args.dp_delta, accountant=args.dp_accountant,
+                delta=args.dp_delta, accountant=args.dp_accountant, mode=args.dp_mode,
+                honest_envoys=honest,
             )  # fmt: skip
     if args.save_weights:
         args.save_weights.mkdir(parents=True, exist_ok=True)
@@ -147,9 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(1, rounds + 1):
         plan = train_plan_for_round(cfg, r)
         if args.dp_epsilon is not None and args.dp_lr is not None:
-            from dataclasses import replace
-
-            plan = replace(plan, lr=args.dp_lr * plan.lr / cfg.train.lr)
+            plan = msgspec.structs.replace(plan, lr=args.dp_lr * plan.lr / cfg.train.lr)
         updates, counts, losses, snrs, seconds = [], [], [], [], []
         for i, (train, _) in enumerate(parts):
             set_weights(model, global_w)
@@ -161,7 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if dp_configs[i] is not None:
                 accountants[i].record(res.spend)
             updates.append(get_weights(model))
-            counts.append(res.num_samples)
+            # A DP envoy reports a public weight (its default 1), never its record count.
+            counts.append(res.num_samples if dp_configs[i] is None else 1)
             losses.append(res.loss)
             seconds.append(res.seconds)
         global_w = weighted_average(updates, counts)
@@ -172,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ev = evaluate(model, val.images, val.labels, args.bins)
             neg += ev.hist_negative
             pos += ev.hist_positive
-        val = metrics_from_histograms(neg, pos)
+        val = validation_metrics_at(neg, pos, cfg.eval.operating_point)
         test_scores = predict_scores(model, ds.test.images)
         test = binary_metrics(test_scores, ds.test.labels, val["threshold"])
         row = {
@@ -205,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": rounds,
         "envoy_train_sizes": [len(t) for t, _ in parts],
         "selected_round": best["round"],
-        "selection": "max federated validation AUC (ties: the later round); threshold: Youden J on validation",
+        "selection": "max federated validation AUC (ties: the later round); threshold: the "
+        f"config's operating point ({cfg.eval.operating_point}) on the validation histograms",
         "val": {k: _plain(best["val"][k]) for k in ("auc", "threshold", "accuracy")},
         "test": {
             k: _plain(best["test"][k]) for k in ("accuracy", "auc", "sensitivity", "specificity")
@@ -221,6 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "accountant": args.dp_accountant,
             "clip": args.dp_clip,
             "expected_batch": args.dp_batch,
+            "mode": args.dp_mode,
+            "honest_envoys": dp_configs[0].honest_envoys if dp_configs[0] else None,
+            "fedavg_weights": "1 per envoy (the envoy's public sample_weight)",
             "noise_multipliers": [c.noise_multiplier for c in dp_configs if c is not None],
             "sample_rates": [c.sample_rate for c in dp_configs if c is not None],
             "epsilon_spent": [a.epsilon(args.dp_delta) for a in accountants],
