@@ -72,17 +72,19 @@ HEADLINE = ("round1/update/cvb/ig", "round1/update/none/ig", "round1/update/cvb/
 EOT_SAMPLES = 2
 
 
-def plan(name: str, trained: bool) -> list[Cell]:
+def plan(name: str, trained: bool, iters: int = IG_ITERS) -> list[Cell]:
     """The cells of a table. ``core``: what decides the targets; ``full``: every attack x
-    threat x defence x state that fits 2 cores in about 2 hours (14,400 CPU-s)."""
+    threat x defence x state that fits 2 cores in about 2 hours (14,400 CPU-s).
+    ``iters``: the optimisation steps of every update cell (EOT splits them over its
+    noise samples); a cell already in the results keeps the count it ran with."""
     stress = [Cell("stress", "gradient", "none", "ig", 1000, {"norm": "group"}, "stress test")]
     states = ["round1", *(["trained"] if trained else [])]
     core = []
     for state in states:
         core += [
-            Cell(state, "update", "none", "ig", IG_ITERS, label="control: no defence"),
-            Cell(state, "update", "cvb", "ig", IG_ITERS),
-            Cell(state, "update", "cvb", "oracle", IG_ITERS, label="upper bound: noise known"),
+            Cell(state, "update", "none", "ig", iters, label="control: no defence"),
+            Cell(state, "update", "cvb", "ig", iters),
+            Cell(state, "update", "cvb", "oracle", iters, label="upper bound: noise known"),
         ]
     if name == "core":
         return stress + core
@@ -91,21 +93,21 @@ def plan(name: str, trained: bool) -> list[Cell]:
     full = list(core)
     for state in states:
         full += [
-            Cell(state, "update", "cvb", "ig", IG_ITERS, {"smooth_relu": 0.0}, "exact ReLU"),
-            Cell(state, "update", "cvb", "adaptive", IG_ITERS),
-            Cell(state, "update", "cvb", "eot", IG_ITERS // EOT_SAMPLES, {"samples": EOT_SAMPLES}),
-            Cell(state, "update", "cvb", "joint", IG_ITERS),
-            Cell(state, "update", "cvb", "two-stage", IG_ITERS),
-            Cell(state, "update+bn", "none", "ig", IG_ITERS),
-            Cell(state, "update+bn", "cvb", "ig", IG_ITERS),
-            Cell(state, "aggregate", "none", "ig", IG_ITERS, {"envoys": 3}),
-            Cell(state, "aggregate", "cvb", "ig", IG_ITERS, {"envoys": 3}),
+            Cell(state, "update", "cvb", "ig", iters, {"smooth_relu": 0.0}, "exact ReLU"),
+            Cell(state, "update", "cvb", "adaptive", iters),
+            Cell(state, "update", "cvb", "eot", iters // EOT_SAMPLES, {"samples": EOT_SAMPLES}),
+            Cell(state, "update", "cvb", "joint", iters),
+            Cell(state, "update", "cvb", "two-stage", iters),
+            Cell(state, "update+bn", "none", "ig", iters),
+            Cell(state, "update+bn", "cvb", "ig", iters),
+            Cell(state, "aggregate", "none", "ig", iters, {"envoys": 3}),
+            Cell(state, "aggregate", "cvb", "ig", iters, {"envoys": 3}),
         ]
     # Under DP (group norm: DP refuses batch norm), beside the same model without DP.
     full += [
-        Cell("round1", "update", "cvb", "ig", IG_ITERS, {"norm": "group"}, "group norm, no DP"),
+        Cell("round1", "update", "cvb", "ig", iters, {"norm": "group"}, "group norm, no DP"),
         Cell(
-            "round1", "update", "cvb", "ig", IG_ITERS,
+            "round1", "update", "cvb", "ig", iters,
             {"norm": "group", "dp_noise": SIGMA_EPSILON_3}, "DP-SGD at epsilon 3",
         ),
     ]  # fmt: skip
@@ -131,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trained-round", type=int, default=None, help="the round those weights start")
     p.add_argument("--only", default=None, help="comma list of substrings: run matching cells")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--iterations", type=int, default=IG_ITERS, help="steps of each update cell's attack"
+    )
     p.add_argument(
         "--cells",
         type=Path,
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     trained = dict(item.split("=", 1) for item in args.trained_from)
-    cells = plan(args.plan, trained=bool(trained))
+    cells = plan(args.plan, trained=bool(trained), iters=args.iterations)
     if args.only:
         wanted = args.only.split(",")
         cells = [c for c in cells if any(w in c.key for w in wanted)]
