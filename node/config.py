@@ -304,6 +304,8 @@ class PrivacySettings(_Section, frozen=True, kw_only=True):
     FedAvg weight the envoy reports instead of its record count (a statistic of the
     records, which the add/remove-one guarantee does not cover): a public number, such as
     a size the hospital agrees to publish; unset, every DP envoy weighs 1.
+    `physical_batch` caps the records whose per-record gradients are held at once (memory
+    only: a larger Poisson batch is processed in pieces and stepped once).
 
     `mode = "distributed"` weakens what protects one envoy's update on its own: each envoy
     adds only a 1/honest_envoys share of the noise variance, so the guarantee holds for the
@@ -322,6 +324,7 @@ class PrivacySettings(_Section, frozen=True, kw_only=True):
     class_weights: list[PosFloat] | None = None
     max_epsilon: PosFloat | None = None
     sample_weight: PosInt = 1
+    physical_batch: PosInt = 256
 
     def __post_init__(self) -> None:
         if self.mode == "distributed" and self.honest_envoys is None:

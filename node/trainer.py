@@ -221,6 +221,7 @@ class PrivateTraining:
             mode=settings.mode,
             honest_envoys=settings.honest_envoys or 1,
             class_weights=tuple(weights) if weights is not None else None,
+            physical_batch=settings.physical_batch,
         )
         self.sample_weight = settings.sample_weight
         path = context.state_dir / LEDGER_NAME if context.state_dir is not None else None

@@ -337,17 +337,19 @@ def _dp_gradient(
     kl_fn = getattr(model, "kl_loss", None)
     weight = None if dp.class_weights is None else torch.tensor(dp.class_weights)
     total: list[Tensor] | None = None
-    # train_local_dp draws the bottleneck's noise for the whole batch in one forward; the
-    # records go one by one here, so draw it as it does and hand each record its slice
-    # (unless an attack installed its own source).
+    # train_local_dp draws the bottleneck's noise for each piece of at most physical_batch
+    # records in one forward; the records go one by one here, so draw it as it does and
+    # hand each record its slice (unless an attack installed its own source).
     bottlenecks = [m for m in model.modules() if isinstance(m, Bottleneck)]
     batch_noise: dict[int, Tensor] = {}
+    piece = dp.physical_batch
 
     def sliced(record: int) -> NoiseSource:
         def source(sigma: Tensor) -> Tensor:
-            if record == 0 or not batch_noise:
-                batch_noise[0] = torch.randn((x.shape[0], *sigma.shape[1:]), dtype=sigma.dtype)
-            return batch_noise[0][record : record + 1]
+            if record % piece == 0 or not batch_noise:
+                rows = min(piece, x.shape[0] - record // piece * piece)
+                batch_noise[0] = torch.randn((rows, *sigma.shape[1:]), dtype=sigma.dtype)
+            return batch_noise[0][record % piece : record % piece + 1]
 
         return source
 

@@ -101,6 +101,10 @@ class DPConfig:
     ``noise_multiplier`` is sigma: the noise standard deviation of one step over the clip
     norm ``max_grad_norm`` (C). ``sample_rate`` is q (None: the plan's batch size over the
     envoy's record count). ``class_weights`` are public per-class loss weights (None: all 1).
+    ``physical_batch`` bounds the records one forward/backward pass holds per-record
+    gradients for (a Poisson batch larger than it is processed in pieces and stepped once):
+    memory, not privacy - distributed mode's one step over every record would otherwise
+    hold records x parameters floats at once (about 1.2 GB per 1,000 records here).
     """
 
     noise_multiplier: float
@@ -111,6 +115,7 @@ class DPConfig:
     mode: Mode = "local"
     honest_envoys: int = 1
     class_weights: tuple[float, ...] | None = None
+    physical_batch: int = 256
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -129,6 +134,8 @@ class DPConfig:
             raise PrivacyError(f"honest_envoys must be >= 1, got {self.honest_envoys}")
         if self.mode == "local" and self.honest_envoys != 1:
             raise PrivacyError("honest_envoys only applies to mode 'distributed'")
+        if self.physical_batch < 1:
+            raise PrivacyError(f"physical_batch must be >= 1, got {self.physical_batch}")
 
     def rate(self, records: int, plan: TrainPlan) -> float:
         if records < 1:
@@ -257,6 +264,46 @@ def check_model(model: nn.Module) -> None:
         )
 
 
+def _forward_backward(
+    gsm: nn.Module,
+    kl_fn: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    plan: TrainPlan,
+    weight: torch.Tensor | None,
+    gen: torch.Generator,
+    *,
+    size: int,
+    augment_strength: float,
+    flip: bool,
+    dev: torch.device,
+) -> tuple[float, float]:
+    """One piece of a DP step: per-record gradients into the module's grad samples;
+    returns the piece's mean loss and KL."""
+    x, y = x.to(dev), y.to(dev)
+    if plan.augment:
+        s = augment_strength
+        x = augment_batch(
+            x, size, gen, max_rotate_deg=10.0 * s, max_scale=0.10 * s,
+            max_shift=0.08 * s, jitter=0.10 * s, flip=flip,
+        )  # fmt: skip
+    logits = gsm(x)
+    per_record = F.cross_entropy(logits, y, reduction="none")
+    if weight is not None:
+        per_record = per_record * weight[y]
+    loss = per_record.mean()
+    kl = kl_fn() if kl_fn is not None else torch.zeros((), device=dev)
+    if plan.kl_beta > 0:
+        loss = loss + plan.kl_beta * kl
+    value = float(loss.detach())
+    if math.isfinite(value):
+        with warnings.catch_warnings():
+            # The images need no gradient; Opacus's module hooks still fire, as wanted.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+    return value, float(kl.detach())
+
+
 def train_local_dp(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -338,35 +385,28 @@ def train_local_dp(
                 if idx.numel() == 0:
                     _noise_only_step(inner, sigma * dp.max_grad_norm / expected, noise_gen)
                     continue
-                x = x_all[idx].to(dev)
-                y = y_all[idx].to(dev)
-                if plan.augment:
-                    s = augment_strength
-                    x = augment_batch(
-                        x, size, gen, max_rotate_deg=10.0 * s, max_scale=0.10 * s,
-                        max_shift=0.08 * s, jitter=0.10 * s, flip=flip,
+                # Pieces of at most physical_batch records: per-record gradients are
+                # clipped and summed piece by piece, noised and stepped once (Opacus's
+                # virtual steps); the same step as one pass, in bounded memory.
+                pieces = torch.split(idx, dp.physical_batch)
+                for j, piece in enumerate(pieces):
+                    value, kl_value = _forward_backward(
+                        gsm, kl_fn, x_all[piece], y_all[piece], plan, weight, gen,
+                        size=size, augment_strength=augment_strength, flip=flip, dev=dev,
                     )  # fmt: skip
-                logits = gsm(x)
-                per_record = F.cross_entropy(logits, y, reduction="none")
-                if weight is not None:
-                    per_record = per_record * weight[y]
-                loss = per_record.mean()
-                kl = kl_fn() if kl_fn is not None else torch.zeros((), device=dev)
-                if plan.kl_beta > 0:
-                    loss = loss + plan.kl_beta * kl
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"DP training diverged at step {step}")
-                with warnings.catch_warnings():
-                    # The images need no gradient; Opacus's module hooks still fire, as wanted.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                clipped += _count_clipped(optimizer, dp.max_grad_norm)
-                optimizer.step()
-                k = int(idx.numel())
-                loss_sum += value * k
-                kl_sum += float(kl.detach()) * k
-                seen += k
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"DP training diverged at step {step}")
+                    clipped += _count_clipped(optimizer, dp.max_grad_norm)
+                    last = j == len(pieces) - 1
+                    if not last:
+                        optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    if not last:
+                        optimizer.zero_grad(set_to_none=True)  # keeps the summed clips
+                    k = int(piece.numel())
+                    loss_sum += value * k
+                    kl_sum += kl_value * k
+                    seen += k
                 if progress is not None:
                     progress(step + 1, steps, loss_sum / seen)
     finally:
