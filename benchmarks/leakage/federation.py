@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(ROOT / "configs" / "director.toml"))
     p.add_argument("--defense", default=None, help="default: the config's")
     p.add_argument("--norm", default=None, help="default: the config's")
+    p.add_argument("--width", type=int, default=None, help="default: the config's")
     p.add_argument("--envoys", type=int, default=5)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=None, help="default: the config's")
@@ -137,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["defense"] = args.defense
     if args.norm:
         kwargs["norm"] = args.norm
+    if args.width:
+        kwargs["width"] = args.width
     ds = load_pneumoniamnist(args.data)
     parts = shares(ds, args.envoys, args.alpha, args.seed)
     model = build_model(**kwargs, seed=args.seed)
