@@ -400,10 +400,18 @@ def _worker(
     return attack_groups(cfg, xs, ys, groups)
 
 
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process and its finished child processes."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run(cfg: AttackConfig) -> dict[str, Any]:
     """Run the whole experiment and write its files; returns the results dict."""
     cfg.validate()
     started = time.monotonic()
+    cpu_started = cpu_seconds()
     deployment = deployment_of(cfg)  # fail on a bad config before any work
     if deployment.recipe.privacy is not None:
         check_model(deployment.build_model())  # DP refuses batch norm: say so now
@@ -447,13 +455,10 @@ def run(cfg: AttackConfig) -> dict[str, Any]:
     if contrast_blind(deployment, cfg) and cfg.contrast_prior == "neighbours":
         choose_contrast(results, data)
     report = score(cfg, deployment, data, results, time.monotonic() - started)
-    # CPU seconds, this process and its workers: on a shared machine the wall time says
-    # more about the neighbours than about the attack.
-    own, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    report["summary"]["cpu_seconds"] = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    # CPU seconds of this attack, this process and its workers: on a shared machine the wall
+    # time says more about the neighbours than about the attack. Differences, because a
+    # process that runs several attacks (benchmarks/leakage/run.py) accumulates them all.
+    report["summary"]["cpu_seconds"] = cpu_seconds() - cpu_started
     write_outputs(out, cfg, deployment, report, results)
     return report
 

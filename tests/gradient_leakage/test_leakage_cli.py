@@ -202,3 +202,20 @@ def test_the_attack_on_dp_training_needs_a_dp_compatible_model(
     assert main([*common, "--norm", "group", "--out", str(tmp_path / "b")]) == 0
     recipe = json.loads((tmp_path / "b" / "results.json").read_text())["config"]["deployment"]
     assert recipe["recipe"]["privacy"]["noise_multiplier"] == 1.0
+
+
+def test_cpu_seconds_are_the_attacks_own(tmp_path: Path) -> None:
+    # benchmarks/leakage/run.py runs many attacks in one process: each reports only its own
+    # CPU time, not what the process spent before it.
+    from node.attack.cli import cpu_seconds
+
+    spin = cpu_seconds()
+    while cpu_seconds() - spin < 1.0:
+        pass
+    start = cpu_seconds()
+    out = tmp_path / "run"
+    args = ["--images", "8", "--iterations", "2", "--data", str(PNEUMONIAMNIST), "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    spent = cpu_seconds() - start
+    reported = json.loads((out / "results.json").read_text())["summary"]["cpu_seconds"]
+    assert 0 < reported <= spent + 1e-6
