@@ -223,13 +223,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Tick-label suffixes that tell apart the cells sharing state, threat, defence and attack.
+SHORT_LABELS = {
+    "exact ReLU": "\nexact ReLU",
+    "group norm, no DP": "\ngroup norm",
+    "DP-SGD at epsilon 3": "\nDP eps 3",
+}
+
+
 def figure(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(results)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.62 * len(results)), 4.4))
     xs = np.arange(len(results))
     psnrs = [r["summary"]["psnr"] for r in results]
     bases = [r["summary"]["baseline_psnr"] for r in results]
@@ -247,7 +255,11 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
         )
     ax.set_xticks(
         xs,
-        [f"{r['state']}\n{r['threat']}\n{r['defense']}\n{r['attack']}" for r in results],
+        [
+            f"{r['state']}\n{r['threat']}\n{r['defense']}\n{r['attack']}"
+            + SHORT_LABELS.get(r.get("label", ""), "")
+            for r in results
+        ],
         fontsize=5,
     )
     ax.set_ylabel("mean PSNR (dB); label: top-1 identified")
