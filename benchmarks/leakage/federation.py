@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "variance (sound only under secure aggregation with t honest survivors)",
     )
     p.add_argument("--dp-honest", type=int, default=None, help="t (default: all envoys)")
+    p.add_argument(
+        "--dp-published-counts",
+        action="store_true",
+        help="each DP envoy publishes its record count as its sample_weight (default: 1)",
+    )
     p.add_argument("--save-weights", type=Path, default=None, help="folder: weights per round")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
@@ -183,7 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 accountants[i].record(res.spend)
             updates.append(get_weights(model))
             # A DP envoy reports a public weight (its default 1), never its record count.
-            counts.append(res.num_samples if dp_configs[i] is None else 1)
+            published = dp_configs[i] is None or args.dp_published_counts
+            counts.append(res.num_samples if published else 1)
             losses.append(res.loss)
             seconds.append(res.seconds)
         global_w = weighted_average(updates, counts)
@@ -246,7 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "expected_batch": args.dp_batch,
             "mode": args.dp_mode,
             "honest_envoys": dp_configs[0].honest_envoys if dp_configs[0] else None,
-            "fedavg_weights": "1 per envoy (the envoy's public sample_weight)",
+            "fedavg_weights": "record counts, published as sample_weight"
+            if args.dp_published_counts
+            else "1 per envoy (the envoy's default sample_weight)",
             "noise_multipliers": [c.noise_multiplier for c in dp_configs if c is not None],
             "sample_rates": [c.sample_rate for c in dp_configs if c is not None],
             "epsilon_spent": [a.epsilon(args.dp_delta) for a in accountants],
